@@ -1,0 +1,356 @@
+"""Pydantic models of every message on the bus, public and internal.
+
+Public messages travel as JSON or msgpack on `ringserve.v1.*`; the subject carries the API
+version. Internal messages carry `v` (schema version) and may hold tensors (see codec.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Internal(BaseModel):
+    """Internal messages: tensors allowed, unknown fields ignored (newer senders stay readable)."""
+
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+    v: int = SCHEMA_VERSION
+
+
+# ================================================================================================
+# Public API
+# ================================================================================================
+
+
+class ErrorCode(str, enum.Enum):
+    INVALID_REQUEST = "invalid_request"
+    TOO_LONG = "too_long"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+    TIMEOUT = "timeout"
+    UNSUPPORTED = "unsupported"
+    INTERNAL = "internal"
+
+
+class KVQuant(str, enum.Enum):
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class GenerateRequest(_Strict):
+    prompt: str | None = None
+    input_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)
+    stream: bool = False
+    logprobs: bool = False
+    request_id: RequestId | None = None
+    kv_quant: KVQuant | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.input_ids is None):
+            raise ValueError("exactly one of 'prompt' or 'input_ids' is required")
+        if self.input_ids is not None and not self.input_ids:
+            raise ValueError("'input_ids' must not be empty")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("'prompt' must not be empty")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+
+
+class Placement(BaseModel):
+    """How a request was laid out: the ring's workers in rank order and the chunk size."""
+
+    workers: list[str]
+    chunk_tokens: int
+    chunks: int
+
+
+FinishReason = Literal["length", "stop", "cancelled"]
+
+
+class GenerateReply(BaseModel):
+    request_id: str
+    output_ids: list[int]
+    text: str | None
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None
+    usage: Usage
+    timings: Timings
+    placement: Placement | None = None
+
+
+class ProgressEvent(BaseModel):
+    type: Literal["progress"] = "progress"
+    request_id: str
+    done_tokens: int
+    total_tokens: int
+
+
+class TokenEvent(BaseModel):
+    type: Literal["token"] = "token"
+    request_id: str
+    index: int
+    token_id: int
+    text: str | None = None
+    logprob: float | None = None
+
+
+class DoneEvent(GenerateReply):
+    type: Literal["done"] = "done"
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+    request_id: str | None = None
+
+
+class ErrorReply(BaseModel):
+    error: ErrorBody
+
+
+class CancelRequest(_Strict):
+    request_id: RequestId
+
+
+class CancelReply(BaseModel):
+    request_id: str
+    cancelled: bool
+
+
+class WorkerStatus(BaseModel):
+    worker_id: str
+    device: str
+    busy: bool
+    active_requests: int
+    kv_tokens: int
+    last_seen_s: float
+
+
+class StatusReply(BaseModel):
+    model: str | None
+    workers: list[WorkerStatus]
+    queued_requests: int
+    active_requests: int
+    world_generation: int
+
+
+# ================================================================================================
+# Internal: liveness and the torch.distributed world
+# ================================================================================================
+
+
+class ModelInfo(_Internal):
+    name: str
+    vocab_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    eos_token_ids: list[int] = Field(default_factory=list)
+    dtype: str
+
+
+class WorkerHeartbeat(_Internal):
+    worker_id: str
+    device: str
+    model: ModelInfo
+    # host:port of the rendezvous store this worker hosts, used when it is chosen as rank 0
+    store_addr: str
+    world_generation: int
+    world_rank: int | None
+    busy: bool
+    active_requests: int
+    kv_tokens: int
+    draining: bool = False
+
+
+class ServiceHeartbeat(_Internal):
+    service: str
+    instance: str
+    draining: bool = False
+
+
+class WorldForm(_Internal):
+    """The scheduler's decision of who is in the torch.distributed world, and in what rank order."""
+
+    generation: int
+    members: list[str]  # worker ids; the index is the rank
+    store_addr: str  # hosted by members[0]
+    backend: Literal["gloo", "nccl"]
+
+
+class WorldReady(_Internal):
+    worker_id: str
+    generation: int
+    ok: bool
+    error: str | None = None
+
+
+# ================================================================================================
+# Internal: placement, prefill, decode
+# ================================================================================================
+
+
+class Segment(_Internal):
+    """A run of prompt positions [start, end) held by one ring member."""
+
+    start: int
+    end: int
+
+
+class RingPlan(_Internal):
+    """The layout of one request over an ordered ring of workers."""
+
+    request_id: str
+    workers: list[str]  # ring order
+    world_ranks: list[int]  # the world rank of each ring member (same order)
+    world_generation: int
+    chunk_tokens: int
+    # segments[i]: the prompt positions ring member i holds (zigzag: chunks i and 2N-1-i, ...)
+    segments: list[list[Segment]]
+    prompt_tokens: int
+    fusion_partition: str
+    fusion: Literal["bus", "collective"] = "bus"
+    kv_quant: KVQuant = KVQuant.NONE
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+    def leader(self) -> int:
+        """The ring member holding the last prompt position: it samples the tokens."""
+        last = self.prompt_tokens - 1
+        for member, segments in enumerate(self.segments):
+            if any(s.start <= last < s.end for s in segments):
+                return member
+        raise ValueError("no ring member holds the last prompt position")
+
+
+class SamplingParams(_Internal):
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: bool = False
+
+
+class PrefillCommand(_Internal):
+    plan: RingPlan
+    member: int  # this worker's index in plan.workers
+    # token ids of this member's segments, concatenated in segment order
+    input_ids: list[int]
+    sampling: SamplingParams
+    # leading prompt tokens whose KV the worker loads from the KV store instead of computing
+    cached_tokens: int = 0
+    trace_headers: dict[str, str] = Field(default_factory=dict)
+
+
+class PrefillResult(_Internal):
+    request_id: str
+    member: int
+    ok: bool
+    # set by the leader: the first generated token
+    token_id: int | None = None
+    logprob: float | None = None
+    error_code: ErrorCode | None = None
+    error: str | None = None
+    kv_tokens: int = 0
+
+
+class DecodeStep(_Internal):
+    request_id: str
+    step: int  # 0-based index of the generated token being fed back
+    token_id: int
+    position: int
+    # ring member that appends this token's K/V to its shard
+    append_member: int
+    sampling: SamplingParams
+
+
+class DecodeResult(_Internal):
+    request_id: str
+    member: int
+    step: int
+    ok: bool
+    token_id: int | None = None
+    logprob: float | None = None
+    error_code: ErrorCode | None = None
+    error: str | None = None
+
+
+class ReleaseCommand(_Internal):
+    request_id: str
+
+
+# ================================================================================================
+# Internal: fusion (partial attention results of one decode step)
+# ================================================================================================
+
+
+class PartialItem(_Internal):
+    """One ring member's partial attention for one request, one layer, one decode step.
+
+    out: [tokens, heads, head_dim] float32, normalised by the member's local softmax denominator;
+    lse: [tokens, heads] float32, the log of that denominator (-inf where the member saw nothing).
+    """
+
+    request_id: str
+    step: int
+    layer: int
+    member: int
+    parts: int  # how many members contribute
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+class FusionRequest(_Internal):
+    worker_id: str
+    items: list[PartialItem]
+
+
+class MergedItem(_Internal):
+    request_id: str
+    step: int
+    layer: int
+    out: torch.Tensor  # [tokens, heads, head_dim] float32, the exact global attention output
+    lse: torch.Tensor
+
+
+class FusionReply(_Internal):
+    items: list[MergedItem]
+    error: str | None = None

@@ -1,0 +1,97 @@
+"""One settings object for every service, read once from `RINGSERVE_*` variables and passed down.
+
+Nothing below `main` reads the environment; tests build `Settings(...)` directly.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RINGSERVE_", extra="ignore")
+
+    # --- connections -------------------------------------------------------------------------
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = None
+    nats_password: str | None = None
+    # Comma-separated list: several Redis nodes are used by consistent hashing of block keys.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # --- model -------------------------------------------------------------------------------
+    # A Hugging Face checkpoint directory (config.json + *.safetensors), or "demo".
+    model: str = "demo"
+    # Where `demo` is materialised as a real checkpoint directory.
+    demo_dir: str = ".ringserve/demo-model"
+    device: Literal["cpu", "cuda"] = "cpu"
+    # None: float32 on CPU, bfloat16 on CUDA.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    # --- request limits ----------------------------------------------------------------------
+    max_prompt_tokens: int = Field(default=1_048_576, ge=1)
+    max_new_tokens_limit: int = Field(default=4096, ge=1)
+    # The largest message the bus accepts from clients (bytes); larger bodies get `invalid_request`.
+    max_payload_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    # Requests waiting for workers beyond this count are refused with `overloaded`.
+    max_queued_requests: int = Field(default=256, ge=1)
+
+    # --- placement ---------------------------------------------------------------------------
+    # Overrides the chunk-size policy (8K/16K/32K by context length) when set.
+    chunk_tokens: int | None = Field(default=None, ge=1)
+    chunk_small_tokens: int = 8192
+    chunk_medium_tokens: int = 16384
+    chunk_large_tokens: int = 32768
+    chunk_small_below: int = 100_000
+    chunk_large_above: int = 500_000
+    # Upper bound on the ring size of one request (0: all workers).
+    max_ring_size: int = Field(default=0, ge=0)
+
+    # --- distributed -------------------------------------------------------------------------
+    fusion: Literal["bus", "collective"] = "bus"
+    fusion_timeout_s: float = Field(default=30.0, gt=0)
+    # Timeout of torch.distributed operations: a dead peer turns into an error, not a hang.
+    dist_timeout_s: float = Field(default=60.0, gt=0)
+    # Host other workers use to reach this worker's rendezvous store.
+    advertise_host: str = "127.0.0.1"
+
+    # --- liveness ----------------------------------------------------------------------------
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    # A worker silent for this long is considered gone.
+    heartbeat_timeout_s: float = Field(default=4.0, gt=0)
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+
+    # --- kv store ----------------------------------------------------------------------------
+    kv_block_tokens: int = Field(default=256, ge=1)
+    kv_quant: Literal["none", "int8", "int4"] = "none"
+    kv_group_size: int = Field(default=32, ge=1)
+    kv_budget_bytes: int = Field(default=2 * 1024**3, ge=0)
+    kv_ttl_s: int = Field(default=3600, ge=1)
+    kv_store_enabled: bool = True
+    kv_hot_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
+    kv_io_concurrency: int = Field(default=8, ge=1)
+
+    # --- observability -----------------------------------------------------------------------
+    log_level: str = "info"
+    # Port of the Prometheus scrape endpoint (0: none). Each service adds its own offset.
+    metrics_port: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.chunk_small_below > self.chunk_large_above:
+            raise ValueError("chunk_small_below must not exceed chunk_large_above")
+        return self
+
+    @cached_property
+    def torch_dtype_name(self) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return "bfloat16" if self.device == "cuda" else "float32"
+
+    @property
+    def redis_urls(self) -> list[str]:
+        return [u.strip() for u in self.redis_url.split(",") if u.strip()]

@@ -1,0 +1,37 @@
+"""Every NATS subject ringserve uses, in one place (docs/ARCHITECTURE.md mirrors this file)."""
+
+from __future__ import annotations
+
+# --- public API (any NATS client) --------------------------------------------------------------
+GENERATE = "ringserve.v1.generate"
+CANCEL = "ringserve.v1.cancel"
+STATUS = "ringserve.v1.status"
+
+# --- internal control plane --------------------------------------------------------------------
+_INTERNAL = "ringserve.internal.v1"
+HEARTBEAT = f"{_INTERNAL}.heartbeat"  # .<service>.<instance>
+WORLD_FORM = f"{_INTERNAL}.world.form"  # broadcast to all workers
+
+
+def heartbeat(service: str, instance: str) -> str:
+    return f"{HEARTBEAT}.{service}.{instance}"
+
+
+def worker_inbox(worker_id: str, verb: str) -> str:
+    """Commands addressed to one worker: prefill, decode, release, cancel."""
+    return f"{_INTERNAL}.worker.{worker_id}.{verb}"
+
+
+def fusion_partials(partition: str) -> str:
+    """Partials of the requests placed on one fusion instance (all parts of a merge meet there)."""
+    return f"{_INTERNAL}.fusion.{partition}.partials"
+
+
+# --- kv store metadata (bulk bytes go to Redis directly, never over the bus) -------------------
+KV_LOOKUP = f"{_INTERNAL}.kv.lookup"
+KV_COMMIT = f"{_INTERNAL}.kv.commit"
+KV_TOUCH = f"{_INTERNAL}.kv.touch"
+KV_PIN = f"{_INTERNAL}.kv.pin"
+KV_STATS = f"{_INTERNAL}.kv.stats"
+
+SERVICE_QUEUE = "ringserve"

@@ -1,0 +1,139 @@
+"""What every ringserve service process shares: NATS connection, `nats.micro` registration (so
+`$SRV.PING`/`$SRV.INFO` discover it), heartbeats, a health file for container health checks,
+and a clean drain on SIGTERM/SIGINT.
+
+A service supplies `start(runtime)` (subscribe its subjects) and optionally `heartbeat()` and
+`stop()`; `run_service` wires the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from nats.micro import add_service
+from nats.micro.service import Service, ServiceConfig
+from pydantic import BaseModel
+
+from shared import subjects
+from shared.bus import Bus, connect
+from shared.logs import setup_logging
+from shared.messages import ServiceHeartbeat
+from shared.settings import Settings
+from shared.telemetry import Telemetry, setup_telemetry
+
+log = structlog.get_logger("service")
+VERSION = "0.1.0"
+
+
+def health_file(service: str) -> Path:
+    """Touched on every heartbeat; `ringserve health NAME` checks its age."""
+    return Path(tempfile.gettempdir()) / f"ringserve-{service}.health"
+
+
+@dataclass
+class ServiceRuntime:
+    name: str
+    instance: str
+    settings: Settings
+    bus: Bus
+    telemetry: Telemetry
+    micro: Service | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ServiceApp:
+    """Base of the four services: override start/heartbeat/stop."""
+
+    name: str = "service"
+    description: str = ""
+
+    async def start(self, rt: ServiceRuntime) -> None:
+        raise NotImplementedError
+
+    def heartbeat(self, rt: ServiceRuntime) -> BaseModel:
+        return ServiceHeartbeat(service=self.name, instance=rt.instance, draining=rt.stopping.is_set())
+
+    async def stop(self, rt: ServiceRuntime) -> None:
+        return None
+
+
+async def _heartbeats(app: ServiceApp, rt: ServiceRuntime) -> None:
+    subject = subjects.heartbeat(app.name, rt.instance)
+    path = health_file(app.name)
+    while not rt.stopping.is_set():
+        try:
+            await rt.bus.publish(subject, app.heartbeat(rt))
+            path.write_text(str(time.time()))
+        except Exception as exc:  # a disconnected bus must not end the loop
+            log.warning("heartbeat_failed", error=str(exc))
+        try:
+            await asyncio.wait_for(rt.stopping.wait(), rt.settings.heartbeat_interval_s)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def run_service(
+    app: ServiceApp,
+    settings: Settings,
+    instance: str | None = None,
+    ready: Callable[[ServiceRuntime], Awaitable[None]] | None = None,
+    install_signals: bool = True,
+) -> None:
+    """Run `app` until SIGTERM/SIGINT (or until `rt.stopping` is set by a test), then drain."""
+    instance = instance or f"{app.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    telemetry = setup_telemetry(app.name)
+    nc = await connect(settings, name=f"ringserve-{instance}")
+    rt = ServiceRuntime(app.name, instance, settings, Bus(nc, app.name), telemetry)
+    if install_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, rt.stopping.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+    rt.micro = await add_service(
+        nc,
+        ServiceConfig(
+            name=f"ringserve-{app.name}",
+            version=VERSION,
+            description=app.description or app.name,
+            metadata={"instance": instance},
+        ),
+    )
+    await app.start(rt)
+    beat = asyncio.create_task(_heartbeats(app, rt))
+    log.info("service_started", instance=instance, nats=settings.nats_url)
+    if ready is not None:
+        await ready(rt)
+    await rt.stopping.wait()
+    log.info("service_draining", instance=instance)
+    try:
+        await asyncio.wait_for(app.stop(rt), settings.drain_timeout_s)
+    except asyncio.TimeoutError:
+        log.warning("drain_timeout", instance=instance)
+    beat.cancel()
+    try:
+        await rt.micro.stop()
+    except Exception:
+        pass
+    await rt.bus.drain()
+    telemetry.shutdown()
+    health_file(app.name).unlink(missing_ok=True)
+    log.info("service_stopped", instance=instance)
+
+
+def main(app_factory: Callable[[Settings], ServiceApp]) -> None:
+    """Entry point shared by `python -m services.<name>` and `ringserve serve <name>`."""
+    settings = Settings()
+    app = app_factory(settings)
+    setup_logging(app.name, settings.log_level)
+    asyncio.run(run_service(app, settings))

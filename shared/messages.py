@@ -277,7 +277,12 @@ class PrefillCommand(_Internal):
     sampling: SamplingParams
     # leading prompt tokens whose KV the worker loads from the KV store instead of computing
     cached_tokens: int = 0
-    trace_headers: dict[str, str] = Field(default_factory=dict)
+
+
+class PrefillProgress(_Internal):
+    request_id: str
+    layers_done: int
+    layers: int
 
 
 class PrefillResult(_Internal):

@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     # --- request limits ----------------------------------------------------------------------
     max_prompt_tokens: int = Field(default=1_048_576, ge=1)
     max_new_tokens_limit: int = Field(default=4096, ge=1)
-    # The largest message the bus accepts from clients (bytes); larger bodies get `invalid_request`.
-    max_payload_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # The largest public request body accepted (bytes); larger bodies get `invalid_request`.
+    # The NATS server's own max_payload (infra/nats) must be at least this.
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=256)
     request_timeout_s: float = Field(default=600.0, gt=0)
     # Requests waiting for workers beyond this count are refused with `overloaded`.
     max_queued_requests: int = Field(default=256, ge=1)

@@ -35,3 +35,9 @@ KV_PIN = f"{_INTERNAL}.kv.pin"
 KV_STATS = f"{_INTERNAL}.kv.stats"
 
 SERVICE_QUEUE = "ringserve"
+WORLD_READY = f"{_INTERNAL}.world.ready"  # workers -> scheduler
+
+
+def progress(request_id: str) -> str:
+    """Prefill progress of one request, published by its ring leader for the scheduler."""
+    return f"{_INTERNAL}.progress.{request_id}"

@@ -1,0 +1,3 @@
+from services.fusion.main import main
+
+main()

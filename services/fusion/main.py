@@ -1,0 +1,92 @@
+"""The fusion service: merges the partial attention results that ring members publish for each
+decode step (per layer, per head) into the exact global attention output.
+
+Each instance owns one partition (its instance id); the scheduler places every request on one
+partition, so all parts of a merge meet in the same process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from shared import codec, subjects
+from shared.messages import FusionReply, FusionRequest, ServiceHeartbeat
+from shared.service import ServiceApp, ServiceRuntime, main as service_main
+from shared.settings import Settings
+from services.fusion.table import FusionError, FusionTable
+
+log = structlog.get_logger("fusion")
+
+
+class FusionHeartbeat(ServiceHeartbeat):
+    partition: str
+    pending_groups: int
+
+
+class FusionApp(ServiceApp):
+    name = "fusion"
+    description = "merges partial attention results (output + log-sum-exp) into the exact softmax"
+
+    def __init__(self, settings: Settings):
+        self.table = FusionTable(settings.fusion_timeout_s)
+        self._reaper: asyncio.Task | None = None
+
+    async def start(self, rt: ServiceRuntime) -> None:
+        self.rt = rt
+        meter = rt.telemetry.meter
+        self._merges = meter.create_counter("ringserve_fusion_merges", description="partial-attention merges")
+        self._batch = meter.create_histogram("ringserve_fusion_batch_items", description="partials per fusion message")
+        await rt.bus.subscribe(subjects.fusion_partials(rt.instance), self._on_partials)
+        self._reaper = asyncio.create_task(self._reap())
+
+    def heartbeat(self, rt: ServiceRuntime) -> FusionHeartbeat:
+        return FusionHeartbeat(
+            service=self.name,
+            instance=rt.instance,
+            draining=rt.stopping.is_set(),
+            partition=rt.instance,
+            pending_groups=self.table.pending_groups,
+        )
+
+    async def stop(self, rt: ServiceRuntime) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+
+    async def _on_partials(self, msg: Msg) -> None:
+        try:
+            request = codec.decode(msg.data, FusionRequest)
+            before = self.table.merges
+            replies = self.table.add(request, msg.reply)
+        except (codec.CodecError, ValidationError, FusionError) as exc:
+            log.warning("fusion_bad_message", error=str(exc)[:300])
+            if msg.reply:
+                await self.rt.bus.publish_raw(msg.reply, codec.encode(FusionReply(items=[], error=str(exc)[:300])))
+            return
+        self._batch.record(len(request.items))
+        self._merges.add(self.table.merges - before)
+        await self._send(replies)
+
+    async def _send(self, replies) -> None:
+        for reply_to, reply in replies:
+            if reply_to:
+                await self.rt.bus.publish_raw(reply_to, codec.encode(reply))
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.table.timeout_s / 4))
+            expired = self.table.expire()
+            if expired:
+                log.warning("fusion_expired", waiters=len(expired))
+                await self._send(expired)
+
+
+def main() -> None:
+    service_main(FusionApp)
+
+
+if __name__ == "__main__":
+    main()

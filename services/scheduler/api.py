@@ -1,0 +1,88 @@
+"""The public request contract: decode and validate a `ringserve.v1.generate` body into a request
+the scheduler can run, or a coded error. Pure functions, no NATS."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
+
+from shared import codec
+from shared.messages import ErrorBody, ErrorCode, ErrorReply, GenerateRequest, ModelInfo
+from shared.settings import Settings
+
+
+class ApiError(Exception):
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def reply(self) -> ErrorReply:
+        return ErrorReply(error=ErrorBody(code=self.code, message=self.message, request_id=self.request_id))
+
+
+@dataclass
+class ValidRequest:
+    request: GenerateRequest
+    request_id: str
+    prompt_ids: list[int]
+    content_type: str
+
+
+def describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_generate(data: bytes, content_type_header: str | None, settings: Settings) -> tuple[GenerateRequest, str]:
+    """Bytes -> GenerateRequest; raises ApiError(invalid_request) for anything malformed."""
+    content_type = codec.public_content_type(data, content_type_header)
+    if len(data) > settings.max_request_bytes:
+        raise ApiError(ErrorCode.INVALID_REQUEST,
+                       f"body of {len(data)} bytes exceeds the limit of {settings.max_request_bytes} bytes")
+    try:
+        body = codec.load_public(data, content_type)
+    except codec.CodecError as exc:
+        raise ApiError(ErrorCode.INVALID_REQUEST, str(exc)[:300]) from None
+    if not isinstance(body, dict):
+        raise ApiError(ErrorCode.INVALID_REQUEST, "the body must be an object")
+    client_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
+    try:
+        return GenerateRequest.model_validate(body), content_type
+    except ValidationError as exc:
+        raise ApiError(ErrorCode.INVALID_REQUEST, describe(exc), client_id) from None
+
+
+def check_limits(req: GenerateRequest, prompt_ids: list[int], model: ModelInfo, settings: Settings, request_id: str) -> None:
+    """Semantic checks that need the model: vocabulary, context and generation limits."""
+    if req.max_new_tokens > settings.max_new_tokens_limit:
+        raise ApiError(ErrorCode.INVALID_REQUEST,
+                       f"max_new_tokens {req.max_new_tokens} exceeds the limit {settings.max_new_tokens_limit}", request_id)
+    bad = [t for t in prompt_ids if t >= model.vocab_size]
+    if bad:
+        raise ApiError(ErrorCode.INVALID_REQUEST,
+                       f"token id {bad[0]} is outside the vocabulary (size {model.vocab_size})", request_id)
+    bad_stop = [t for t in req.stop_token_ids if t >= model.vocab_size]
+    if bad_stop:
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"stop token id {bad_stop[0]} is outside the vocabulary", request_id)
+    if len(prompt_ids) > settings.max_prompt_tokens:
+        raise ApiError(ErrorCode.TOO_LONG,
+                       f"prompt of {len(prompt_ids)} tokens exceeds the maximum of {settings.max_prompt_tokens}", request_id)
+    if len(prompt_ids) + req.max_new_tokens > model.max_position_embeddings:
+        raise ApiError(ErrorCode.TOO_LONG,
+                       f"prompt ({len(prompt_ids)}) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
+                       f"context of {model.max_position_embeddings} tokens", request_id)
+
+
+def new_request_id(req: GenerateRequest) -> str:
+    return req.request_id or f"req-{uuid.uuid4().hex[:16]}"
+
+
+def encode_reply(message: BaseModel, content_type: str) -> bytes:
+    return codec.dump_public(message, content_type)

@@ -1,0 +1,357 @@
+"""The scheduler service: the public API (`ringserve.v1.generate|cancel|status`), worker liveness,
+the torch.distributed world, and one RequestRunner per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from pydantic import BaseModel, ValidationError
+
+from shared import codec, subjects
+from shared.bus import BusError
+from shared.checkpoint import resolve_checkpoint
+from shared.messages import (
+    CancelReply,
+    CancelRequest,
+    DecodeResult,
+    DecodeStep,
+    ErrorCode,
+    PrefillCommand,
+    PrefillProgress,
+    PrefillResult,
+    ReleaseCommand,
+    ServiceHeartbeat,
+    StatusReply,
+    WorkerHeartbeat,
+    WorkerStatus,
+    WorldReady,
+)
+from shared.service import ServiceApp, ServiceRuntime, main as service_main
+from shared.settings import Settings
+from services.scheduler.api import ApiError, check_limits, encode_reply, new_request_id, parse_generate
+from services.scheduler.placement import WorkerLoad, choose_workers, plan_ring
+from services.scheduler.registry import Registry
+from services.scheduler.runner import RequestRunner, RequestState, done_event
+from services.scheduler.stops import StopChecker
+
+log = structlog.get_logger("scheduler")
+# Non-owners answer a cancel this much later, so the owner's answer wins.
+CANCEL_NOT_OWNER_DELAY_S = 0.25
+PREFILL_TIMEOUT_FACTOR = 1.0  # of request_timeout_s
+
+
+def load_tokenizer(settings: Settings):
+    from shared.model.tokenizer import load_tokenizer as load
+
+    return load(resolve_checkpoint(settings))
+
+
+class BusWorkerPort:
+    """RequestRunner's view of the workers, over NATS."""
+
+    def __init__(self, bus, settings: Settings):
+        self.bus = bus
+        self.settings = settings
+
+    async def prefill(self, worker_id: str, cmd: PrefillCommand) -> PrefillResult:
+        try:
+            return await self.bus.request(subjects.worker_inbox(worker_id, "prefill"), cmd, PrefillResult,
+                                          timeout=self.settings.request_timeout_s * PREFILL_TIMEOUT_FACTOR)
+        except BusError as exc:
+            raise ApiError(ErrorCode.UNAVAILABLE, f"worker {worker_id}: {exc}", cmd.plan.request_id) from None
+
+    async def decode(self, worker_id: str, step: DecodeStep) -> DecodeResult:
+        try:
+            return await self.bus.request(subjects.worker_inbox(worker_id, "decode"), step, DecodeResult,
+                                          timeout=self.settings.fusion_timeout_s + self.settings.dist_timeout_s)
+        except BusError as exc:
+            raise ApiError(ErrorCode.UNAVAILABLE, f"worker {worker_id}: {exc}", step.request_id) from None
+
+    async def release(self, worker_id: str, request_id: str) -> None:
+        await self.bus.publish(subjects.worker_inbox(worker_id, "release"), ReleaseCommand(request_id=request_id))
+
+
+class SchedulerApp(ServiceApp):
+    name = "scheduler"
+    description = "ringserve public API: admission, placement, prefill and decode orchestration"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = Registry(timeout_s=settings.heartbeat_timeout_s)
+        self.tokenizer = load_tokenizer(settings)
+        self.runners: dict[str, RequestRunner] = {}
+        self.waiting = 0
+        self._workers_changed = asyncio.Event()
+
+    # ------------------------------------------------------------------------------ wiring
+    async def start(self, rt: ServiceRuntime) -> None:
+        self.rt = rt
+        self.port = BusWorkerPort(rt.bus, self.settings)
+        self.tracer = rt.telemetry.tracer
+        meter = rt.telemetry.meter
+        self.m_outcomes = meter.create_counter("ringserve_requests", description="requests by outcome code")
+        self.m_ttft = meter.create_histogram("ringserve_ttft_ms", unit="ms", description="time to first token")
+        self.m_tpot = meter.create_histogram("ringserve_tpot_ms", unit="ms", description="time per output token")
+        self.m_queue = meter.create_up_down_counter("ringserve_queue_depth", description="requests waiting for workers")
+        bus = rt.bus
+        await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)
+        await bus.subscribe(subjects.STATUS, self._on_status, queue=subjects.SERVICE_QUEUE)
+        await bus.subscribe(subjects.CANCEL, self._on_cancel)  # every instance: only the owner can cancel
+        await bus.subscribe(f"{subjects.HEARTBEAT}.>", self._on_heartbeat)
+        await bus.subscribe(subjects.WORLD_READY, self._on_world_ready)
+        self._world_task = asyncio.create_task(self._world_loop())
+
+    async def stop(self, rt: ServiceRuntime) -> None:
+        # Drain: stop taking requests (subscriptions drain in run_service), let running ones end.
+        while self.runners:
+            await asyncio.sleep(0.05)
+        self._world_task.cancel()
+
+    # ------------------------------------------------------------------------------ liveness
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        service = msg.subject.split(".")[4] if msg.subject.count(".") >= 5 else ""
+        try:
+            if service == "worker":
+                beat = codec.decode(msg.data, WorkerHeartbeat)
+                known = beat.worker_id in self.registry.workers
+                self.registry.on_worker(beat)
+                if not known:
+                    log.info("worker_joined", worker_id=beat.worker_id)
+                    self._workers_changed.set()
+            elif service == "fusion":
+                beat = codec.unpack(msg.data)
+                self.registry.on_fusion(str(beat.get("partition")), bool(beat.get("draining")))
+        except (codec.CodecError, ValidationError) as exc:
+            log.warning("bad_heartbeat", subject=msg.subject, error=str(exc)[:200])
+
+    async def _on_world_ready(self, msg: Msg) -> None:
+        ready = codec.decode(msg.data, WorldReady)
+        self.registry.on_ready(ready.worker_id, ready.generation, ready.ok)
+        if not ready.ok:
+            log.warning("world_join_failed", worker_id=ready.worker_id, error=ready.error)
+        elif self.registry.world_ready:
+            log.info("world_ready", generation=self.registry.generation, members=self.registry.members)
+
+    def _rings_active(self) -> bool:
+        return any(r.s.plan is not None and r.s.plan.size > 1 for r in self.runners.values())
+
+    async def _world_loop(self) -> None:
+        """Re-form the torch.distributed world between multi-worker requests when membership changes."""
+        interval = self.settings.heartbeat_interval_s / 2
+        while True:
+            try:
+                await asyncio.wait_for(self._workers_changed.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self._workers_changed.clear()
+            gone = self.registry.sweep()
+            if gone:
+                log.warning("workers_lost", workers=gone)
+                self._fail_requests_on(set(gone))
+            stale = (self.registry.failed or (not self.registry.world_ready and
+                     time.monotonic() - self.registry.formed_at > self.settings.dist_timeout_s + 5))
+            if (self.registry.world_needs_reform() or stale) and not self._rings_active():
+                form = self.registry.next_world("nccl" if self.settings.device == "cuda" else "gloo")
+                if form is not None:
+                    log.info("world_forming", generation=form.generation, members=form.members)
+                    await self.rt.bus.publish(subjects.WORLD_FORM, form)
+
+    def _fail_requests_on(self, workers: set[str]) -> None:
+        for runner in self.runners.values():
+            plan = runner.s.plan
+            if plan is not None and workers & set(plan.workers):
+                runner.lost_workers = sorted(workers & set(plan.workers))
+                task = getattr(runner, "task", None)
+                if task is not None:
+                    task.cancel()
+
+    # ------------------------------------------------------------------------------ status / cancel
+    async def _on_status(self, msg: Msg) -> None:
+        now = time.monotonic()
+        model = self.registry.model()
+        reply = StatusReply(
+            model=model.name if model else None,
+            workers=[WorkerStatus(worker_id=e.beat.worker_id, device=e.beat.device, busy=e.beat.busy,
+                                  active_requests=e.beat.active_requests, kv_tokens=e.beat.kv_tokens,
+                                  last_seen_s=round(now - e.last_seen, 3))
+                     for e in self.registry.workers.values()],
+            queued_requests=self.waiting,
+            active_requests=len(self.runners),
+            world_generation=self.registry.generation,
+        )
+        await self._respond(msg, reply, codec.public_content_type(msg.data or b"{", _ctype(msg)))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        content_type = codec.public_content_type(msg.data, _ctype(msg))
+        try:
+            req = CancelRequest.model_validate(codec.load_public(msg.data, content_type))
+        except (codec.CodecError, ValidationError) as exc:
+            await self._respond(msg, ApiError(ErrorCode.INVALID_REQUEST, str(exc)[:300]).reply(), content_type)
+            return
+        runner = self.runners.get(req.request_id)
+        if runner is None:
+            await asyncio.sleep(CANCEL_NOT_OWNER_DELAY_S)
+            await self._respond(msg, CancelReply(request_id=req.request_id, cancelled=False), content_type)
+            return
+        runner.s.cancelled = True
+        log.info("request_cancelled", request_id=req.request_id)
+        await self._respond(msg, CancelReply(request_id=req.request_id, cancelled=True), content_type)
+
+    # ------------------------------------------------------------------------------ generate
+    async def _on_generate(self, msg: Msg) -> None:
+        # Each request runs in its own task: a slow or failing one never blocks the subscription.
+        asyncio.create_task(self._generate(msg))
+
+    async def _generate(self, msg: Msg) -> None:
+        content_type = codec.public_content_type(msg.data, _ctype(msg))
+        request_id = None
+        outcome = "ok"
+        with self.tracer.start_as_current_span("scheduler.generate") as span:
+            try:
+                req, content_type = parse_generate(msg.data, _ctype(msg), self.settings)
+                request_id = new_request_id(req)
+                span.set_attribute("request_id", request_id)
+                structlog.contextvars.bind_contextvars(request_id=request_id)
+                if request_id in self.runners:
+                    raise ApiError(ErrorCode.INVALID_REQUEST, f"request_id {request_id!r} is already running", request_id)
+                reply = await asyncio.wait_for(self._run(req, request_id, msg, content_type),
+                                               self.settings.request_timeout_s)
+                if req.stream:
+                    await self._respond(msg, done_event(reply), content_type)
+                else:
+                    await self._respond(msg, reply, content_type)
+                log.info("request_done", finish=reply.finish_reason, tokens=len(reply.output_ids),
+                         ttft_ms=reply.timings.ttft_ms, total_ms=reply.timings.total_ms,
+                         workers=len(reply.placement.workers) if reply.placement else 0)
+            except ApiError as err:
+                outcome = err.code.value
+                err.request_id = err.request_id or request_id
+                log.info("request_failed", code=err.code.value, message=err.message)
+                await self._respond(msg, err.reply(), content_type)
+            except asyncio.TimeoutError:
+                outcome = ErrorCode.TIMEOUT.value
+                await self._respond(msg, ApiError(ErrorCode.TIMEOUT, "request timed out", request_id).reply(), content_type)
+            except Exception as exc:  # never let one request take the service down
+                outcome = ErrorCode.INTERNAL.value
+                log.exception("request_crashed")
+                span.record_exception(exc)
+                await self._respond(msg, ApiError(ErrorCode.INTERNAL, str(exc)[:300], request_id).reply(), content_type)
+            finally:
+                self.m_outcomes.add(1, {"code": outcome})
+                structlog.contextvars.unbind_contextvars("request_id")
+
+    async def _run(self, req, request_id: str, msg: Msg, content_type: str):
+        model = await self._wait_for_model(request_id)
+        if req.input_ids is not None:
+            prompt_ids = list(req.input_ids)
+        elif self.tokenizer is None:
+            raise ApiError(ErrorCode.UNSUPPORTED, "this model has no tokenizer: send input_ids", request_id)
+        else:
+            prompt_ids = self.tokenizer.encode(req.prompt)
+        check_limits(req, prompt_ids, model, self.settings, request_id)
+        if req.stop and self.tokenizer is None:
+            raise ApiError(ErrorCode.UNSUPPORTED, "stop strings need a tokenizer", request_id)
+
+        state = RequestState(request_id=request_id, request=req, prompt_ids=prompt_ids)
+        emit = (lambda event: self._respond(msg, event, content_type)) if req.stream else None
+        runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop),
+                               set(model.eos_token_ids), emit)
+        self.runners[request_id] = runner
+        progress_sub = None
+        try:
+            plan = self._place(request_id, len(prompt_ids), req)
+            with self.tracer.start_as_current_span("scheduler.placement", attributes={
+                "ring.size": plan.size, "chunk_tokens": plan.chunk_tokens, "prompt_tokens": len(prompt_ids)}):
+                log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
+                         prompt_tokens=len(prompt_ids))
+            if req.stream:
+                async def on_progress(m: Msg) -> None:
+                    p = codec.decode(m.data, PrefillProgress)
+                    await runner.on_progress(p.layers_done, p.layers)
+                progress_sub = await self.rt.bus.nc.subscribe(subjects.progress(request_id), cb=on_progress)
+            runner.task = asyncio.current_task()
+            try:
+                reply = await runner.run(plan)
+            except asyncio.CancelledError:
+                if runner.lost_workers:
+                    raise ApiError(ErrorCode.UNAVAILABLE, f"workers lost: {runner.lost_workers}", request_id) from None
+                raise
+        finally:
+            self.runners.pop(request_id, None)
+            if progress_sub is not None:
+                await progress_sub.unsubscribe()
+        if reply.timings.ttft_ms:
+            self.m_ttft.record(reply.timings.ttft_ms)
+        if len(reply.output_ids) > 1:
+            self.m_tpot.record((reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))
+        return reply
+
+    async def _wait_for_model(self, request_id: str):
+        """Wait (bounded) for a live worker; refuse when too many requests already wait."""
+        model = self.registry.model() if self.registry.live_workers() else None
+        if model is not None:
+            return model
+        if self.waiting >= self.settings.max_queued_requests:
+            raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
+        self.waiting += 1
+        self.m_queue.add(1)
+        try:
+            deadline = time.monotonic() + self.settings.heartbeat_timeout_s
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                if self.registry.live_workers() and (model := self.registry.model()) is not None:
+                    return model
+        finally:
+            self.waiting -= 1
+            self.m_queue.add(-1)
+        raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
+
+    def _place(self, request_id: str, prompt_tokens: int, req):
+        from shared.attention.layout import chunk_tokens_for
+        from shared.messages import KVQuant
+
+        partition = self.registry.fusion_partition(request_id)
+        if partition is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "no fusion service is available", request_id)
+        in_ring = {w for r in self.runners.values() if r.s.plan is not None and r.s.plan.size > 1 for w in r.s.plan.workers}
+        per_worker = {}
+        for r in self.runners.values():
+            if r.s.plan is not None:
+                for w in r.s.plan.workers:
+                    per_worker[w] = per_worker.get(w, 0) + 1
+        loads = [WorkerLoad(worker_id=b.worker_id, world_rank=self.registry.world_rank(b.worker_id),
+                            in_ring=b.worker_id in in_ring, active_requests=per_worker.get(b.worker_id, 0),
+                            kv_tokens=b.kv_tokens)
+                 for b in self.registry.live_workers()]
+        chunk = chunk_tokens_for(prompt_tokens, self.settings)
+        # A collective-fusion ring exchanges partials point-to-point: it needs the world too.
+        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, self.registry.world_ready)
+        if not ring:
+            raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
+        quant = req.kv_quant or KVQuant(self.settings.kv_quant)
+        return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation, partition, quant)
+
+    async def _respond(self, msg: Msg, message: BaseModel, content_type: str) -> None:
+        if msg.reply:
+            try:
+                await self.rt.bus.nc.publish(msg.reply, encode_reply(message, content_type),
+                                             headers={"Content-Type": content_type})
+            except Exception as exc:  # a vanished client must not crash the request's task
+                log.warning("reply_failed", error=str(exc)[:200])
+
+
+def _ctype(msg: Msg) -> str | None:
+    return (msg.headers or {}).get("Content-Type")
+
+
+def main() -> None:
+    service_main(SchedulerApp)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Where a request runs: the ring size, the workers, and which prompt positions each one holds.
+
+Pure functions over the registry's view of the workers, testable without NATS.
+
+Deadlock rule: a worker belongs to at most one multi-worker ring at a time. Ring members wait on
+each other (point-to-point transfers, fusion merges) inside one compute thread per worker, so two
+rings sharing two workers in opposite orders could wait on each other forever. Single-worker
+requests wait on nobody and may share any worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.attention.layout import chunk_tokens_for, split_chunks, zigzag_assign
+from shared.messages import KVQuant, RingPlan, Segment
+from shared.settings import Settings
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    worker_id: str
+    world_rank: int | None
+    in_ring: bool  # already a member of an active multi-worker ring
+    active_requests: int
+    kv_tokens: int
+
+
+def merge_runs(runs: list[tuple[int, int]]) -> list[Segment]:
+    """Sorted [start, end) runs -> segments, adjacent runs joined."""
+    segments: list[Segment] = []
+    for start, end in sorted(runs):
+        if segments and segments[-1].end == start:
+            segments[-1] = Segment(start=segments[-1].start, end=end)
+        else:
+            segments.append(Segment(start=start, end=end))
+    return segments
+
+
+def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLoad], settings: Settings,
+                   world_ready: bool) -> list[WorkerLoad]:
+    """The ring for a prompt: as many free workers as its chunks need (up to all, up to
+    max_ring_size); one worker when the prompt is one chunk or no ring can be formed now."""
+    if not workers:
+        return []
+    n_chunks = len(split_chunks(prompt_tokens, chunk_tokens))
+    limit = settings.max_ring_size or len(workers)
+    free = sorted((w for w in workers if not w.in_ring and w.world_rank is not None),
+                  key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))
+    size = min(n_chunks, limit, len(free)) if world_ready else 1
+    if size >= 2:
+        return free[:size]
+    # One worker: the least loaded, ring member or not.
+    return [min(workers, key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))]
+
+
+def plan_ring(request_id: str, prompt_tokens: int, ring: list[WorkerLoad], settings: Settings,
+              world_generation: int, fusion_partition: str, kv_quant: KVQuant) -> RingPlan:
+    chunk_tokens = chunk_tokens_for(prompt_tokens, settings)
+    chunks = split_chunks(prompt_tokens, chunk_tokens)
+    if len(ring) == 1:
+        assignment = [list(range(len(chunks)))]
+    else:
+        assignment = zigzag_assign(len(chunks), len(ring))
+    segments = [merge_runs([chunks[c] for c in held]) for held in assignment]
+    return RingPlan(
+        request_id=request_id,
+        workers=[w.worker_id for w in ring],
+        world_ranks=[w.world_rank if w.world_rank is not None else -1 for w in ring],
+        world_generation=world_generation,
+        chunk_tokens=chunk_tokens,
+        segments=segments,
+        prompt_tokens=prompt_tokens,
+        fusion_partition=fusion_partition,
+        fusion=settings.fusion,
+        kv_quant=kv_quant,
+    )
+
+
+def member_tokens(plan: RingPlan) -> list[int]:
+    return [sum(s.end - s.start for s in segs) for segs in plan.segments]
+
+
+def append_member(tokens_held: list[int]) -> int:
+    """The ring member that stores the next decode token's K/V: the one holding the fewest."""
+    return min(range(len(tokens_held)), key=lambda m: (tokens_held[m], m))

@@ -1,0 +1,172 @@
+"""One request from admission to reply: place it, prefill on its ring, drive decode step by step,
+stream tokens, stop, release the workers' KV.
+
+The runner talks to workers only through `WorkerPort` (a few awaitables), so its control flow is
+tested without NATS and the scheduler's main wires the port to the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from shared.messages import (
+    DecodeResult,
+    DecodeStep,
+    DoneEvent,
+    ErrorCode,
+    GenerateReply,
+    GenerateRequest,
+    Placement,
+    PrefillCommand,
+    PrefillResult,
+    ProgressEvent,
+    RingPlan,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+    Usage,
+)
+from services.scheduler.api import ApiError
+from services.scheduler.placement import append_member, member_tokens
+from services.scheduler.stops import StopChecker
+
+
+class WorkerPort(Protocol):
+    async def prefill(self, worker_id: str, cmd: PrefillCommand) -> PrefillResult: ...
+    async def decode(self, worker_id: str, step: DecodeStep) -> DecodeResult: ...
+    async def release(self, worker_id: str, request_id: str) -> None: ...
+
+
+Emit = Callable[[BaseModel], Awaitable[None]]
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    request: GenerateRequest
+    prompt_ids: list[int]
+    arrival: float = field(default_factory=time.perf_counter)
+    placed_at: float | None = None
+    first_token_at: float | None = None
+    cancelled: bool = False
+    plan: RingPlan | None = None
+
+
+def sampling_of(req: GenerateRequest) -> SamplingParams:
+    return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                          logprobs=req.logprobs)
+
+
+def member_ids(plan: RingPlan, prompt_ids: list[int], member: int) -> list[int]:
+    return [t for seg in plan.segments[member] for t in prompt_ids[seg.start : seg.end]]
+
+
+class RequestRunner:
+    def __init__(self, state: RequestState, port: WorkerPort, stops: StopChecker, eos_ids: set[int],
+                 emit: Emit | None, cached_tokens: int = 0):
+        self.s = state
+        self.port = port
+        self.stops = stops
+        self.eos_ids = eos_ids | set(state.request.stop_token_ids)
+        self.emit = emit  # streaming events, None when the client did not ask for a stream
+        self.cached_tokens = cached_tokens
+        self.output_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.task: asyncio.Task | None = None  # set by the scheduler; cancelled when a ring member dies
+        self.lost_workers: list[str] = []
+
+    async def run(self, plan: RingPlan) -> GenerateReply:
+        s = self.s
+        s.plan = plan
+        s.placed_at = time.perf_counter()
+        try:
+            finish = await self._generate(plan)
+        finally:
+            await asyncio.gather(*(self.port.release(w, s.request_id) for w in plan.workers), return_exceptions=True)
+        now = time.perf_counter()
+        return GenerateReply(
+            request_id=s.request_id,
+            output_ids=self.output_ids,
+            text=self.stops.text if self.stops.has_tokenizer else None,
+            finish_reason=finish,
+            logprobs=self.logprobs if s.request.logprobs else None,
+            usage=Usage(prompt_tokens=len(s.prompt_ids), completion_tokens=len(self.output_ids),
+                        cached_tokens=self.cached_tokens),
+            timings=Timings(
+                queue_ms=round((s.placed_at - s.arrival) * 1000, 3),
+                ttft_ms=round(((s.first_token_at or now) - s.arrival) * 1000, 3),
+                total_ms=round((now - s.arrival) * 1000, 3),
+            ),
+            placement=Placement(workers=plan.workers, chunk_tokens=plan.chunk_tokens,
+                                chunks=sum(len(seg) for seg in plan.segments)),
+        )
+
+    async def on_progress(self, layers_done: int, layers: int) -> None:
+        if self.emit is not None:
+            total = len(self.s.prompt_ids)
+            await self.emit(ProgressEvent(request_id=self.s.request_id, done_tokens=total * layers_done // layers,
+                                          total_tokens=total))
+
+    async def _generate(self, plan: RingPlan) -> str:
+        s = self.s
+        sampling = sampling_of(s.request)
+        cmds = [
+            PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, s.prompt_ids, m), sampling=sampling,
+                           cached_tokens=self.cached_tokens)
+            for m in range(plan.size)
+        ]
+        results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
+        self._check(results)
+        leader = plan.leader()
+        token, logprob = results[leader].token_id, results[leader].logprob
+        held = member_tokens(plan)
+        for step in range(s.request.max_new_tokens):
+            finish = await self._accept(token, logprob)
+            if finish is not None:
+                return finish
+            if s.cancelled:
+                return "cancelled"
+            member = append_member(held)
+            held[member] += 1
+            msg = DecodeStep(request_id=s.request_id, step=step, token_id=token,
+                             position=len(s.prompt_ids) + step, append_member=member, sampling=sampling)
+            decoded = await asyncio.gather(*(self.port.decode(w, msg) for w in plan.workers))
+            self._check(decoded)
+            token, logprob = decoded[leader].token_id, decoded[leader].logprob
+        return "length"  # unreachable: _accept ends at max_new_tokens
+
+    async def _accept(self, token: int | None, logprob: float | None) -> str | None:
+        """Record one generated token; return a finish reason when generation should end."""
+        if token is None:
+            raise ApiError(ErrorCode.INTERNAL, "the ring leader returned no token", self.s.request_id)
+        s = self.s
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
+        self.output_ids.append(token)
+        self.logprobs.append(float(logprob) if logprob is not None else 0.0)
+        delta, hit_stop = self.stops.push(token)
+        if self.emit is not None:
+            await self.emit(TokenEvent(request_id=s.request_id, index=len(self.output_ids) - 1, token_id=token,
+                                       text=delta if self.stops.has_tokenizer else None,
+                                       logprob=self.logprobs[-1] if s.request.logprobs else None))
+        if token in self.eos_ids or hit_stop:
+            return "stop"
+        if len(self.output_ids) >= s.request.max_new_tokens:
+            return "length"
+        return None
+
+    def _check(self, results: list[PrefillResult] | list[DecodeResult]) -> None:
+        for r in results:
+            if not r.ok:
+                code = r.error_code or ErrorCode.INTERNAL
+                raise ApiError(code, f"worker failed: {r.error}", self.s.request_id)
+
+
+def done_event(reply: GenerateReply) -> DoneEvent:
+    return DoneEvent(**reply.model_dump())

@@ -1,0 +1,172 @@
+"""The worker's compute: ring-attention prefill of its share of a prompt and sequence-parallel decode.
+
+No NATS here. The engine runs in one compute thread; the two distributed exchanges it needs are
+passed in as callables, so tests can drive it with in-process fakes of *other workers* while the
+math stays the real one:
+  - `ring` : torch.distributed point-to-point over the request's ring (prefill, collective fusion)
+  - `fuse` : the bus fusion service (decode), a blocking call into the worker's event loop
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from shared.attention.decode import collective_merge, decode_partial
+from shared.attention.ring import ring_attention
+from shared.messages import (
+    DecodeResult,
+    DecodeStep,
+    ErrorCode,
+    MergedItem,
+    PartialItem,
+    PrefillCommand,
+    PrefillResult,
+    RingPlan,
+    SamplingParams,
+)
+from shared.sampling import request_generator, sample
+from services.worker.kv_cache import RequestKV
+
+# fuse(partials of one layer for a batch of requests) -> merged results in the same order
+FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
+ProgressFn = Callable[[int], None]  # layers done
+
+
+def segment_positions(segments: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """[(start, end), ...] -> positions [tokens] int64, in segment order."""
+    return torch.cat([torch.arange(s, e, device=device) for s, e in segments])
+
+
+@dataclass
+class ActiveRequest:
+    plan: RingPlan
+    member: int
+    kv: RequestKV
+    sampling: SamplingParams
+    generator: torch.Generator | None
+
+
+class WorkerEngine:
+    def __init__(self, model, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.config = model.config
+        self.device = device
+        self.dtype = dtype
+        self.requests: dict[str, ActiveRequest] = {}
+
+    # ------------------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, cmd: PrefillCommand, progress: ProgressFn | None = None) -> PrefillResult:
+        plan, member = cmd.plan, cmd.member
+        segments = [[(s.start, s.end) for s in member_segments] for member_segments in plan.segments]
+        mine = segments[member]
+        positions = segment_positions(mine, self.device)
+        if positions.numel() != len(cmd.input_ids):
+            raise ValueError(f"member {member} got {len(cmd.input_ids)} ids for {positions.numel()} positions")
+        ids = torch.tensor(cmd.input_ids, dtype=torch.long, device=self.device)
+
+        cfg = self.config
+        kv = RequestKV.empty(plan.request_id, member, cfg.num_hidden_layers, cfg.num_key_value_heads,
+                             cfg.head_dim, self.dtype, self.device, capacity=ids.numel())
+        for s, e in mine:
+            kv.note_positions(s, e)
+
+        h = self.model.embed(ids)  # [t, hidden]
+        cos, sin = self.model.rope(positions, seq_len=plan.prompt_tokens)
+        for i, layer in enumerate(self.model.layers):
+            q, k, v = layer.qkv(h, cos, sin)  # q [t, H, d], k/v [t, KVH, d]
+            kv.layers[i].append(k, v)
+            out, _lse = ring_attention(
+                q, k, v, scale=self.model.attn_scale, q_segments=mine, kv_segments=segments,
+                ring_ranks=plan.world_ranks, member=member,
+            )
+            h = layer.finish(h, out.to(self.dtype))
+            if progress is not None:
+                progress(i + 1)
+
+        active = ActiveRequest(plan, member, kv, cmd.sampling, request_generator(cmd.sampling, self.device))
+        self.requests[plan.request_id] = active
+        result = PrefillResult(request_id=plan.request_id, member=member, ok=True, kv_tokens=kv.tokens)
+        if member == plan.leader():
+            last_row = self._row_of(mine, plan.prompt_tokens - 1)
+            logits = self.model.logits(h[last_row : last_row + 1])[0]
+            result.token_id, result.logprob = sample(logits, cmd.sampling, active.generator)
+        return result
+
+    @staticmethod
+    def _row_of(segments: list[tuple[int, int]], position: int) -> int:
+        row = 0
+        for s, e in segments:
+            if s <= position < e:
+                return row + position - s
+            row += e - s
+        raise ValueError(f"position {position} not held")
+
+    # ------------------------------------------------------------------------------- decode
+    @torch.inference_mode()
+    def decode(self, steps: list[DecodeStep], fuse: FuseFn | None, collective: bool = False) -> list[DecodeResult]:
+        """One decode step for a batch of requests (each fed the token it generated last).
+
+        Every ring member runs the same layers on the same token; the member named by
+        `append_member` appends the token's K/V to its shard; partials are merged by `fuse` (the
+        fusion service) or, with `collective`, by point-to-point exchange inside each ring.
+        """
+        reqs = [self.requests[s.request_id] for s in steps]
+        ids = torch.tensor([s.token_id for s in steps], dtype=torch.long, device=self.device)
+        h = self.model.embed(ids)  # [B, hidden]
+        cos_sin = [self.model.rope(torch.tensor([s.position], device=self.device), seq_len=s.position + 1) for s in steps]
+        cos = torch.cat([c for c, _ in cos_sin])
+        sin = torch.cat([s for _, s in cos_sin])
+
+        for i, layer in enumerate(self.model.layers):
+            q, k, v = layer.qkv(h, cos, sin)  # q [B, H, d]
+            partials: list[PartialItem] = []
+            for b, (step, req) in enumerate(zip(steps, reqs)):
+                cache = req.kv.layers[i]
+                if step.append_member == req.member:
+                    cache.append(k[b : b + 1], v[b : b + 1])
+                out, lse = decode_partial(q[b : b + 1], cache.keys(), cache.values(), self.model.attn_scale)
+                partials.append(PartialItem(
+                    request_id=step.request_id, step=step.step, layer=i, member=req.member,
+                    parts=req.plan.size, out=out, lse=lse,
+                ))
+            if collective:
+                merged_outs = [
+                    collective_merge(p.out, p.lse, ring_ranks=req.plan.world_ranks, member=req.member)[0]
+                    for p, req in zip(partials, reqs)
+                ]
+            else:
+                assert fuse is not None
+                merged_outs = [m.out for m in fuse(partials)]
+            attn = torch.cat([o.to(device=self.device, dtype=self.dtype) for o in merged_outs])  # [B, H, d]
+            h = layer.finish(h, attn)
+
+        results = []
+        for b, (step, req) in enumerate(zip(steps, reqs)):
+            if step.append_member == req.member:
+                req.kv.note_positions(step.position, step.position + 1)
+            result = DecodeResult(request_id=step.request_id, member=req.member, step=step.step, ok=True)
+            if req.member == req.plan.leader():
+                logits = self.model.logits(h[b : b + 1])[0]
+                result.token_id, result.logprob = sample(logits, req.sampling, req.generator)
+            results.append(result)
+        return results
+
+    def release(self, request_id: str) -> bool:
+        return self.requests.pop(request_id, None) is not None
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(r.kv.tokens for r in self.requests.values())
+
+
+def failed(request_id: str, member: int, code: ErrorCode, error: str) -> PrefillResult:
+    return PrefillResult(request_id=request_id, member=member, ok=False, error_code=code, error=error[:500])
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000.0

@@ -1,0 +1,265 @@
+"""The worker service: holds the model, joins the torch.distributed world, runs its share of
+prefill and decode for the scheduler, and exchanges decode partials with the fusion service.
+
+All torch work runs in one compute thread (so heartbeats keep flowing during a long prefill);
+decode steps that arrive together are run as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+import torch
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from shared import codec, subjects
+from shared.bus import BusError
+from shared.checkpoint import model_id, resolve_checkpoint
+from shared.messages import (
+    DecodeResult,
+    DecodeStep,
+    ErrorCode,
+    FusionReply,
+    FusionRequest,
+    MergedItem,
+    ModelInfo,
+    PartialItem,
+    PrefillCommand,
+    PrefillProgress,
+    PrefillResult,
+    ReleaseCommand,
+    WorkerHeartbeat,
+    WorldForm,
+    WorldReady,
+)
+from shared.service import ServiceApp, ServiceRuntime, main as service_main
+from shared.settings import Settings
+from services.worker.engine import WorkerEngine
+from services.worker.world import World
+
+log = structlog.get_logger("worker")
+# Progress messages at most this often: a long prefill reports without flooding the bus.
+PROGRESS_MIN_INTERVAL_S = 0.2
+
+
+def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo]:
+    from shared.model.loader import load_model
+
+    device = torch.device(settings.device)
+    dtype = getattr(torch, settings.torch_dtype_name)
+    model = load_model(resolve_checkpoint(settings), device=device, dtype=dtype)
+    cfg = model.config
+    info = ModelInfo(
+        name=model_id(settings),
+        vocab_size=cfg.vocab_size,
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        eos_token_ids=list(cfg.eos_token_ids),
+        dtype=settings.torch_dtype_name,
+    )
+    return WorkerEngine(model, device, dtype), info
+
+
+class WorkerApp(ServiceApp):
+    name = "worker"
+    description = "runs the model: ring-attention prefill and sequence-parallel decode"
+
+    def __init__(self, settings: Settings, worker_id: str | None = None):
+        self.settings = settings
+        self.worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
+        self.engine, self.model_info = load_engine(settings)
+        self.world = World(self.worker_id, settings.advertise_host, settings.dist_timeout_s)
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._decode_queue: asyncio.Queue[tuple[DecodeStep, str | None]] = asyncio.Queue()
+        self._busy = 0
+
+    # ------------------------------------------------------------------------------ wiring
+    async def start(self, rt: ServiceRuntime) -> None:
+        self.rt = rt
+        self.loop = asyncio.get_running_loop()
+        self.tracer = rt.telemetry.tracer
+        bus = rt.bus
+        await bus.subscribe(subjects.worker_inbox(self.worker_id, "prefill"), self._on_prefill)
+        await bus.subscribe(subjects.worker_inbox(self.worker_id, "decode"), self._on_decode)
+        await bus.subscribe(subjects.worker_inbox(self.worker_id, "release"), self._on_release)
+        await bus.subscribe(subjects.WORLD_FORM, self._on_world_form)
+        self._decoder = asyncio.create_task(self._decode_loop())
+        log.info("worker_ready", worker_id=self.worker_id, model=self.model_info.name, store=self.world.store_addr)
+
+    def heartbeat(self, rt: ServiceRuntime) -> WorkerHeartbeat:
+        return WorkerHeartbeat(
+            worker_id=self.worker_id,
+            device=self.settings.device,
+            model=self.model_info,
+            store_addr=self.world.store_addr,
+            world_generation=self.world.generation,
+            world_rank=self.world.rank,
+            busy=self._busy > 0,
+            active_requests=len(self.engine.requests),
+            kv_tokens=self.engine.kv_tokens,
+            draining=rt.stopping.is_set(),
+        )
+
+    async def stop(self, rt: ServiceRuntime) -> None:
+        self._decoder.cancel()
+        await self.loop.run_in_executor(self.compute, self.world.close)
+        self.compute.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn, *args):
+        self._busy += 1
+        try:
+            return await self.loop.run_in_executor(self.compute, fn, *args)
+        finally:
+            self._busy -= 1
+
+    # ------------------------------------------------------------------------------ world
+    async def _on_world_form(self, msg: Msg) -> None:
+        form = codec.decode(msg.data, WorldForm)
+        ready = WorldReady(worker_id=self.worker_id, generation=form.generation, ok=True)
+        try:
+            await self._run(self.world.form, form)
+        except Exception as exc:
+            log.warning("world_form_failed", generation=form.generation, error=str(exc))
+            ready.ok, ready.error = False, str(exc)[:300]
+        if self.worker_id in form.members:
+            await self.rt.bus.publish(subjects.WORLD_READY, ready)
+
+    # ------------------------------------------------------------------------------ prefill
+    async def _on_prefill(self, msg: Msg) -> None:
+        try:
+            cmd = codec.decode(msg.data, PrefillCommand)
+        except (codec.CodecError, ValidationError) as exc:
+            await self.rt.bus.reply(msg, PrefillResult(request_id="?", member=-1, ok=False,
+                                                       error_code=ErrorCode.INVALID_REQUEST, error=str(exc)[:300]))
+            return
+        rid = cmd.plan.request_id
+        is_leader = cmd.member == cmd.plan.leader()
+        last_sent = [0.0]
+
+        def progress(layers_done: int) -> None:
+            now = time.monotonic()
+            if is_leader and (now - last_sent[0] >= PROGRESS_MIN_INTERVAL_S or layers_done == self.model_info.num_layers):
+                last_sent[0] = now
+                asyncio.run_coroutine_threadsafe(self.rt.bus.publish(
+                    subjects.progress(rid),
+                    PrefillProgress(request_id=rid, layers_done=layers_done, layers=self.model_info.num_layers),
+                ), self.loop)
+
+        with self.tracer.start_as_current_span("worker.prefill", attributes={
+            "request_id": rid, "ring.size": cmd.plan.size, "ring.member": cmd.member, "tokens": len(cmd.input_ids),
+        }) as span:
+            t0 = time.perf_counter()
+            try:
+                if cmd.plan.size > 1 and cmd.plan.world_generation != self.world.generation:
+                    raise RuntimeError(f"ring formed for world generation {cmd.plan.world_generation}, worker is in {self.world.generation}")
+                result = await self._run(self.engine.prefill, cmd, progress)
+            except Exception as exc:
+                log.exception("prefill_failed", request_id=rid)
+                span.record_exception(exc)
+                self.engine.release(rid)
+                result = PrefillResult(request_id=rid, member=cmd.member, ok=False,
+                                       error_code=ErrorCode.INTERNAL, error=str(exc)[:500])
+            log.info("prefill_done", request_id=rid, member=cmd.member, tokens=len(cmd.input_ids),
+                     ms=round((time.perf_counter() - t0) * 1000, 2), ok=result.ok)
+        await self.rt.bus.reply(msg, result)
+
+    # ------------------------------------------------------------------------------- decode
+    async def _on_decode(self, msg: Msg) -> None:
+        try:
+            step = codec.decode(msg.data, DecodeStep)
+        except (codec.CodecError, ValidationError) as exc:
+            await self.rt.bus.reply(msg, DecodeResult(request_id="?", member=-1, step=-1, ok=False,
+                                                      error_code=ErrorCode.INVALID_REQUEST, error=str(exc)[:300]))
+            return
+        await self._decode_queue.put((step, msg.reply))
+
+    async def _decode_loop(self) -> None:
+        while True:
+            batch = [await self._decode_queue.get()]
+            while not self._decode_queue.empty():
+                batch.append(self._decode_queue.get_nowait())
+            known = [(s, r) for s, r in batch if s.request_id in self.engine.requests]
+            for step, reply in batch:
+                if step.request_id not in self.engine.requests and reply:
+                    await self._reply_decode(reply, DecodeResult(request_id=step.request_id, member=-1, step=step.step,
+                                                                 ok=False, error_code=ErrorCode.INVALID_REQUEST,
+                                                                 error="unknown request on this worker"))
+            if known:
+                await self._decode_batch(known)
+
+    async def _decode_batch(self, batch: list[tuple[DecodeStep, str | None]]) -> None:
+        steps = [s for s, _ in batch]
+        collective = self.settings.fusion == "collective"
+        try:
+            if collective:
+                # p2p merges inside each ring: one request at a time, in a fixed order
+                results = []
+                for step in sorted(steps, key=lambda s: s.request_id):
+                    results += await self._run(self.engine.decode, [step], None, True)
+                by_id = {r.request_id: r for r in results}
+                results = [by_id[s.request_id] for s in steps]
+            else:
+                results = await self._run(self.engine.decode, steps, self._fuse_blocking, False)
+        except Exception as exc:
+            log.warning("decode_failed", requests=[s.request_id for s in steps], error=str(exc)[:300])
+            results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
+                                    error_code=ErrorCode.INTERNAL, error=str(exc)[:300]) for s in steps]
+        for (_, reply), result in zip(batch, results):
+            if reply:
+                await self._reply_decode(reply, result)
+
+    async def _reply_decode(self, reply: str, result: DecodeResult) -> None:
+        await self.rt.bus.publish_raw(reply, codec.encode(result))
+
+    def _fuse_blocking(self, partials: list[PartialItem]) -> list[MergedItem]:
+        """Called from the compute thread: send this layer's partials, wait for the merges."""
+        future = asyncio.run_coroutine_threadsafe(self._fuse(partials), self.loop)
+        return future.result(timeout=self.settings.fusion_timeout_s + 1.0)
+
+    async def _fuse(self, partials: list[PartialItem]) -> list[MergedItem]:
+        by_partition: dict[str, list[PartialItem]] = {}
+        for p in partials:
+            partition = self.engine.requests[p.request_id].plan.fusion_partition
+            by_partition.setdefault(partition, []).append(p)
+
+        async def one(partition: str, items: list[PartialItem]) -> FusionReply:
+            return await self.rt.bus.request(
+                subjects.fusion_partials(partition), FusionRequest(worker_id=self.worker_id, items=items),
+                FusionReply, timeout=self.settings.fusion_timeout_s,
+            )
+
+        replies = await asyncio.gather(*(one(k, v) for k, v in by_partition.items()))
+        merged: dict[tuple[str, int, int], MergedItem] = {}
+        for reply in replies:
+            if reply.error:
+                raise BusError(f"fusion: {reply.error}")
+            for item in reply.items:
+                merged[(item.request_id, item.step, item.layer)] = item
+        return [merged[(p.request_id, p.step, p.layer)] for p in partials]
+
+    # ------------------------------------------------------------------------------ release
+    async def _on_release(self, msg: Msg) -> None:
+        try:
+            cmd = codec.decode(msg.data, ReleaseCommand)
+        except (codec.CodecError, ValidationError):
+            return
+        # Released in the compute thread, after any step of this request already queued there.
+        released = await self._run(self.engine.release, cmd.request_id)
+        if released:
+            log.info("request_released", request_id=cmd.request_id)
+
+
+def main() -> None:
+    service_main(WorkerApp)
+
+
+if __name__ == "__main__":
+    main()

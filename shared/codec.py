@@ -8,6 +8,7 @@ raw little-endian bytes. Decoding wraps the received buffer with torch.frombuffe
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, TypeVar
 
 import msgpack
@@ -33,6 +34,9 @@ _DTYPES: dict[str, torch.dtype] = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 M = TypeVar("M", bound=BaseModel)
+
+# Received tensors are read-only views of the message bytes; nothing writes to them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 class CodecError(ValueError):

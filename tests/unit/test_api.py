@@ -1,0 +1,65 @@
+import json
+
+import msgpack
+import pytest
+
+from services.scheduler.api import ApiError, check_limits, parse_generate
+from shared.messages import ErrorCode, ModelInfo
+from shared.settings import Settings
+
+SETTINGS = Settings(max_request_bytes=4096, max_prompt_tokens=100, max_new_tokens_limit=50)
+MODEL = ModelInfo(name="m", vocab_size=300, num_layers=2, num_kv_heads=2, head_dim=8,
+                  max_position_embeddings=128, eos_token_ids=[2], dtype="float32")
+
+
+def _code(body: bytes, header=None):
+    with pytest.raises(ApiError) as exc:
+        parse_generate(body, header, SETTINGS)
+    return exc.value.code
+
+
+def test_json_and_msgpack_bodies_parse():
+    req, ct = parse_generate(json.dumps({"prompt": "hi", "max_new_tokens": 3, "stop": "x"}).encode(), None, SETTINGS)
+    assert ct == "application/json" and req.max_new_tokens == 3 and req.stop == ["x"]
+    req, ct = parse_generate(msgpack.packb({"input_ids": [1, 2]}), "application/msgpack", SETTINGS)
+    assert ct == "application/msgpack" and req.input_ids == [1, 2]
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b"\xc1", b"[1,2]", b'"text"',
+    json.dumps({}).encode(),
+    json.dumps({"prompt": "a", "input_ids": [1]}).encode(),
+    json.dumps({"prompt": 5}).encode(),
+    json.dumps({"input_ids": [1, -2]}).encode(),
+    json.dumps({"input_ids": []}).encode(),
+    json.dumps({"prompt": "a", "max_new_tokens": -1}).encode(),
+    json.dumps({"prompt": "a", "temperature": "hot"}).encode(),
+    json.dumps({"prompt": "a", "unknown_field": 1}).encode(),
+    json.dumps({"prompt": "a", "request_id": "bad id with spaces"}).encode(),
+])
+def test_malformed_bodies_are_invalid_requests(body):
+    assert _code(body) == ErrorCode.INVALID_REQUEST
+
+
+def test_body_over_the_limit_is_refused():
+    assert _code(json.dumps({"prompt": "a" * 5000}).encode()) == ErrorCode.INVALID_REQUEST
+
+
+def test_limits_need_the_model():
+    req, _ = parse_generate(b'{"input_ids": [1, 299], "max_new_tokens": 5}', None, SETTINGS)
+    check_limits(req, [1, 299], MODEL, SETTINGS, "r")
+    req, _ = parse_generate(b'{"input_ids": [300], "max_new_tokens": 5}', None, SETTINGS)
+    with pytest.raises(ApiError) as e:
+        check_limits(req, [300], MODEL, SETTINGS, "r")
+    assert e.value.code == ErrorCode.INVALID_REQUEST and "vocabulary" in e.value.message
+    req, _ = parse_generate(b'{"input_ids": [1], "max_new_tokens": 51}', None, SETTINGS)
+    with pytest.raises(ApiError) as e:
+        check_limits(req, [1], MODEL, SETTINGS, "r")
+    assert e.value.code == ErrorCode.INVALID_REQUEST
+    req, _ = parse_generate(b'{"input_ids": [1], "max_new_tokens": 5}', None, SETTINGS)
+    with pytest.raises(ApiError) as e:
+        check_limits(req, [1] * 101, MODEL, SETTINGS, "r")
+    assert e.value.code == ErrorCode.TOO_LONG
+    with pytest.raises(ApiError) as e:
+        check_limits(req, [1] * 99 + [1] * 0, MODEL.model_copy(update={"max_position_embeddings": 100}), SETTINGS, "r")
+    assert e.value.code == ErrorCode.TOO_LONG

@@ -167,6 +167,8 @@ class StatusReply(BaseModel):
     queued_requests: int
     active_requests: int
     world_generation: int
+    world_ready: bool = False
+    world_members: list[str] = Field(default_factory=list)
 
 
 # ================================================================================================

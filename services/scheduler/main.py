@@ -183,6 +183,8 @@ class SchedulerApp(ServiceApp):
             queued_requests=self.waiting,
             active_requests=len(self.runners),
             world_generation=self.registry.generation,
+            world_ready=self.registry.world_ready,
+            world_members=self.registry.members,
         )
         await self._respond(msg, reply, codec.public_content_type(msg.data or b"{", _ctype(msg)))
 

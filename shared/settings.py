@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     kv_store_enabled: bool = True
     kv_hot_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
     kv_io_concurrency: int = Field(default=8, ge=1)
+    # Eviction priority = last access time + this many seconds per unit of attention mass (H2O).
+    kv_importance_weight_s: float = Field(default=600.0, ge=0)
+    # A Redis call slower than this counts as an outage; an unreachable node is retried this often.
+    kv_redis_timeout_s: float = Field(default=2.0, gt=0)
+    kv_redis_retry_s: float = Field(default=1.0, gt=0)
+    # Timeout of a worker's/scheduler's metadata request to the kvstore service.
+    kv_index_timeout_s: float = Field(default=2.0, gt=0)
+    # How often the kvstore service drops blocks past their TTL and re-checks the budget.
+    kv_sweep_interval_s: float = Field(default=10.0, gt=0)
 
     # --- observability -----------------------------------------------------------------------
     log_level: str = "info"

@@ -90,7 +90,7 @@ async def run_service(
 ) -> None:
     """Run `app` until SIGTERM/SIGINT (or until `rt.stopping` is set by a test), then drain."""
     instance = instance or f"{app.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    telemetry = setup_telemetry(app.name)
+    telemetry = setup_telemetry(app.name, metrics_port=settings.metrics_port)
     nc = await connect(settings, name=f"ringserve-{instance}")
     rt = ServiceRuntime(app.name, instance, settings, Bus(nc, app.name), telemetry)
     if install_signals:

@@ -1,0 +1,84 @@
+"""The decoder's pieces as the worker drives them: shapes, chunked positions, dtypes, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.model import LlamaModel, UnsupportedModel, parse_model_config
+from tests.helpers.checkpoints import causal_attention
+
+TOKENS = 12
+
+
+def _model(**overrides) -> LlamaModel:
+    raw = {
+        "model_type": "llama", "vocab_size": 50, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 8, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+    }
+    torch.manual_seed(0)
+    return LlamaModel(parse_model_config({**raw, **overrides})).eval()
+
+
+def test_layer_pieces_have_flat_token_shapes():
+    model = _model()
+    positions = torch.arange(TOKENS)
+    cos, sin = model.rope(positions, TOKENS)
+    assert cos.shape == sin.shape == (TOKENS, 8) and cos.dtype == torch.float32
+    h = model.embed(torch.arange(TOKENS))
+    assert h.shape == (TOKENS, 32)
+    q, k, v = model.layers[0].qkv(h, cos, sin)
+    assert q.shape == (TOKENS, 4, 8) and k.shape == v.shape == (TOKENS, 2, 8)
+    assert model.layers[0].finish(h, torch.zeros_like(q)).shape == (TOKENS, 32)
+    assert model.logits(h).shape == (TOKENS, 50)
+
+
+def test_a_chunk_of_positions_gets_the_rows_of_the_whole_sequence():
+    # Ring prefill: each worker ropes its own chunk with the whole prompt's length (dynamic NTK depends on it).
+    model = _model()
+    cos, sin = model.rope(torch.arange(TOKENS), TOKENS)
+    chunk = torch.tensor([4, 5, 6, 10])
+    chunk_cos, chunk_sin = model.rope(chunk, TOKENS)
+    torch.testing.assert_close(chunk_cos, cos[chunk], rtol=0, atol=0)
+    torch.testing.assert_close(chunk_sin, sin[chunk], rtol=0, atol=0)
+    assert not torch.equal(model.rope(chunk, 11)[0], chunk_cos)  # beyond max positions the length matters
+
+
+def test_prefill_in_two_chunks_equals_one_pass():
+    model = _model()
+    ids = torch.randint(0, 50, (TOKENS,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        whole = model(ids, torch.arange(TOKENS), lambda _i, q, k, v: causal_attention(q, k, v, model.attn_scale, 0))
+
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def attend(layer: int, q, k, v, start: int):
+            if layer in cache:
+                k, v = torch.cat([cache[layer][0], k]), torch.cat([cache[layer][1], v])
+            cache[layer] = (k, v)
+            return causal_attention(q, k, v, model.attn_scale, q_start=start)
+
+        half = TOKENS // 2
+        first = model(ids[:half], torch.arange(half), lambda i, q, k, v: attend(i, q, k, v, 0), seq_len=TOKENS)
+        second = model(ids[half:], torch.arange(half, TOKENS), lambda i, q, k, v: attend(i, q, k, v, half))
+    torch.testing.assert_close(torch.cat([first, second]), whole)
+
+
+def test_bfloat16_layers_take_float32_attention_output():
+    model = _model().to(torch.bfloat16)
+    h = model.embed(torch.arange(3))
+    out = model.layers[0].finish(h, torch.ones(3, 4, 8, dtype=torch.float32))
+    assert out.dtype == torch.bfloat16
+    assert model.logits(out).dtype == torch.float32
+
+
+def test_sequences_longer_than_a_sliding_window_are_refused():
+    model = _model(model_type="mistral", sliding_window=16, rope_scaling=None)
+    model.rope(torch.arange(16), 16)
+    with pytest.raises(UnsupportedModel, match="sliding_window"):
+        model.rope(torch.tensor([16]), 17)
+
+
+def test_softmax_scale_is_inverse_sqrt_head_dim():
+    assert _model(head_dim=16).attn_scale == pytest.approx(0.25)

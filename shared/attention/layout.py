@@ -1,0 +1,81 @@
+"""Where a prompt's tokens live on a ring: chunk size, chunks, zigzag placement. Pure functions.
+
+A segment is a half-open range of global token positions (start, end). A ring member holds
+the q/k/v rows of its segments concatenated in segment order.
+
+Zigzag placement balances causal work: with 2N chunks on N members, member i holds chunks i
+and 2N-1-i, so an early (cheap) chunk pairs with a late (expensive) one. More chunks repeat
+the pattern over groups of 2N.
+"""
+
+from __future__ import annotations
+
+from shared.settings import Settings
+
+Segment = tuple[int, int]
+
+
+def chunk_tokens_for(context_len: int, settings: Settings) -> int:
+    """Chunk size for a prompt: settings.chunk_tokens if set, else small/medium/large by length."""
+    if settings.chunk_tokens is not None:
+        return settings.chunk_tokens
+    if context_len < settings.chunk_small_below:
+        return settings.chunk_small_tokens
+    if context_len <= settings.chunk_large_above:
+        return settings.chunk_medium_tokens
+    return settings.chunk_large_tokens
+
+
+def split_chunks(total_tokens: int, chunk_tokens: int) -> list[Segment]:
+    """[0, total) cut into chunks of chunk_tokens; the last one may be shorter."""
+    if total_tokens < 0 or chunk_tokens < 1:
+        raise ValueError(f"need total_tokens >= 0 and chunk_tokens >= 1, got {total_tokens}, {chunk_tokens}")
+    return [(s, min(s + chunk_tokens, total_tokens)) for s in range(0, total_tokens, chunk_tokens)]
+
+
+def zigzag_member(chunk: int, ring_size: int) -> int:
+    """The member holding chunk `chunk`: 0, 1, ..., N-1, N-1, ..., 1, 0, then again."""
+    r = chunk % (2 * ring_size)
+    return r if r < ring_size else 2 * ring_size - 1 - r
+
+
+def zigzag_assign(n_chunks: int, ring_size: int) -> list[list[int]]:
+    """Chunk indices held by each ring member, ascending."""
+    if ring_size < 1 or n_chunks < ring_size:
+        raise ValueError(f"need 1 <= ring_size <= n_chunks, got ring_size={ring_size}, n_chunks={n_chunks}")
+    members: list[list[int]] = [[] for _ in range(ring_size)]
+    for chunk in range(n_chunks):
+        members[zigzag_member(chunk, ring_size)].append(chunk)
+    return members
+
+
+def merge_adjacent(segments: list[Segment]) -> list[Segment]:
+    """Segments in order, with touching neighbours joined: [(0,5),(5,8),(12,14)] -> [(0,8),(12,14)]."""
+    merged: list[Segment] = []
+    for start, end in segments:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def zigzag_segments(total_tokens: int, chunk_tokens: int, ring_size: int) -> list[list[Segment]]:
+    """Each member's segments for a prompt of total_tokens split into chunks, zigzag-placed."""
+    chunks = split_chunks(total_tokens, chunk_tokens)
+    return [merge_adjacent([chunks[c] for c in held]) for held in zigzag_assign(len(chunks), ring_size)]
+
+
+def ring_size_for(context_len: int, chunk_tokens: int, free_workers: int, max_ring: int) -> int:
+    """Members for one request: no more than the free workers, max_ring (0: no cap), or chunks.
+
+    0 means no worker is free.
+    """
+    n_chunks = -(-context_len // chunk_tokens)
+    cap = max_ring or free_workers
+    return max(0, min(free_workers, cap, n_chunks))
+
+
+def segment_tokens(segments: list[Segment]) -> int:
+    """Number of tokens (rows) in a list of segments."""
+    return sum(end - start for start, end in segments)

@@ -1,0 +1,127 @@
+"""Ring attention: exact causal attention over a sequence spread over the members of a ring.
+
+Member m holds the k/v rows of its segments kv_segments[m] (global positions, rows in segment
+order) and the q rows of its query segments. K/V blocks travel around the ring: at step s
+every member computes on the block that started at member (m - s) mod N while it passes that
+block on to m + 1 and receives the next one from m - 1 (double buffering: the transfer of the
+next block is posted before computing on the current one and waited for after). After N steps
+every member has seen every block and holds the exact attention of its queries.
+
+Which (query segment, key segment) pairs count follows from positions alone: keys entirely
+after the queries are skipped, keys entirely before are attended in full, overlapping ones
+causally. So queries for only part of a member's tokens (prefix caching) need nothing special.
+
+ring_ranks are world ranks, in ring order. Only point-to-point operations between ring members
+are used: other ranks may be busy with other requests. With NCCL, pass `group`, a process
+group of exactly the ring's ranks (e.g. dist.new_group(ring_ranks, use_local_synchronization=True)),
+because a group's first batch_isend_irecv must involve all of that group's ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from shared.attention.layout import Segment, segment_tokens
+from shared.attention.local import attention_with_lse, empty_partial
+from shared.attention.merge import merge_partials
+
+
+def member_index(ring_ranks: Sequence[int]) -> int:
+    """This process's place in the ring (0 without torch.distributed on a ring of one)."""
+    if len(ring_ranks) == 1 and not dist.is_initialized():
+        return 0
+    rank = dist.get_rank()
+    if rank not in ring_ranks:
+        raise ValueError(f"rank {rank} is not in the ring {list(ring_ranks)}")
+    return list(ring_ranks).index(rank)
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    kv_segments: Sequence[Sequence[Segment]],
+    ring_ranks: Sequence[int],
+    q_segments: Sequence[Segment] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of this member's q [tq, H, d] over the ring's keys.
+
+    k, v: [tk, KVH, d], this member's rows of kv_segments[me].
+    q_segments: positions of q's rows (default: kv_segments[me]).
+    Returns (out [tq, H, d], lse [tq, H]) in float32.
+    """
+    ring_size = len(ring_ranks)
+    if len(kv_segments) != ring_size:
+        raise ValueError("kv_segments needs one list of segments per ring member")
+    me = member_index(ring_ranks)
+    q_segments = list(kv_segments[me] if q_segments is None else q_segments)
+    if q.shape[0] != segment_tokens(q_segments) or k.shape[0] != segment_tokens(kv_segments[me]):
+        raise ValueError("q and k rows must match the tokens of q_segments and kv_segments[me]")
+    _, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    next_rank = ring_ranks[(me + 1) % ring_size]
+    prev_rank = ring_ranks[(me - 1) % ring_size]
+
+    acc_out, acc_lse = empty_partial(q.shape[0], heads, dim, q.device)
+    block = torch.stack((k, v))  # [2, tk, KVH, d]: K and V travel as one buffer
+    for step in range(ring_size):
+        source = (me - step) % ring_size
+        transfer = None
+        if step < ring_size - 1:
+            incoming = (me - step - 1) % ring_size
+            # The block leaving now is the one arriving at the next member: both know its size,
+            # so an empty block is skipped on both sides.
+            incoming_rows = segment_tokens(kv_segments[incoming])
+            next_block = torch.empty((2, incoming_rows, kv_heads, dim), dtype=k.dtype, device=k.device)
+            ops = []
+            if block.shape[1] > 0:
+                ops.append(dist.P2POp(dist.isend, block, next_rank, group))
+            if incoming_rows > 0:
+                ops.append(dist.P2POp(dist.irecv, next_block, prev_rank, group))
+            transfer = dist.batch_isend_irecv(ops) if ops else []
+        acc_out, acc_lse = _fold_block(
+            acc_out, acc_lse, q, q_segments, block[0], block[1], kv_segments[source], scale
+        )
+        if transfer is not None:
+            for work in transfer:
+                work.wait()
+            block = next_block
+    return acc_out, acc_lse
+
+
+def _fold_block(
+    acc_out: torch.Tensor,
+    acc_lse: torch.Tensor,
+    q: torch.Tensor,
+    q_segments: Sequence[Segment],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_segments: Sequence[Segment],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the attention of every query segment over one block's key segments into acc."""
+    q_row = 0
+    for q_lo, q_hi in q_segments:
+        rows = slice(q_row, q_row + q_hi - q_lo)
+        q_row += q_hi - q_lo
+        outs, lses = [acc_out[rows]], [acc_lse[rows]]
+        k_row = 0
+        for k_lo, k_hi in kv_segments:
+            keys = slice(k_row, k_row + k_hi - k_lo)
+            k_row += k_hi - k_lo
+            if k_lo >= q_hi:  # every key after every query: nothing seen
+                continue
+            out, lse = attention_with_lse(
+                q[rows], k[keys], v[keys], scale, causal=k_hi > q_lo, q_start=q_lo, k_start=k_lo
+            )
+            outs.append(out)
+            lses.append(lse)
+        if len(outs) > 1:
+            acc_out[rows], acc_lse[rows] = merge_partials(outs, lses)
+    return acc_out, acc_lse

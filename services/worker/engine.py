@@ -9,18 +9,17 @@ math stays the real one:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from shared.attention.decode import collective_merge, decode_partial
 from shared.attention.ring import ring_attention
 from shared.messages import (
     DecodeResult,
     DecodeStep,
-    ErrorCode,
     MergedItem,
     PartialItem,
     PrefillCommand,
@@ -39,6 +38,13 @@ ProgressFn = Callable[[int], None]  # layers done
 def segment_positions(segments: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
     """[(start, end), ...] -> positions [tokens] int64, in segment order."""
     return torch.cat([torch.arange(s, e, device=device) for s, e in segments])
+
+
+def ring_ranks(plan: RingPlan) -> list[int]:
+    """World ranks of the ring; a ring of one needs no world (this process alone)."""
+    if plan.size == 1:
+        return [dist.get_rank() if dist.is_initialized() else 0]
+    return list(plan.world_ranks)
 
 
 @dataclass
@@ -82,7 +88,7 @@ class WorkerEngine:
             kv.layers[i].append(k, v)
             out, _lse = ring_attention(
                 q, k, v, scale=self.model.attn_scale, q_segments=mine, kv_segments=segments,
-                ring_ranks=plan.world_ranks, member=member,
+                ring_ranks=ring_ranks(plan),
             )
             h = layer.finish(h, out.to(self.dtype))
             if progress is not None:
@@ -136,7 +142,7 @@ class WorkerEngine:
                 ))
             if collective:
                 merged_outs = [
-                    collective_merge(p.out, p.lse, ring_ranks=req.plan.world_ranks, member=req.member)[0]
+                    collective_merge(p.out, p.lse, ring_ranks=ring_ranks(req.plan))[0]
                     for p, req in zip(partials, reqs)
                 ]
             else:
@@ -163,10 +169,3 @@ class WorkerEngine:
     def kv_tokens(self) -> int:
         return sum(r.kv.tokens for r in self.requests.values())
 
-
-def failed(request_id: str, member: int, code: ErrorCode, error: str) -> PrefillResult:
-    return PrefillResult(request_id=request_id, member=member, ok=False, error_code=code, error=error[:500])
-
-
-def now_ms() -> float:
-    return time.perf_counter() * 1000.0

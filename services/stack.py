@@ -1,0 +1,247 @@
+"""The local stack behind `ringserve up`: nats-server and redis-server when none is reachable,
+then the four services as child processes, and an orderly stop of everything it started.
+
+Children run in their own sessions, so a Ctrl-C in the terminal reaches only the supervisor,
+which then stops them in order: services first (SIGTERM, SIGKILL after a grace period), then the
+servers it launched. Each child's output goes to `<state_dir>/logs/<name>.log`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
+
+from shared.client import RingserveClient, RingserveError
+from shared.messages import StatusReply
+from shared.settings import Settings
+
+SERVICE_NAMES = ("scheduler", "worker", "fusion", "kvstore")
+# The services other than workers, in start order: the scheduler answers status once it runs.
+SINGLE_SERVICES = ("kvstore", "fusion", "scheduler")
+NATS_DEFAULT_PORT = 4222
+REDIS_DEFAULT_PORT = 6379
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Debian installs nats-server into /usr/sbin, which is not on every user's PATH.
+EXTRA_BINARY_DIRS = ("/usr/sbin", "/usr/local/sbin")
+SERVER_START_TIMEOUT_S = 10.0
+PORT_PROBE_TIMEOUT_S = 0.5
+POLL_INTERVAL_S = 0.1
+READY_POLL_INTERVAL_S = 0.5
+# Added to the services' own drain timeout before a child is killed.
+STOP_GRACE_S = 5.0
+LOG_TAIL_LINES = 20
+
+INSTALL_HINT = """\
+ringserve needs nats-server (with JetStream) and redis-server.
+  Debian/Ubuntu:  sudo apt-get install nats-server redis-server
+  macOS:          brew install nats-server redis
+  or run both in containers:  docker compose up nats redis
+or point RINGSERVE_NATS_URL / RINGSERVE_REDIS_URL at running servers."""
+
+
+class StackError(RuntimeError):
+    """The stack cannot start or a child died."""
+
+
+class MissingServerError(StackError):
+    """A server is not reachable and its binary is not installed."""
+
+
+# ---- pure helpers ------------------------------------------------------------------------------
+
+
+def host_port(url: str, default_port: int) -> tuple[str, int]:
+    """`nats://127.0.0.1:4222` -> ("127.0.0.1", 4222); the first URL of a comma-separated list."""
+    first = url.split(",")[0].strip()
+    parts = urlsplit(first if "://" in first else f"tcp://{first}")
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def port_open(host: str, port: int, timeout: float = PORT_PROBE_TIMEOUT_S) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def find_binary(name: str, search_path: str | None = None) -> str | None:
+    """`name` on PATH (or `search_path`), else in the sbin directories Debian uses."""
+    if search_path is None:
+        search_path = os.pathsep.join([os.environ.get("PATH", ""), *EXTRA_BINARY_DIRS])
+    return shutil.which(name, path=search_path)
+
+
+def nats_command(binary: str, host: str, port: int, store_dir: Path) -> list[str]:
+    return [binary, "-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
+
+
+def redis_command(binary: str, host: str, port: int) -> list[str]:
+    # A cache for KV blocks: nothing to persist.
+    return [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM all, wait up to `timeout` in total, then SIGKILL the rest."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ---- the supervisor ----------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    log_file: IO[bytes]
+
+
+class LocalStack:
+    def __init__(self, settings: Settings, workers: int = 1, model: str | None = None, device: str | None = None,
+                 state_dir: Path = Path(".ringserve"), search_path: str | None = None,
+                 python: str = sys.executable):
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.settings = settings
+        self.workers = workers
+        self.model = model or settings.model
+        self.device = device or settings.device
+        self.state_dir = Path(state_dir)
+        self.search_path = search_path
+        self.python = python
+        self.servers: list[Child] = []  # the servers this stack launched (not ones already running)
+        self.services: list[Child] = []
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "wb")
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        return Child(name, proc, log_path, log_file)
+
+    # -- servers --
+
+    def _ensure_server(self, name: str, binary_name: str, host: str, port: int,
+                       command: Callable[[str, str, int], list[str]]) -> None:
+        if port_open(host, port):
+            return
+        if host not in LOCAL_HOSTS:
+            raise StackError(f"{name} at {host}:{port} is not reachable (only local servers are started)")
+        binary = find_binary(binary_name, self.search_path)
+        if binary is None:
+            raise MissingServerError(f"{name} is not reachable at {host}:{port} and `{binary_name}` is not "
+                                     f"installed.\n{INSTALL_HINT}")
+        child = self._spawn(name, command(binary, host, port))
+        self.servers.append(child)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not port_open(host, port):
+            if child.proc.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"{name} did not start on {host}:{port}:\n{log_tail(child.log_path)}")
+            time.sleep(POLL_INTERVAL_S)
+
+    def start_servers(self) -> None:
+        """Launch nats-server and redis-server where none answers at the configured URLs."""
+        nats_host, nats_port = host_port(self.settings.nats_url, NATS_DEFAULT_PORT)
+        store_dir = self.state_dir / "nats"
+        self._ensure_server("nats-server", "nats-server", nats_host, nats_port,
+                            lambda binary, host, port: nats_command(binary, host, port, store_dir))
+        redis_host, redis_port = host_port(self.settings.redis_url, REDIS_DEFAULT_PORT)
+        self._ensure_server("redis-server", "redis-server", redis_host, redis_port, redis_command)
+
+    # -- services --
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            RINGSERVE_NATS_URL=self.settings.nats_url,
+            RINGSERVE_REDIS_URL=self.settings.redis_url,
+            RINGSERVE_MODEL=self.model,
+            RINGSERVE_DEVICE=self.device,
+        )
+        return env
+
+    def start_services(self) -> None:
+        env = self.child_env()
+        names = list(SINGLE_SERVICES) + [f"worker-{i}" for i in range(self.workers)]
+        for name in names:
+            module = f"services.{name.split('-')[0]}"
+            self.services.append(self._spawn(name, [self.python, "-m", module], env))
+
+    def start(self) -> None:
+        try:
+            self.start_servers()
+            self.start_services()
+        except BaseException:
+            self.stop()
+            raise
+
+    def check_alive(self) -> None:
+        for child in self.services + self.servers:
+            code = child.proc.poll()
+            if code is not None:
+                raise StackError(f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
+                                 f"{log_tail(child.log_path)}")
+
+    async def wait_ready(self, timeout: float) -> StatusReply:
+        """Until the scheduler's status lists all workers; raises StackError if a child dies or
+        the timeout passes."""
+        deadline = time.monotonic() + timeout
+        last_error = "the scheduler did not answer"
+        client = await RingserveClient.connect(self.settings)
+        try:
+            while True:
+                self.check_alive()
+                try:
+                    status = await client.status()
+                    if len(status.workers) >= self.workers:
+                        return status
+                    last_error = f"{len(status.workers)} of {self.workers} workers registered"
+                except RingserveError as exc:
+                    last_error = exc.message
+                if time.monotonic() > deadline:
+                    raise StackError(f"not ready after {timeout:.0f}s: {last_error} (logs in {self.log_dir})")
+                await asyncio.sleep(READY_POLL_INTERVAL_S)
+        finally:
+            await client.close()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the services, then the servers this stack launched."""
+        timeout = self.settings.drain_timeout_s + STOP_GRACE_S if timeout is None else timeout
+        for group in (self.services, self.servers):
+            stop_processes([c.proc for c in group], timeout)
+            for child in group:
+                child.log_file.close()
+            group.clear()

@@ -1,0 +1,239 @@
+"""The `ringserve` command: argument parsing, the pure formatters (progress bar, summary, status,
+Jaeger trace tree), `health` on real files, `trace` against a real HTTP server, and `generate` /
+`status` against a real nats-server with the scheduler stand-in of test_client."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from services import cli
+from shared.messages import GenerateReply, StatusReply, Timings, Usage, WorkerStatus
+from tests.unit.test_client import ANSWER, free_port, private_nats, scheduler  # noqa: F401 (fixtures)
+
+MS = 1000  # Jaeger times are microseconds
+T0 = 1_700_000_000_000_000
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.run(argv, out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+
+def test_parser_reads_every_command():
+    parser = cli.build_parser()
+    up = parser.parse_args(["up", "--workers", "3", "--device", "cuda", "--model", "/m", "--demo-request"])
+    assert (up.command, up.workers, up.device, up.model, up.demo_request) == ("up", 3, "cuda", "/m", True)
+    gen = parser.parse_args(["generate", "some text", "--max-new-tokens", "5", "--temperature", "0.7", "--seed", "9"])
+    assert cli.generate_request(gen) == {"prompt": "some text", "max_new_tokens": 5, "temperature": 0.7, "seed": 9}
+    assert cli.generate_request(parser.parse_args(["generate", "x"])) == {"prompt": "x"}
+    assert parser.parse_args(["serve", "fusion"]).name == "fusion"
+    assert parser.parse_args(["trace", "req-1"]).jaeger == cli.JAEGER_URL
+    assert parser.parse_args(["status", "--json"]).json
+
+
+@pytest.mark.parametrize("argv", [[], ["serve", "gateway"], ["up", "--workers", "0"], ["up", "--device", "tpu"],
+                                  ["generate"], ["health", "nobody"]])
+def test_parser_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(argv)
+    assert info.value.code == 2
+
+
+# ---- formatters --------------------------------------------------------------------------------
+
+
+def test_render_progress():
+    assert cli.render_progress(0, 1000, width=10) == "prefill [..........]   0% 0/1000 tokens"
+    assert cli.render_progress(250, 1000, width=10) == "prefill [##........]  25% 250/1000 tokens"
+    assert cli.render_progress(1000, 1000, width=10) == "prefill [##########] 100% 1000/1000 tokens"
+    # out-of-range counts are clamped, an empty prompt is complete
+    assert cli.render_progress(2000, 1000, width=4) == "prefill [####] 100% 1000/1000 tokens"
+    assert cli.render_progress(0, 0, width=4) == "prefill [####] 100% 0/0 tokens"
+
+
+def make_reply(tokens: int, ttft_ms: float, total_ms: float) -> GenerateReply:
+    return GenerateReply(request_id="r-1", output_ids=[1] * tokens, text="x", finish_reason="length",
+                         usage=Usage(prompt_tokens=4, completion_tokens=tokens),
+                         timings=Timings(queue_ms=0.0, ttft_ms=ttft_ms, total_ms=total_ms))
+
+
+def test_decode_rate_and_summary():
+    # 11 tokens: the first at 200 ms, 10 more in the following 500 ms
+    assert cli.decode_rate(make_reply(11, 200.0, 700.0)) == pytest.approx(20.0)
+    assert cli.decode_rate(make_reply(1, 250.0, 250.0)) == pytest.approx(4.0)
+    assert cli.summary_line(make_reply(11, 200.0, 700.0)) == "11 tokens, ttft 200 ms, 20.0 tok/s, finish length (r-1)"
+
+
+def test_format_status():
+    workers = [WorkerStatus(worker_id="w-a", device="cpu", busy=True, active_requests=2, kv_tokens=512,
+                            last_seen_s=0.4)]
+    text = cli.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
+                                         world_generation=5))
+    assert text.splitlines() == [
+        "model: demo",
+        "world generation: 5",
+        "requests: 2 active, 1 queued",
+        "workers: 1",
+        "  w-a  cpu  busy  2 requests  512 kv tokens  seen 0.4s ago",
+    ]
+
+
+def jaeger_span(span_id, operation, start_ms, duration_ms, parent=None, process="p1", tags=()):
+    return {
+        "traceID": "abc", "spanID": span_id, "operationName": operation, "processID": process,
+        "startTime": T0 + int(start_ms * MS), "duration": int(duration_ms * MS), "tags": list(tags),
+        "references": [{"refType": "CHILD_OF", "traceID": "abc", "spanID": parent}] if parent else [],
+    }
+
+
+# Spans out of order, an error tag, and a span whose parent is not in the trace (shown as a root).
+SAMPLE_TRACE = {"data": [{
+    "traceID": "abc",
+    "spans": [
+        jaeger_span("d", "decode", 60, 40, parent="a", tags=[{"key": "error", "type": "bool", "value": True}]),
+        jaeger_span("a", "generate", 0, 100),
+        jaeger_span("c", "ring_attention", 10, 40, parent="b", process="p2"),
+        jaeger_span("b", "prefill", 5, 55, parent="a", process="p2"),
+        jaeger_span("x", "late_orphan", 90, 10, parent="gone", process="p2"),
+    ],
+    "processes": {"p1": {"serviceName": "ringserve-scheduler"}, "p2": {"serviceName": "ringserve-worker"}},
+}]}
+
+
+def test_format_trace_is_an_indented_timeline():
+    assert cli.format_trace(SAMPLE_TRACE).splitlines() == [
+        "trace abc  5 spans  100.0 ms",
+        "      0.0 ms     100.0 ms |========================| ringserve-scheduler: generate",
+        "      5.0 ms      55.0 ms | =============          |   ringserve-worker: prefill",
+        "     10.0 ms      40.0 ms |  ==========            |     ringserve-worker: ring_attention",
+        "     60.0 ms      40.0 ms |              ==========|   ringserve-scheduler: decode  [error]",
+        "     90.0 ms      10.0 ms |                     ===| ringserve-worker: late_orphan",
+    ]
+
+
+def test_format_trace_without_traces():
+    assert cli.format_trace({"data": []}) == "no trace found"
+
+
+def test_trace_query_url():
+    by_trace_id = cli.trace_query_url("http://j:16686/", "4bf92f3577b34da6a3ce929d0e0e4736", "svc", now_s=0)
+    assert by_trace_id == "http://j:16686/api/traces/4bf92f3577b34da6a3ce929d0e0e4736"
+    url = urlsplit(cli.trace_query_url("http://j:16686", "req-1", "ringserve-scheduler", now_s=1000.0))
+    query = parse_qs(url.query)
+    assert url.path == "/api/traces"
+    assert json.loads(query["tags"][0]) == {"request_id": "req-1"}
+    assert query["service"] == ["ringserve-scheduler"]
+    assert int(query["end"][0]) == 1000 * 10**6 and int(query["start"][0]) < int(query["end"][0])
+
+
+# ---- health ------------------------------------------------------------------------------------
+
+
+def test_health_follows_the_age_of_the_health_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("RINGSERVE_HEARTBEAT_INTERVAL_S", "1.0")
+    assert run_cli(["health", "fusion"])[0] == 1  # no file yet
+    path = tmp_path / "ringserve-fusion.health"
+    path.write_text("x")
+    assert run_cli(["health", "fusion"])[0] == 0
+    stale = time.time() - 3 * 1.0 - 1
+    os.utime(path, (stale, stale))
+    code, _, err = run_cli(["health", "fusion"])
+    assert code == 1 and "unhealthy" in err
+
+
+# ---- trace against a real HTTP server ----------------------------------------------------------
+
+
+@pytest.fixture
+def fake_jaeger():
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            requests.append(self.path)
+            found = "req-known" in self.path
+            body = json.dumps(SAMPLE_TRACE if found else {"data": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_trace_command_prints_the_tree(fake_jaeger):
+    url, requests = fake_jaeger
+    code, out, _ = run_cli(["trace", "req-known", "--jaeger", url])
+    assert code == 0
+    assert out.strip() == cli.format_trace(SAMPLE_TRACE)
+    assert requests and requests[0].startswith("/api/traces?")
+    code, _, err = run_cli(["trace", "req-unknown", "--jaeger", url])
+    assert code == 1 and "no trace found for req-unknown" in err
+
+
+def test_trace_command_without_jaeger():
+    code, _, err = run_cli(["trace", "req-1", "--jaeger", f"http://127.0.0.1:{free_port()}"])
+    assert code == 1 and "Jaeger is not reachable" in err
+
+
+# ---- generate / status against NATS ------------------------------------------------------------
+# The CLI runs its own event loop; it runs in a thread so the scheduler stand-in keeps answering
+# on the test's loop.
+
+
+async def in_thread(argv: list[str]) -> tuple[int, str, str]:
+    return await asyncio.to_thread(run_cli, argv)
+
+
+async def test_generate_streams_text_progress_and_summary(private_nats, scheduler, monkeypatch):
+    monkeypatch.setenv("RINGSERVE_NATS_URL", private_nats)
+    code, out, err = await in_thread(["generate", "hi", "--max-new-tokens", "3"])
+    assert code == 0
+    assert out == "".join(ANSWER) + "\n"
+    assert cli.render_progress(8, 8) in err  # the finished bar
+    assert err.rstrip().endswith(f"{len(ANSWER)} tokens, ttft 20 ms, 50.0 tok/s, finish length (req-fake)")
+
+
+async def test_generate_json_and_errors(private_nats, scheduler, monkeypatch):
+    monkeypatch.setenv("RINGSERVE_NATS_URL", private_nats)
+    code, out, _ = await in_thread(["generate", "hi", "--json"])
+    assert code == 0 and json.loads(out)["text"] == "".join(ANSWER)
+    code, out, err = await in_thread(["generate", "fail"])
+    assert code == 1 and err.strip() == "error: too_long: too long"
+
+
+async def test_status_command(private_nats, scheduler, monkeypatch):
+    monkeypatch.setenv("RINGSERVE_NATS_URL", private_nats)
+    code, out, _ = await in_thread(["status"])
+    assert code == 0 and "workers: 2" in out and "  w-1  cpu  idle" in out
+    code, out, _ = await in_thread(["status", "--json"])
+    assert code == 0 and json.loads(out)["world_generation"] == 3
+
+
+def test_status_without_nats(monkeypatch):
+    monkeypatch.setenv("RINGSERVE_NATS_URL", f"nats://127.0.0.1:{free_port()}")
+    code, _, err = run_cli(["status"])
+    assert code == 1 and err.startswith("error: unavailable: cannot connect to NATS")

@@ -1,0 +1,159 @@
+"""LocalStack, the supervisor behind `ringserve up`: server detection and launch with real
+nats-server / redis-server on free ports (never the shared 4222/6379), the install hint when a
+binary is missing, child death detection, and SIGTERM-then-SIGKILL stops."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from services.stack import (
+    LocalStack,
+    MissingServerError,
+    StackError,
+    find_binary,
+    host_port,
+    nats_command,
+    port_open,
+    redis_command,
+    stop_processes,
+)
+from shared.settings import Settings
+from tests.unit.test_client import free_port, private_nats, scheduler, wait_port  # noqa: F401 (fixtures)
+
+NATS = find_binary("nats-server")
+REDIS = find_binary("redis-server")
+needs_servers = pytest.mark.skipif(NATS is None or REDIS is None, reason="nats-server/redis-server not installed")
+
+
+def private_settings(nats_port: int, redis_port: int) -> Settings:
+    return Settings(nats_url=f"nats://127.0.0.1:{nats_port}", redis_url=f"redis://127.0.0.1:{redis_port}/0")
+
+
+def test_host_port():
+    assert host_port("nats://10.0.0.5:4333", 4222) == ("10.0.0.5", 4333)
+    assert host_port("nats://localhost", 4222) == ("localhost", 4222)
+    assert host_port("redis://127.0.0.1:7000/0,redis://127.0.0.1:7001/0", 6379) == ("127.0.0.1", 7000)
+    assert host_port("127.0.0.1:5000", 1) == ("127.0.0.1", 5000)
+
+
+def test_server_commands():
+    assert nats_command("nats-server", "127.0.0.1", 5, "/s") == ["nats-server", "-a", "127.0.0.1", "-p", "5",
+                                                                "-js", "-sd", "/s"]
+    assert redis_command("redis-server", "127.0.0.1", 6) == ["redis-server", "--bind", "127.0.0.1", "--port", "6",
+                                                            "--save", "", "--appendonly", "no"]
+
+
+def test_find_binary_looks_in_the_given_path(tmp_path):
+    tool = tmp_path / "nats-server"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert find_binary("nats-server", str(tmp_path)) == str(tool)
+    assert find_binary("redis-server", str(tmp_path)) is None
+
+
+@needs_servers
+def test_running_servers_are_used_not_started(tmp_path):
+    nats_port, redis_port = free_port(), free_port()
+    nats = subprocess.Popen(nats_command(NATS, "127.0.0.1", nats_port, tmp_path / "js"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    redis = subprocess.Popen(redis_command(REDIS, "127.0.0.1", redis_port),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(nats_port, nats)
+        wait_port(redis_port, redis)
+        stack = LocalStack(private_settings(nats_port, redis_port), state_dir=tmp_path / "state")
+        stack.start_servers()
+        assert stack.servers == []
+        stack.stop(timeout=5)
+        # stopping the stack leaves servers it did not start alone
+        assert nats.poll() is None and redis.poll() is None
+    finally:
+        for proc in (nats, redis):
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+@needs_servers
+def test_missing_servers_are_started_and_stopped(tmp_path):
+    nats_port, redis_port = free_port(), free_port()
+    stack = LocalStack(private_settings(nats_port, redis_port), state_dir=tmp_path / "state")
+    try:
+        stack.start_servers()
+        assert [s.name for s in stack.servers] == ["nats-server", "redis-server"]
+        assert port_open("127.0.0.1", nats_port) and port_open("127.0.0.1", redis_port)
+        assert (tmp_path / "state" / "logs" / "nats-server.log").exists()
+        procs = [s.proc for s in stack.servers]
+    finally:
+        stack.stop(timeout=5)
+    assert all(p.poll() is not None for p in procs)
+    assert not port_open("127.0.0.1", nats_port) and not port_open("127.0.0.1", redis_port)
+    assert stack.servers == []
+
+
+def test_missing_binary_gives_the_install_hint(tmp_path):
+    stack = LocalStack(private_settings(free_port(), free_port()), state_dir=tmp_path, search_path=str(tmp_path))
+    with pytest.raises(MissingServerError) as info:
+        stack.start()
+    assert "apt-get install nats-server redis-server" in str(info.value)
+    assert "brew install" in str(info.value)
+
+
+def test_unreachable_remote_server_is_not_started(tmp_path):
+    settings = Settings(nats_url="nats://192.0.2.1:4222")  # TEST-NET-1: never routable
+    with pytest.raises(StackError, match="not reachable"):
+        LocalStack(settings, state_dir=tmp_path).start_servers()
+
+
+def test_child_env_carries_connections_and_model(tmp_path):
+    stack = LocalStack(private_settings(1111, 2222), model="/models/x", device="cuda", state_dir=tmp_path)
+    env = stack.child_env()
+    assert env["RINGSERVE_NATS_URL"] == "nats://127.0.0.1:1111"
+    assert env["RINGSERVE_REDIS_URL"] == "redis://127.0.0.1:2222/0"
+    assert (env["RINGSERVE_MODEL"], env["RINGSERVE_DEVICE"]) == ("/models/x", "cuda")
+
+
+def test_a_dead_child_is_reported_with_its_log(tmp_path):
+    # A stand-in interpreter that fails at once, naming the module it was asked to run.
+    fake_python = tmp_path / "fake-python"
+    fake_python.write_text("#!/bin/sh\necho \"cannot start $2\" >&2\nexit 3\n")
+    fake_python.chmod(0o755)
+    stack = LocalStack(Settings(), workers=2, state_dir=tmp_path / "state", python=str(fake_python))
+    stack.start_services()
+    try:
+        assert [c.name for c in stack.services] == ["kvstore", "fusion", "scheduler", "worker-0", "worker-1"]
+        for child in stack.services:
+            child.proc.wait(timeout=10)
+        with pytest.raises(StackError) as info:
+            stack.check_alive()
+        assert "kvstore exited with code 3" in str(info.value)
+        assert "cannot start services.kvstore" in str(info.value)
+    finally:
+        stack.stop(timeout=5)
+
+
+def test_stop_processes_kills_what_ignores_sigterm():
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    polite = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready" and polite.stdout.readline().strip() == "ready"
+    stop_processes([stubborn, polite], timeout=1.0)
+    assert stubborn.returncode == -9  # SIGKILL
+    assert polite.returncode == -15  # SIGTERM was enough
+    stubborn.stdout.close()
+    polite.stdout.close()
+
+
+async def test_wait_ready_waits_for_all_workers(private_nats, scheduler, tmp_path):
+    # the scheduler stand-in reports 2 workers
+    settings = Settings(nats_url=private_nats)
+    status = await LocalStack(settings, workers=2, state_dir=tmp_path).wait_ready(timeout=5)
+    assert len(status.workers) == 2
+    with pytest.raises(StackError, match="2 of 3 workers registered"):
+        await LocalStack(settings, workers=3, state_dir=tmp_path).wait_ready(timeout=1)

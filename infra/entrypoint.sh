@@ -1,0 +1,10 @@
+#!/bin/sh
+# Runs `ringserve "$@"`. Workers tell their peers where to reach their torch.distributed
+# rendezvous store (RINGSERVE_ADVERTISE_HOST); a container scaled to N replicas has no fixed
+# name, so by default it advertises its own address on the compose / pod network.
+set -e
+if [ -z "${RINGSERVE_ADVERTISE_HOST}" ]; then
+    RINGSERVE_ADVERTISE_HOST="$(python -c 'import socket; print(socket.gethostbyname(socket.gethostname()))')"
+    export RINGSERVE_ADVERTISE_HOST
+fi
+exec ringserve "$@"

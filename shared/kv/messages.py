@@ -1,0 +1,111 @@
+"""Messages between workers/scheduler and the kvstore service (metadata only: no block bytes).
+
+Every reply model has defaults for all fields and an `error`: the service answers bad input with
+`KVErrorReply`, which decodes as any reply with `error` set.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.kv.keys import HASH_HEX_CHARS
+from shared.messages import SCHEMA_VERSION, RequestId
+
+# 1M-token prompts in blocks of 16 tokens; anything longer is a malformed message.
+MAX_BLOCKS_PER_MESSAGE = 65_536
+MAX_MODEL_ID_CHARS = 512
+
+QuantName = Literal["none", "int8", "int4"]
+ChainHash = Annotated[str, Field(pattern=f"^[0-9a-f]{{{HASH_HEX_CHARS}}}$")]
+ModelId = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_ID_CHARS)]
+BlockCount = Annotated[int, Field(ge=1, le=MAX_BLOCKS_PER_MESSAGE)]
+
+
+class _KVMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    v: int = SCHEMA_VERSION
+
+
+class _KVReply(_KVMessage):
+    error: str | None = None
+
+
+class KVLookupRequest(_KVMessage):
+    model_id: ModelId
+    quant: QuantName
+    num_layers: BlockCount
+    hashes: list[ChainHash] = Field(max_length=MAX_BLOCKS_PER_MESSAGE)  # chain order
+
+
+class KVLookupReply(_KVReply):
+    blocks: int = 0  # leading blocks stored for all layers
+
+
+class KVCommitBlock(_KVMessage):
+    index: int = Field(ge=0)
+    chain_hash: ChainHash
+    parent_hash: ChainHash | Literal[""] = ""
+
+
+class KVCommitRequest(_KVMessage):
+    model_id: ModelId
+    quant: QuantName
+    num_layers: BlockCount
+    blocks: list[KVCommitBlock] = Field(max_length=MAX_BLOCKS_PER_MESSAGE)
+    nbytes: int = Field(ge=0)  # of all listed blocks, all layers
+    request_id: RequestId | None = None  # pins the blocks for this request
+
+
+class KVCommitReply(_KVReply):
+    stored: int = 0  # blocks new to the index
+    evicted: int = 0
+
+
+class KVTouch(_KVMessage):
+    chain_hash: ChainHash
+    # attention mass this block received since the last touch (H2O's accumulated score)
+    importance: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+
+
+class KVTouchRequest(_KVMessage):
+    model_id: ModelId
+    quant: QuantName
+    touches: list[KVTouch] = Field(max_length=MAX_BLOCKS_PER_MESSAGE)
+
+
+class KVPinRequest(_KVMessage):
+    request_id: RequestId
+    action: Literal["pin", "unpin"] = "pin"
+    model_id: ModelId | None = None
+    quant: QuantName = "none"
+    hashes: list[ChainHash] = Field(default_factory=list, max_length=MAX_BLOCKS_PER_MESSAGE)
+
+
+class KVAck(_KVReply):
+    ok: bool = False
+
+
+class KVStatsRequest(_KVMessage):
+    pass
+
+
+class KVStats(_KVReply):
+    blocks: int = 0
+    bytes_stored: int = 0
+    budget_bytes: int = 0
+    bytes_by_quant: dict[str, int] = Field(default_factory=dict)
+    blocks_by_quant: dict[str, int] = Field(default_factory=dict)
+    hits: int = 0  # lookup blocks found
+    misses: int = 0  # lookup blocks not found
+    hit_rate: float = 0.0
+    evictions: int = 0  # for the budget
+    expired: int = 0  # past their TTL
+    lost: int = 0  # indexed but their bytes were gone from Redis
+    pinned_blocks: int = 0
+    pinned_requests: int = 0
+
+
+class KVErrorReply(_KVReply):
+    error: str

@@ -1,0 +1,226 @@
+"""The worker's side of the KV store: block bytes straight to and from Redis, never over NATS.
+
+Writes quantize and encode blocks off the event loop, then send them in pipelines grouped by
+Redis node (consistent hashing of the key), at most `kv_io_concurrency` pipelines in flight.
+Reads check the in-process hot cache first, fetch the rest the same way (GETEX also renews each
+block's TTL), and drop any block that fails to decode: a corrupt block is deleted and reported as
+a miss. An unreachable Redis turns into misses and zero bytes written (see nodes.py).
+
+The kvstore service owns the metadata; after writing all layers of some blocks the worker tells
+it with `KVIndexClient.commit` (client.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import structlog
+import torch
+from opentelemetry.metrics import Meter
+from redis.asyncio import Redis
+from torch import Tensor
+
+from shared.kv.block import CorruptBlock, decode_block, encode_block
+from shared.kv.hot_cache import HotCache
+from shared.kv.keys import BlockRef, KVBlockKey
+from shared.kv.metrics import StoreMetrics
+from shared.kv.nodes import RedisNodes
+from shared.kv.quant import QUANT_MODES, QuantizedKV, dequantize_kv, quantize_kv
+from shared.settings import Settings
+
+log = structlog.get_logger("kv")
+
+# One write pipeline carries at most this many bytes: bounded memory and latency per round trip.
+PIPELINE_MAX_BYTES = 16 * 1024**2
+# Reads cannot know sizes in advance, so their pipelines are bounded by key count.
+PIPELINE_MAX_KEYS = 64
+
+Slot = tuple[int, int]  # (layer, block index)
+PutItem = tuple[int, BlockRef, Tensor, Tensor]  # (layer, ref, k [b, kv_heads, d], v [b, kv_heads, d])
+
+
+class KVBlockStore:
+    def __init__(self, settings: Settings, meter: Meter | None = None):
+        self.settings = settings
+        self.nodes = RedisNodes.from_settings(settings)
+        self.hot = HotCache(settings.kv_hot_cache_bytes)
+        self.metrics = StoreMetrics(meter)
+        self._io = asyncio.Semaphore(settings.kv_io_concurrency)
+
+    @staticmethod
+    def key(model_id: str, layer: int, ref: BlockRef, quant: str) -> str:
+        return KVBlockKey(model_id, layer, ref.chain_hash, quant).redis_key()
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    async def put_block(self, model_id: str, layer: int, ref: BlockRef, k: Tensor, v: Tensor, quant: str) -> int:
+        """Store one layer of one block; returns the bytes written (0 if Redis is unreachable)."""
+        return await self.put_blocks([(layer, ref, k, v)], model_id, quant)
+
+    async def put_blocks(self, items: list[PutItem], model_id: str, quant: str) -> int:
+        """Store many (layer, ref, k, v) in pipelines; returns the bytes that reached Redis."""
+        _check_quant(quant)
+        if not items:
+            return 0
+        started = time.perf_counter()
+        encoded = await asyncio.to_thread(self._encode, items, model_id, quant)
+        for key, q, _ in encoded:
+            self.hot.put(key, q)
+        batches = _write_batches([(key, data) for key, _, data in encoded], self.nodes)
+        written = sum(await asyncio.gather(*(self._write(node, batch) for node, batch in batches)))
+        if written:
+            self.metrics.bytes_written.add(written, {"quant": quant})
+            self.metrics.store_throughput.record(written / max(time.perf_counter() - started, 1e-9), {"quant": quant})
+        return written
+
+    def _encode(self, items: list[PutItem], model_id: str, quant: str) -> list[tuple[str, QuantizedKV, bytes]]:
+        out = []
+        for layer, ref, k, v in items:
+            if k.shape[0] != ref.end - ref.start:
+                raise ValueError(f"block {ref.index} spans {ref.end - ref.start} tokens but k has {k.shape[0]}")
+            q = quantize_kv(k, v, quant, self.settings.kv_group_size)
+            out.append((self.key(model_id, layer, ref, quant), q, encode_block(q)))
+        return out
+
+    async def _write(self, node: int, batch: list[tuple[str, bytes]]) -> int:
+        ttl = self.settings.kv_ttl_s
+
+        async def write(client: Redis) -> int:
+            pipe = client.pipeline(transaction=False)
+            for key, data in batch:
+                pipe.set(key, data, ex=ttl)
+            await pipe.execute()
+            return sum(len(data) for _, data in batch)
+
+        async with self._io:
+            return await self.nodes.call(node, write, 0)
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    async def get_blocks(
+        self,
+        model_id: str,
+        refs: Sequence[BlockRef],
+        layers: Sequence[int],
+        quant: str,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> dict[Slot, tuple[Tensor, Tensor]]:
+        """Load every (layer, block) asked for -> {(layer, ref.index): (k, v)} in `dtype` on `device`,
+        each [block tokens, kv_heads, head_dim]. Misses (absent, corrupt, unreachable) are left out."""
+        _check_quant(quant)
+        started = time.perf_counter()
+        found: dict[Slot, QuantizedKV] = {}
+        remote: list[tuple[Slot, str]] = []
+        for layer in layers:
+            for ref in refs:
+                key = self.key(model_id, layer, ref, quant)
+                q = self.hot.get(key)
+                if q is not None:
+                    found[(layer, ref.index)] = q
+                else:
+                    remote.append(((layer, ref.index), key))
+        hot_hits = len(found)
+
+        batches = _read_batches(remote, self.nodes)
+        replies = await asyncio.gather(*(self._read(node, batch) for node, batch in batches))
+        fetched = [item for reply in replies for item in reply]
+        loaded, corrupt = await asyncio.to_thread(_decode_all, fetched)
+        for slot, key, q in loaded:
+            self.hot.put(key, q)
+            found[slot] = q
+        if corrupt:
+            await self._drop(corrupt)
+
+        read_bytes = sum(len(data) for _, _, data in fetched if data is not None)
+        self.metrics.blocks_read.add(hot_hits, {"result": "hot"})
+        self.metrics.blocks_read.add(len(loaded), {"result": "hit"})
+        self.metrics.blocks_read.add(len(remote) - len(loaded) - len(corrupt), {"result": "miss"})
+        self.metrics.blocks_read.add(len(corrupt), {"result": "corrupt"})
+        if read_bytes:
+            self.metrics.bytes_read.add(read_bytes, {"quant": quant})
+            self.metrics.load_throughput.record(read_bytes / max(time.perf_counter() - started, 1e-9), {"quant": quant})
+        return await asyncio.to_thread(_dequantize_all, found, dtype, device)
+
+    async def _read(self, node: int, batch: list[tuple[Slot, str]]) -> list[tuple[Slot, str, bytes | None]]:
+        ttl = self.settings.kv_ttl_s
+
+        async def read(client: Redis) -> list[tuple[Slot, str, bytes | None]]:
+            pipe = client.pipeline(transaction=False)
+            for _, key in batch:
+                pipe.getex(key, ex=ttl)  # a block that is read stays alive
+            values = await pipe.execute()
+            return [(slot, key, data) for (slot, key), data in zip(batch, values)]
+
+        async with self._io:
+            return await self.nodes.call(node, read, [])
+
+    async def _drop(self, keys: list[str]) -> None:
+        by_node: dict[int, list[str]] = defaultdict(list)
+        for key in keys:
+            by_node[self.nodes.node_for(key)].append(key)
+
+        for node, node_keys in by_node.items():
+            await self.nodes.call(node, lambda client, node_keys=node_keys: client.delete(*node_keys), 0)
+
+    async def close(self) -> None:
+        await self.nodes.close()
+
+
+def _check_quant(quant: str) -> None:
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown kv quant mode {quant!r}; expected one of {QUANT_MODES}")
+
+
+def _write_batches(items: list[tuple[str, bytes]], nodes: RedisNodes) -> list[tuple[int, list[tuple[str, bytes]]]]:
+    """Group (key, data) by node, then cut each group into pipelines of at most PIPELINE_MAX_BYTES."""
+    by_node: dict[int, list[tuple[str, bytes]]] = defaultdict(list)
+    for key, data in items:
+        by_node[nodes.node_for(key)].append((key, data))
+    batches = []
+    for node, node_items in by_node.items():
+        batch, size = [], 0
+        for key, data in node_items:
+            if batch and size + len(data) > PIPELINE_MAX_BYTES:
+                batches.append((node, batch))
+                batch, size = [], 0
+            batch.append((key, data))
+            size += len(data)
+        batches.append((node, batch))
+    return batches
+
+
+def _read_batches(items: list[tuple[Slot, str]], nodes: RedisNodes) -> list[tuple[int, list[tuple[Slot, str]]]]:
+    by_node: dict[int, list[tuple[Slot, str]]] = defaultdict(list)
+    for slot, key in items:
+        by_node[nodes.node_for(key)].append((slot, key))
+    return [
+        (node, node_items[i : i + PIPELINE_MAX_KEYS])
+        for node, node_items in by_node.items()
+        for i in range(0, len(node_items), PIPELINE_MAX_KEYS)
+    ]
+
+
+def _decode_all(
+    fetched: list[tuple[Slot, str, bytes | None]],
+) -> tuple[list[tuple[Slot, str, QuantizedKV]], list[str]]:
+    """-> (decoded blocks, keys of corrupt blocks); absent blocks are in neither."""
+    loaded, corrupt = [], []
+    for slot, key, data in fetched:
+        if data is None:
+            continue
+        try:
+            loaded.append((slot, key, decode_block(data)))
+        except CorruptBlock as exc:
+            log.warning("kv_block_corrupt", key=key, error=str(exc))
+            corrupt.append(key)
+    return loaded, corrupt
+
+
+def _dequantize_all(
+    found: dict[Slot, QuantizedKV], dtype: torch.dtype, device: torch.device | str
+) -> dict[Slot, tuple[Tensor, Tensor]]:
+    return {slot: dequantize_kv(q, dtype, device) for slot, q in found.items()}

@@ -60,29 +60,34 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_start: int
     k = k.float().repeat_interleave(groups, dim=1)
     v = v.float().repeat_interleave(groups, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale  # [H, tq, tk]
-    q_pos = q_start + torch.arange(q.shape[0])
-    k_pos = torch.arange(k.shape[0])
+    q_pos = q_start + torch.arange(q.shape[0], device=q.device)
+    k_pos = torch.arange(k.shape[0], device=q.device)
     scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
 
 def full_sequence_logits(model: LlamaModel, ids: list[int]) -> Tensor:
     """logits [t, vocab] of a whole sequence through model.forward with causal attention."""
-    positions = torch.arange(len(ids))
+    device = model.lm_head.weight.device
+    positions = torch.arange(len(ids), device=device)
 
     def attend(_layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return causal_attention(q, k, v, model.attn_scale, q_start=0)
 
     with torch.inference_mode():
-        return model(torch.tensor(ids), positions, attend)
+        return model(torch.tensor(ids, device=device), positions, attend)
 
 
 def greedy_generate(model: LlamaModel, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding with a local KV cache, driven through embed / rope / qkv / finish / logits."""
+    """Greedy decoding with a local KV cache, driven through embed / rope / qkv / finish / logits.
+
+    Stops after an end-of-sequence token, as transformers' `generate` does.
+    """
     keys: list[list[Tensor]] = [[] for _ in model.layers]
     values: list[list[Tensor]] = [[] for _ in model.layers]
-    ids = torch.tensor(prompt)
-    positions = torch.arange(len(prompt))
+    device = model.lm_head.weight.device
+    ids = torch.tensor(prompt, device=device)
+    positions = torch.arange(len(prompt), device=device)
     generated: list[int] = []
     with torch.inference_mode():
         for _ in range(new_tokens):
@@ -98,16 +103,19 @@ def greedy_generate(model: LlamaModel, prompt: list[int], new_tokens: int) -> li
                 h = layer.finish(h, out)
             next_id = int(model.logits(h[-1:])[0].argmax())
             generated.append(next_id)
-            ids = torch.tensor([next_id])
-            positions = torch.tensor([seq_len])
+            if next_id in model.config.eos_token_ids:
+                break
+            ids = torch.tensor([next_id], device=device)
+            positions = torch.tensor([seq_len], device=device)
     return generated
 
 
 def hf_greedy_generate(model: PreTrainedModel, prompt: list[int], new_tokens: int) -> list[int]:
-    """transformers' own greedy `generate`, never stopping early."""
+    """transformers' own greedy `generate` (which stops after the config's eos token, if any)."""
+    device = model.device
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt], device=device), max_new_tokens=new_tokens, do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
         )
     return out[0, len(prompt):].tolist()

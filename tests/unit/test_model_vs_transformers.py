@@ -24,6 +24,8 @@ GEN_PROMPT_TOKENS = 8
 LOGITS_PROMPT_TOKENS = 24
 # A random model whose greedy output has fewer distinct tokens would make the comparison weak.
 MIN_DISTINCT_GENERATED = 4
+# The demo model answers these bytes with its eos token after 18 others.
+DEMO_EOS_PROMPT = list(range(40, 48))
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -73,6 +75,7 @@ def test_greedy_generation_matches_transformers(checkpoint):
     ours = load_model(path)
     prompt = _prompt(GEN_PROMPT_TOKENS, ours.config.vocab_size, seed=1)
     expected = hf_greedy_generate(hf_model, prompt, NEW_TOKENS)
+    assert len(expected) == NEW_TOKENS  # these test models have no eos token
     assert len(set(expected)) >= MIN_DISTINCT_GENERATED, "test model too degenerate to compare"
     assert greedy_generate(ours, prompt, NEW_TOKENS) == expected
 
@@ -94,5 +97,11 @@ def test_demo_checkpoint_matches_transformers(tmp_path):
         theirs = hf_model(torch.tensor([ids])).logits[0]
     got = full_sequence_logits(ours, ids)
     torch.testing.assert_close(got, theirs, rtol=LOGITS_RTOL, atol=LOGITS_RTOL * theirs.abs().max().item())
-    prompt = ids[:GEN_PROMPT_TOKENS]
-    assert greedy_generate(ours, prompt, NEW_TOKENS) == hf_greedy_generate(hf_model, prompt, NEW_TOKENS)
+
+    full_length = hf_greedy_generate(hf_model, ids[:GEN_PROMPT_TOKENS], NEW_TOKENS)
+    assert len(full_length) == NEW_TOKENS
+    assert greedy_generate(ours, ids[:GEN_PROMPT_TOKENS], NEW_TOKENS) == full_length
+
+    ends_early = hf_greedy_generate(hf_model, DEMO_EOS_PROMPT, NEW_TOKENS)
+    assert len(ends_early) < NEW_TOKENS and ends_early[-1] in ours.config.eos_token_ids
+    assert greedy_generate(ours, DEMO_EOS_PROMPT, NEW_TOKENS) == ends_early

@@ -80,10 +80,19 @@ def token_text(event: TokenEvent) -> str:
     return event.text if event.text is not None else f"[{event.token_id}]"
 
 
+def unprinted_tail(final_text: str | None, printed: str) -> str:
+    """What the final text holds beyond the streamed increments: a token's text is held back
+    while its bytes end mid-character, and the final text flushes it."""
+    if final_text and final_text.startswith(printed):
+        return final_text[len(printed):]
+    return ""
+
+
 def format_status(status: StatusReply) -> str:
     lines = [
         f"model: {status.model or '(none)'}",
-        f"world generation: {status.world_generation}",
+        f"world: generation {status.world_generation}, {'ready' if status.world_ready else 'not ready'}"
+        f"{', members ' + ' '.join(status.world_members) if status.world_members else ''}",
         f"requests: {status.active_requests} active, {status.queued_requests} queued",
         f"workers: {len(status.workers)}",
     ]
@@ -193,6 +202,7 @@ async def stream_to_terminal(client: RingserveClient, request: dict[str, Any], o
                              print_text: bool = True, timeout: float | None = None) -> GenerateReply:
     """Print text increments on `out` as tokens arrive and a progress bar on `err` during prefill."""
     bar_shown = False
+    printed: list[str] = []
     async for event in client.stream(request, timeout=timeout):
         if isinstance(event, ProgressEvent):
             print("\r" + render_progress(event.done_tokens, event.total_tokens), end="", file=err, flush=True)
@@ -202,11 +212,13 @@ async def stream_to_terminal(client: RingserveClient, request: dict[str, Any], o
             print(file=err, flush=True)
             bar_shown = False
         if isinstance(event, TokenEvent) and print_text:
-            print(token_text(event), end="", file=out, flush=True)
+            printed.append(token_text(event))
+            print(printed[-1], end="", file=out, flush=True)
         elif isinstance(event, DoneEvent):
+            reply = GenerateReply.model_validate(event.model_dump(exclude={"type"}))
             if print_text:
-                print(file=out, flush=True)
-            return GenerateReply.model_validate(event.model_dump(exclude={"type"}))
+                print(unprinted_tail(reply.text, "".join(printed)), file=out, flush=True)
+            return reply
     raise RingserveError("internal", "the stream ended without a done message")
 
 
@@ -321,6 +333,13 @@ def ready_message(status: StatusReply, settings: Settings, log_dir: Path) -> str
     ])
 
 
+def stop_message(exit_codes: dict[str, int]) -> str:
+    unclean = [f"{name} ({code})" for name, code in exit_codes.items() if code != 0]
+    if unclean:
+        return "stopped; exited uncleanly: " + ", ".join(unclean)
+    return "stopped; all exited cleanly"
+
+
 async def cmd_up(args: argparse.Namespace, settings: Settings, out: TextIO, err: TextIO) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -356,7 +375,7 @@ async def cmd_up(args: argparse.Namespace, settings: Settings, out: TextIO, err:
         return EXIT_ERROR
     finally:
         print("stopping ringserve", file=err, flush=True)
-        stack.stop()
+        print(stop_message(stack.stop()), file=err, flush=True)
 
 
 # ---- arguments ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from shared.client import RingserveClient, RingserveError
 from shared.messages import StatusReply
 from shared.settings import Settings
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_NAMES = ("scheduler", "worker", "fusion", "kvstore")
 # The services other than workers, in start order: the scheduler answers status once it runs.
 SINGLE_SERVICES = ("kvstore", "fusion", "scheduler")
@@ -90,6 +91,13 @@ def nats_command(binary: str, host: str, port: int, store_dir: Path) -> list[str
 def redis_command(binary: str, host: str, port: int) -> list[str]:
     # A cache for KV blocks: nothing to persist.
     return [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+
+
+def is_ready(status: StatusReply, workers: int) -> bool:
+    """All workers registered and, with several, joined into one torch.distributed world."""
+    if len(status.workers) < workers:
+        return False
+    return workers == 1 or (status.world_ready and len(status.world_members) >= workers)
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout: float) -> None:
@@ -185,7 +193,10 @@ class LocalStack:
 
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # Children import the same code as this process, whatever the working directory.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
         env.update(
+            PYTHONUNBUFFERED="1",
             RINGSERVE_NATS_URL=self.settings.nats_url,
             RINGSERVE_REDIS_URL=self.settings.redis_url,
             RINGSERVE_MODEL=self.model,
@@ -216,7 +227,7 @@ class LocalStack:
                                  f"{log_tail(child.log_path)}")
 
     async def wait_ready(self, timeout: float) -> StatusReply:
-        """Until the scheduler's status lists all workers; raises StackError if a child dies or
+        """Until the scheduler's status lists all workers in a formed world; raises StackError if a child dies or
         the timeout passes."""
         deadline = time.monotonic() + timeout
         last_error = "the scheduler did not answer"
@@ -226,9 +237,10 @@ class LocalStack:
                 self.check_alive()
                 try:
                     status = await client.status()
-                    if len(status.workers) >= self.workers:
+                    if is_ready(status, self.workers):
                         return status
-                    last_error = f"{len(status.workers)} of {self.workers} workers registered"
+                    last_error = (f"{len(status.workers)} of {self.workers} workers registered, "
+                                  f"world {'ready' if status.world_ready else 'forming'}")
                 except RingserveError as exc:
                     last_error = exc.message
                 if time.monotonic() > deadline:
@@ -237,11 +249,14 @@ class LocalStack:
         finally:
             await client.close()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop the services, then the servers this stack launched."""
+    def stop(self, timeout: float | None = None) -> dict[str, int]:
+        """Stop the services, then the servers this stack launched; their exit codes by name."""
         timeout = self.settings.drain_timeout_s + STOP_GRACE_S if timeout is None else timeout
+        codes: dict[str, int] = {}
         for group in (self.services, self.servers):
             stop_processes([c.proc for c in group], timeout)
             for child in group:
                 child.log_file.close()
+                codes[child.name] = child.proc.returncode
             group.clear()
+        return codes

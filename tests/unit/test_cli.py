@@ -78,14 +78,28 @@ def test_decode_rate_and_summary():
     assert cli.summary_line(make_reply(11, 200.0, 700.0)) == "11 tokens, ttft 200 ms, 20.0 tok/s, finish length (r-1)"
 
 
+def test_unprinted_tail():
+    assert cli.unprinted_tail("Hello\ufffd", "Hello") == "\ufffd"
+    assert cli.unprinted_tail("Hello", "Hello") == ""
+    assert cli.unprinted_tail(None, "[5][6]") == ""  # no tokenizer: ids were printed
+    assert cli.unprinted_tail("other", "Hello") == ""  # never repeat or contradict what was printed
+
+
+def test_stop_message():
+    assert cli.stop_message({"scheduler": 0, "worker-0": 0}) == "stopped; all exited cleanly"
+    assert cli.stop_message({}) == "stopped; all exited cleanly"
+    assert cli.stop_message({"scheduler": 0, "worker-0": -9, "fusion": 1}) == \
+        "stopped; exited uncleanly: worker-0 (-9), fusion (1)"
+
+
 def test_format_status():
     workers = [WorkerStatus(worker_id="w-a", device="cpu", busy=True, active_requests=2, kv_tokens=512,
                             last_seen_s=0.4)]
     text = cli.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
-                                         world_generation=5))
+                                         world_generation=5, world_ready=True, world_members=["w-a"]))
     assert text.splitlines() == [
         "model: demo",
-        "world generation: 5",
+        "world: generation 5, ready, members w-a",
         "requests: 2 active, 1 queued",
         "workers: 1",
         "  w-a  cpu  busy  2 requests  512 kv tokens  seen 0.4s ago",

@@ -4,22 +4,26 @@ binary is missing, child death detection, and SIGTERM-then-SIGKILL stops."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from services.stack import (
+    PROJECT_ROOT,
     LocalStack,
     MissingServerError,
     StackError,
     find_binary,
     host_port,
+    is_ready,
     nats_command,
     port_open,
     redis_command,
     stop_processes,
 )
+from shared.messages import StatusReply, WorkerStatus
 from shared.settings import Settings
 from tests.unit.test_client import free_port, private_nats, scheduler, wait_port  # noqa: F401 (fixtures)
 
@@ -37,6 +41,21 @@ def test_host_port():
     assert host_port("nats://localhost", 4222) == ("localhost", 4222)
     assert host_port("redis://127.0.0.1:7000/0,redis://127.0.0.1:7001/0", 6379) == ("127.0.0.1", 7000)
     assert host_port("127.0.0.1:5000", 1) == ("127.0.0.1", 5000)
+
+
+def status_of(workers: int, world_members: int, world_ready: bool) -> StatusReply:
+    listed = [WorkerStatus(worker_id=f"w-{i}", device="cpu", busy=False, active_requests=0, kv_tokens=0,
+                           last_seen_s=0.0) for i in range(workers)]
+    return StatusReply(model="demo", workers=listed, queued_requests=0, active_requests=0, world_generation=1,
+                       world_ready=world_ready, world_members=[f"w-{i}" for i in range(world_members)])
+
+
+def test_is_ready_needs_every_worker_and_a_formed_world():
+    assert is_ready(status_of(1, 0, False), workers=1)  # one worker needs no distributed world
+    assert not is_ready(status_of(0, 0, False), workers=1)
+    assert not is_ready(status_of(2, 2, False), workers=2)
+    assert not is_ready(status_of(2, 1, True), workers=2)
+    assert is_ready(status_of(2, 2, True), workers=2)
 
 
 def test_server_commands():
@@ -87,7 +106,8 @@ def test_missing_servers_are_started_and_stopped(tmp_path):
         assert (tmp_path / "state" / "logs" / "nats-server.log").exists()
         procs = [s.proc for s in stack.servers]
     finally:
-        stack.stop(timeout=5)
+        codes = stack.stop(timeout=5)
+    assert set(codes) == {"nats-server", "redis-server"}
     assert all(p.poll() is not None for p in procs)
     assert not port_open("127.0.0.1", nats_port) and not port_open("127.0.0.1", redis_port)
     assert stack.servers == []
@@ -113,6 +133,7 @@ def test_child_env_carries_connections_and_model(tmp_path):
     assert env["RINGSERVE_NATS_URL"] == "nats://127.0.0.1:1111"
     assert env["RINGSERVE_REDIS_URL"] == "redis://127.0.0.1:2222/0"
     assert (env["RINGSERVE_MODEL"], env["RINGSERVE_DEVICE"]) == ("/models/x", "cuda")
+    assert str(PROJECT_ROOT) in env["PYTHONPATH"].split(os.pathsep)
 
 
 def test_a_dead_child_is_reported_with_its_log(tmp_path):
@@ -151,9 +172,11 @@ def test_stop_processes_kills_what_ignores_sigterm():
 
 
 async def test_wait_ready_waits_for_all_workers(private_nats, scheduler, tmp_path):
-    # the scheduler stand-in reports 2 workers
+    # the scheduler stand-in reports 2 workers and no formed world
     settings = Settings(nats_url=private_nats)
-    status = await LocalStack(settings, workers=2, state_dir=tmp_path).wait_ready(timeout=5)
+    status = await LocalStack(settings, workers=1, state_dir=tmp_path).wait_ready(timeout=5)
     assert len(status.workers) == 2
+    with pytest.raises(StackError, match="2 of 2 workers registered, world forming"):
+        await LocalStack(settings, workers=2, state_dir=tmp_path).wait_ready(timeout=1)
     with pytest.raises(StackError, match="2 of 3 workers registered"):
         await LocalStack(settings, workers=3, state_dir=tmp_path).wait_ready(timeout=1)

@@ -358,6 +358,10 @@ class MergedItem(_Internal):
     lse: torch.Tensor
 
 
+class FusionDrop(_Internal):
+    request_id: str
+
+
 class FusionReply(_Internal):
     items: list[MergedItem]
     error: str | None = None

@@ -27,6 +27,11 @@ def fusion_partials(partition: str) -> str:
     return f"{_INTERNAL}.fusion.{partition}.partials"
 
 
+def fusion_drop(partition: str) -> str:
+    """Scheduler -> fusion: a request failed or ended early; answer its pending merges with an error."""
+    return f"{_INTERNAL}.fusion.{partition}.drop"
+
+
 # --- kv store metadata (bulk bytes go to Redis directly, never over the bus) -------------------
 KV_LOOKUP = f"{_INTERNAL}.kv.lookup"
 KV_COMMIT = f"{_INTERNAL}.kv.commit"

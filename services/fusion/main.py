@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from shared import codec, subjects
-from shared.messages import FusionReply, FusionRequest, ServiceHeartbeat
+from shared.messages import FusionDrop, FusionReply, FusionRequest, ServiceHeartbeat
 from shared.service import ServiceApp, ServiceRuntime, main as service_main
 from shared.settings import Settings
 from services.fusion.table import FusionError, FusionTable
@@ -41,6 +41,7 @@ class FusionApp(ServiceApp):
         self._merges = meter.create_counter("ringserve_fusion_merges", description="partial-attention merges")
         self._batch = meter.create_histogram("ringserve_fusion_batch_items", description="partials per fusion message")
         await rt.bus.subscribe(subjects.fusion_partials(rt.instance), self._on_partials)
+        await rt.bus.subscribe(subjects.fusion_drop(rt.instance), self._on_drop)
         self._reaper = asyncio.create_task(self._reap())
 
     def heartbeat(self, rt: ServiceRuntime) -> FusionHeartbeat:
@@ -68,6 +69,17 @@ class FusionApp(ServiceApp):
             return
         self._batch.record(len(request.items))
         self._merges.add(self.table.merges - before)
+        await self._send(replies)
+
+    async def _on_drop(self, msg: Msg) -> None:
+        try:
+            drop = codec.decode(msg.data, FusionDrop)
+        except (codec.CodecError, ValidationError) as exc:
+            log.warning("fusion_bad_message", error=str(exc)[:300])
+            return
+        replies = self.table.drop_request(drop.request_id)
+        if replies:
+            log.info("fusion_request_dropped", request_id=drop.request_id, waiters=len(replies))
         await self._send(replies)
 
     async def _send(self, replies) -> None:

@@ -82,10 +82,20 @@ class FusionTable:
             del self._groups[key]
         return replies
 
-    def drop_request(self, request_id: str) -> None:
-        """Forget a cancelled request's groups (waiters on them time out)."""
+    def drop_request(self, request_id: str) -> list[tuple[Hashable, FusionReply]]:
+        """Forget a failed or cancelled request: its waiters are answered with an error now
+        instead of at the timeout, so the surviving ring members are free at once."""
+        replies = []
+        still = []
+        for waiter in self._waiters:
+            if any(k[0] == request_id for k in waiter.keys):
+                replies.append((waiter.token, FusionReply(items=[], error=f"request {request_id} was dropped")))
+            else:
+                still.append(waiter)
+        self._waiters = still
         for key in [k for k in self._groups if k[0] == request_id]:
             del self._groups[key]
+        return replies
 
     @property
     def pending_groups(self) -> int:

@@ -21,6 +21,7 @@ from shared.messages import (
     DecodeResult,
     DecodeStep,
     ErrorCode,
+    FusionDrop,
     PrefillCommand,
     PrefillProgress,
     PrefillResult,
@@ -43,6 +44,7 @@ log = structlog.get_logger("scheduler")
 # Non-owners answer a cancel this much later, so the owner's answer wins.
 CANCEL_NOT_OWNER_DELAY_S = 0.25
 PREFILL_TIMEOUT_FACTOR = 1.0  # of request_timeout_s
+WORLD_RETRY_MARGIN_S = 2.0
 
 
 def load_tokenizer(settings: Settings):
@@ -153,9 +155,10 @@ class SchedulerApp(ServiceApp):
             if gone:
                 log.warning("workers_lost", workers=gone)
                 self._fail_requests_on(set(gone))
-            stale = (self.registry.failed or (not self.registry.world_ready and
-                     time.monotonic() - self.registry.formed_at > self.settings.dist_timeout_s + 5))
-            if (self.registry.world_needs_reform() or stale) and not self._rings_active():
+            # A failed or unfinished formation is retried once the joins have surely timed out.
+            retry = (not self.registry.world_ready and
+                     time.monotonic() - self.registry.formed_at > self.settings.dist_timeout_s + WORLD_RETRY_MARGIN_S)
+            if (self.registry.world_needs_reform() or retry) and not self._rings_active():
                 form = self.registry.next_world("nccl" if self.settings.device == "cuda" else "gloo")
                 if form is not None:
                     log.info("world_forming", generation=form.generation, members=form.members)
@@ -280,8 +283,12 @@ class SchedulerApp(ServiceApp):
             try:
                 reply = await runner.run(plan)
             except asyncio.CancelledError:
+                await self._drop_fusion(plan)
                 if runner.lost_workers:
                     raise ApiError(ErrorCode.UNAVAILABLE, f"workers lost: {runner.lost_workers}", request_id) from None
+                raise
+            except ApiError:
+                await self._drop_fusion(plan)
                 raise
         finally:
             self.runners.pop(request_id, None)
@@ -292,6 +299,11 @@ class SchedulerApp(ServiceApp):
         if len(reply.output_ids) > 1:
             self.m_tpot.record((reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))
         return reply
+
+    async def _drop_fusion(self, plan) -> None:
+        """Surviving ring members may wait on a merge that will never complete: end it now."""
+        if plan.size > 1:
+            await self.rt.bus.publish(subjects.fusion_drop(plan.fusion_partition), FusionDrop(request_id=plan.request_id))
 
     async def _wait_for_model(self, request_id: str):
         """Wait (bounded) for a live worker; refuse when too many requests already wait."""

@@ -80,6 +80,7 @@ class WorkerApp(ServiceApp):
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._decode_queue: asyncio.Queue[tuple[DecodeStep, str | None]] = asyncio.Queue()
         self._busy = 0
+        self._newest_world = 0
 
     # ------------------------------------------------------------------------------ wiring
     async def start(self, rt: ServiceRuntime) -> None:
@@ -123,11 +124,23 @@ class WorkerApp(ServiceApp):
     # ------------------------------------------------------------------------------ world
     async def _on_world_form(self, msg: Msg) -> None:
         form = codec.decode(msg.data, WorldForm)
+        self._newest_world = max(self._newest_world, form.generation)
+
+        def join() -> bool:
+            # Forms queue behind compute work; joining an old generation after a newer one was
+            # announced would leave this worker out of phase with its peers for good.
+            if form.generation < self._newest_world:
+                return False
+            self.world.form(form)
+            return True
+
         ready = WorldReady(worker_id=self.worker_id, generation=form.generation, ok=True)
         try:
-            await self._run(self.world.form, form)
+            if not await self._run(join):
+                log.info("world_form_superseded", generation=form.generation, newest=self._newest_world)
+                return
         except Exception as exc:
-            log.warning("world_form_failed", generation=form.generation, error=str(exc))
+            log.warning("world_form_failed", generation=form.generation, error=str(exc)[:300])
             ready.ok, ready.error = False, str(exc)[:300]
         if self.worker_id in form.members:
             await self.rt.bus.publish(subjects.WORLD_READY, ready)

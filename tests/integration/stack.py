@@ -99,6 +99,7 @@ class Stack:
             **(env or {}),
         }
         self.procs: dict[str, subprocess.Popen] = {}
+        self.killed: set[str] = set()
         for name in services:
             self.start(name)
         for i in range(workers):
@@ -131,7 +132,7 @@ class Stack:
             last = None
             while time.monotonic() < deadline:
                 for label, p in self.procs.items():
-                    if p.poll() is not None:
+                    if p.poll() is not None and label not in self.killed:
                         raise RuntimeError(f"{label} exited with {p.returncode}\n{self.logs()}")
                 try:
                     last = await self.status(nc)
@@ -146,6 +147,7 @@ class Stack:
             await nc.close()
 
     def kill(self, label: str, sig: int = signal.SIGKILL) -> None:
+        self.killed.add(label)
         self.procs[label].send_signal(sig)
         self.procs[label].wait(10)
 

@@ -51,3 +51,13 @@ def test_bad_messages_change_nothing_and_missing_parts_time_out():
     expired = table.expire(now=2)
     assert [t for t, _ in expired] == ["w0"] and expired[0][1].error
     assert table.pending_groups == 0
+
+
+def test_dropping_a_request_answers_its_waiters_at_once_and_spares_others():
+    table = FusionTable(timeout_s=60)
+    table.add(FusionRequest(worker_id="w0", items=[_item("dead", 0, 0, 2, 1)]), "w0-dead", now=0)
+    table.add(FusionRequest(worker_id="w2", items=[_item("live", 0, 0, 2, 2)]), "w2-live", now=0)
+    replies = table.drop_request("dead")
+    assert [t for t, _ in replies] == ["w0-dead"] and "dropped" in replies[0][1].error
+    done = table.add(FusionRequest(worker_id="w3", items=[_item("live", 0, 1, 2, 3)]), "w3-live", now=0)
+    assert {t for t, _ in done} == {"w2-live", "w3-live"}

@@ -1,0 +1,109 @@
+"""The kvstore service process: KV block metadata over NATS (lookup, commit, touch, pin, stats).
+
+Every request is validated with its pydantic model; a malformed one gets a `KVErrorReply` and
+the service carries on. Replicas share one queue group and one metadata store in Redis. A
+background task drops blocks past their TTL and re-checks the budget. Registration with
+nats.micro, heartbeats and the drain on SIGTERM come from shared/service.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ValidationError
+
+from shared import codec, subjects
+from shared.kv.messages import (
+    KVErrorReply,
+    KVCommitRequest,
+    KVLookupRequest,
+    KVPinRequest,
+    KVStatsRequest,
+    KVTouchRequest,
+)
+from shared.service import ServiceApp, ServiceRuntime, main as service_main, run_service
+from shared.settings import Settings
+from services.kvstore.service import KVStoreService
+
+log = structlog.get_logger("kvstore")
+# Validation errors are echoed back, cut to this length.
+MAX_ERROR_CHARS = 500
+
+
+class KVStoreApp(ServiceApp):
+    name = "kvstore"
+    description = "metadata of stored KV blocks: prefix index, access and importance, budget, eviction, TTLs"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.service: KVStoreService | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self, rt: ServiceRuntime) -> None:
+        self.service = service = KVStoreService(self.settings, meter=rt.telemetry.meter)
+        routes: list[tuple[str, type[BaseModel], Callable[[BaseModel], Awaitable[BaseModel]]]] = [
+            (subjects.KV_LOOKUP, KVLookupRequest, service.lookup),
+            (subjects.KV_COMMIT, KVCommitRequest, service.commit),
+            (subjects.KV_TOUCH, KVTouchRequest, service.touch),
+            (subjects.KV_PIN, KVPinRequest, service.pin),
+            (subjects.KV_STATS, KVStatsRequest, lambda _request: service.stats()),
+        ]
+        for subject, model, method in routes:
+            await rt.bus.subscribe(subject, _handler(rt, model, method), queue=subjects.SERVICE_QUEUE)
+        self._sweeper = asyncio.create_task(self._sweep(service))
+
+    async def stop(self, rt: ServiceRuntime) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        if self.service:
+            await self.service.close()
+
+    async def _sweep(self, service: KVStoreService) -> None:
+        while True:
+            await asyncio.sleep(self.settings.kv_sweep_interval_s)
+            try:
+                expired = await service.sweep_expired()
+                evicted = await service.evict_to_budget()
+                if expired or evicted:
+                    log.info("kv_sweep", expired=expired, evicted=evicted)
+            except Exception:  # one failed sweep must not end the loop
+                log.exception("kv_sweep_failed")
+
+
+def _handler(rt: ServiceRuntime, model: type[BaseModel], method: Callable[[BaseModel], Awaitable[BaseModel]]):
+    async def handle(msg: Msg) -> None:
+        try:
+            request = codec.decode(msg.data, model)
+        except (codec.CodecError, ValidationError) as exc:
+            log.warning("kv_bad_request", subject=msg.subject, error=str(exc)[:MAX_ERROR_CHARS])
+            await rt.bus.reply(msg, KVErrorReply(error=f"invalid {model.__name__}: {str(exc)[:MAX_ERROR_CHARS]}"))
+            return
+        try:
+            reply = await method(request)
+        except Exception as exc:
+            log.exception("kv_request_failed", subject=msg.subject)
+            reply = KVErrorReply(error=f"internal error: {type(exc).__name__}")
+        await rt.bus.reply(msg, reply)
+
+    return handle
+
+
+async def run(
+    settings: Settings,
+    instance: str | None = None,
+    ready: Callable[[ServiceRuntime], Awaitable[None]] | None = None,
+    install_signals: bool = True,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or until a test sets `rt.stopping`), then drain."""
+    await run_service(KVStoreApp(settings), settings, instance=instance, ready=ready, install_signals=install_signals)
+
+
+def main() -> None:
+    service_main(KVStoreApp)
+
+
+if __name__ == "__main__":
+    main()

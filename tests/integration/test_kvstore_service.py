@@ -1,0 +1,176 @@
+"""The kvstore service's logic against a real Redis, called directly (no NATS): prefix lookup,
+commits, the budget under a stream of commits, pins, importance, tail-first eviction, TTLs."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+import torch
+
+from services.kvstore.service import BYTES, KVStoreService, member
+from shared.kv.keys import BlockRef, block_chain
+from shared.kv.messages import KVCommitBlock, KVCommitRequest, KVLookupRequest, KVPinRequest, KVTouch, KVTouchRequest
+from shared.kv.store import KVBlockStore
+from shared.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+DB = 3  # of the session's private redis-server; flushed around each test
+BLOCK, LAYERS, QUANT, MODEL = 4, 2, "int8", "test-model"
+TTL_S = 100
+
+
+class Clock:
+    def __init__(self, now: float = 1_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def env(servers):
+    meta = aioredis.Redis(port=servers.redis_port, db=DB, decode_responses=True)
+    await meta.flushdb()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{servers.redis_port}/{DB}", kv_block_tokens=BLOCK,
+                        kv_group_size=BLOCK, kv_hot_cache_bytes=0, kv_ttl_s=TTL_S, kv_importance_weight_s=60.0)
+    clock = Clock()
+    service = KVStoreService(settings, clock=clock)
+    store = KVBlockStore(settings)
+    yield service, store, clock, meta
+    await service.close()
+    await store.close()
+    await meta.flushdb()
+    await meta.aclose()
+
+
+def chain(seed: int, blocks: int) -> list[BlockRef]:
+    return block_chain(MODEL, [seed * 10_000 + i for i in range(blocks * BLOCK)], BLOCK)
+
+
+def shared_prefix_chain(prefix_seed: int, prefix_blocks: int, seed: int, blocks: int) -> list[BlockRef]:
+    ids = [prefix_seed * 10_000 + i for i in range(prefix_blocks * BLOCK)]
+    ids += [seed * 10_000 + i for i in range((blocks - prefix_blocks) * BLOCK)]
+    return block_chain(MODEL, ids, BLOCK)
+
+
+async def put_and_commit(service, store, refs, request_id=None) -> int:
+    """What a worker does: write every layer of the blocks to Redis, then commit them."""
+    items = [(layer, ref, torch.randn(BLOCK, 1, 8), torch.randn(BLOCK, 1, 8)) for layer in range(LAYERS) for ref in refs]
+    nbytes = await store.put_blocks(items, MODEL, QUANT)
+    blocks = [KVCommitBlock(index=r.index, chain_hash=r.chain_hash, parent_hash=r.parent_hash) for r in refs]
+    await service.commit(KVCommitRequest(model_id=MODEL, quant=QUANT, num_layers=LAYERS, blocks=blocks,
+                                         nbytes=nbytes, request_id=request_id))
+    return nbytes
+
+
+async def lookup(service, refs, num_layers=LAYERS, quant=QUANT) -> int:
+    reply = await service.lookup(KVLookupRequest(model_id=MODEL, quant=quant, num_layers=num_layers,
+                                                 hashes=[r.chain_hash for r in refs]))
+    return reply.blocks
+
+
+async def stored(meta, refs) -> list[bool]:
+    return [bool(await meta.hexists(BYTES, member(QUANT, r.chain_hash))) for r in refs]
+
+
+async def test_lookup_counts_leading_stored_blocks(env):
+    service, store, _, _ = env
+    a = chain(1, 5)
+    await put_and_commit(service, store, a)
+    assert await lookup(service, a) == 5
+    assert await lookup(service, shared_prefix_chain(1, 2, 2, 6)) == 2  # same first 2 blocks, then different
+    assert await lookup(service, chain(3, 3)) == 0
+    assert await lookup(service, a, num_layers=LAYERS + 1) == 0  # not stored for every layer asked for
+    assert await lookup(service, a, quant="int4") == 0
+    stats = await service.stats()
+    assert (stats.hits, stats.misses) == (5 + 2, 4 + 3 + 5 + 5)
+    assert stats.hit_rate == pytest.approx(7 / 24)
+
+
+async def test_a_block_whose_bytes_are_gone_is_no_longer_claimed(env):
+    service, store, _, meta = env
+    a = chain(1, 4)
+    await put_and_commit(service, store, a)
+    await meta.delete(store.key(MODEL, 1, a[2], QUANT))  # one layer of block 2 lost (e.g. Redis restarted)
+    assert await lookup(service, a) == 2
+    assert await stored(meta, a) == [True, True, False, True]
+    assert (await service.stats()).lost == 1
+
+
+async def test_committing_twice_counts_once(env):
+    service, store, _, _ = env
+    a = chain(1, 3)
+    nbytes = await put_and_commit(service, store, a)
+    await put_and_commit(service, store, a)
+    stats = await service.stats()
+    assert (stats.blocks, stats.bytes_stored) == (3, nbytes)
+    assert stats.bytes_by_quant == {QUANT: nbytes} and stats.blocks_by_quant == {QUANT: 3}
+
+
+async def test_budget_holds_under_a_stream_of_commits_and_pins_are_respected(env):
+    service, store, clock, meta = env
+    block_bytes = await put_and_commit(service, store, chain(0, 1))
+    service.settings = service.settings.model_copy(update={"kv_budget_bytes": 6 * block_bytes})
+    pinned = chain(1, 3)
+    await put_and_commit(service, store, pinned, request_id="in-flight")
+    for seed in range(2, 22):
+        clock.now += 1
+        await put_and_commit(service, store, chain(seed, 2))
+        stats = await service.stats()
+        assert stats.bytes_stored <= 6 * block_bytes
+        assert await stored(meta, pinned) == [True] * 3  # the oldest blocks, but pinned
+    assert stats.evictions >= 20 * 2 + 1 - 3
+    assert stats.pinned_blocks == 3 and stats.pinned_requests == 1
+
+    await service.pin(KVPinRequest(request_id="in-flight", action="unpin"))
+    for seed in range(30, 33):
+        clock.now += 1
+        await put_and_commit(service, store, chain(seed, 2))
+    assert await stored(meta, pinned) == [False] * 3  # once released they age out like the rest
+    assert (await service.stats()).bytes_stored <= 6 * block_bytes
+
+
+@pytest.mark.parametrize("important", [0, 1])
+async def test_important_blocks_outlive_unimportant_ones_of_the_same_age(env, important):
+    service, store, clock, meta = env
+    x, y = chain(1, 1), chain(2, 1)
+    block_bytes = await put_and_commit(service, store, x)
+    await put_and_commit(service, store, y)  # same clock: same age
+    touched = (x, y)[important]
+    await service.touch(KVTouchRequest(model_id=MODEL, quant=QUANT,
+                                       touches=[KVTouch(chain_hash=touched[0].chain_hash, importance=0.5)]))
+    service.settings = service.settings.model_copy(update={"kv_budget_bytes": 2 * block_bytes})
+    clock.now += 1
+    z = chain(3, 1)
+    await put_and_commit(service, store, z)
+    assert await stored(meta, x + y + z) == [important == 0, important == 1, True]
+
+
+async def test_chains_are_evicted_from_their_tail(env):
+    service, store, clock, meta = env
+    a, b = chain(1, 4), chain(2, 4)
+    block_bytes = await put_and_commit(service, store, a) // len(a)  # int8 blocks of one shape: equal sizes
+    clock.now += 1
+    await put_and_commit(service, store, b)
+    # Without the tail-first rule, a[0] (same age as a[3]) could go first and strand a[1:].
+    service.settings = service.settings.model_copy(update={"kv_budget_bytes": 5 * block_bytes})
+    await service.evict_to_budget()
+    assert await stored(meta, a) == [True, False, False, False]
+    assert await stored(meta, b) == [True] * 4
+    assert await lookup(service, a) == 1
+
+
+async def test_blocks_past_their_ttl_are_swept_unless_pinned(env):
+    service, store, clock, meta = env
+    a, b = chain(1, 2), chain(2, 2)
+    await put_and_commit(service, store, a)
+    await put_and_commit(service, store, b)
+    clock.now += TTL_S - 1
+    assert await service.sweep_expired() == 0
+    await service.pin(KVPinRequest(request_id="r", model_id=MODEL, quant=QUANT, hashes=[r.chain_hash for r in b]))
+    clock.now += 2
+    assert await service.sweep_expired() == 2
+    assert await stored(meta, a + b) == [False, False, True, True]
+    assert not await meta.exists(store.key(MODEL, 0, a[0], QUANT))  # the bytes went with the metadata
+    assert (await service.stats()).expired == 2

@@ -1,0 +1,158 @@
+"""The worker-side block store against a real Redis: round trips, TTLs, corruption, two nodes,
+the hot cache, and an unreachable Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+import torch
+from structlog.testing import capture_logs
+
+from shared.kv.block import encode_block
+from shared.kv.keys import block_chain
+from shared.kv.quant import QUANT_MODES, dequantize_kv, quantize_kv
+from shared.kv.ring import HashRing
+from shared.kv.store import KVBlockStore
+from shared.settings import Settings
+from tests.integration.stack import free_port
+
+pytestmark = pytest.mark.integration
+
+# Redis databases of this file (the session's private redis-server); flushed around each test.
+FIRST_DB, SECOND_DB = 1, 2
+BLOCK, GROUP, KV_HEADS, HEAD_DIM, LAYERS = 8, 4, 2, 8, 3
+MODEL = "test-model"
+
+
+def _url(servers, db: int) -> str:
+    return f"redis://127.0.0.1:{servers.redis_port}/{db}"
+
+
+def _settings(redis_url: str, **overrides) -> Settings:
+    return Settings(redis_url=redis_url, kv_block_tokens=BLOCK, kv_group_size=GROUP, kv_hot_cache_bytes=0,
+                    **overrides)
+
+
+@pytest.fixture
+async def dbs(servers):
+    clients = [aioredis.Redis(port=servers.redis_port, db=db) for db in (FIRST_DB, SECOND_DB)]
+    for c in clients:
+        await c.flushdb()
+    yield clients
+    for c in clients:
+        await c.flushdb()
+        await c.aclose()
+
+
+def _kv(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BLOCK, KV_HEADS, HEAD_DIM, generator=g), torch.randn(BLOCK, KV_HEADS, HEAD_DIM, generator=g)
+
+
+def _items(refs, layers=LAYERS):
+    return [(layer, ref, *_kv(layer * 1000 + ref.index)) for layer in range(layers) for ref in refs]
+
+
+@pytest.mark.parametrize("quant", QUANT_MODES)
+async def test_put_then_get_every_mode(servers, dbs, quant):
+    store = KVBlockStore(_settings(_url(servers, FIRST_DB)))
+    refs = block_chain(MODEL, list(range(3 * BLOCK + 5)), BLOCK)
+    items = _items(refs)
+    written = await store.put_blocks(items, MODEL, quant)
+    assert written == sum(len(encode_block(quantize_kv(k, v, quant, GROUP))) for _, _, k, v in items)
+    got = await store.get_blocks(MODEL, refs, range(LAYERS), quant, torch.bfloat16, "cpu")
+    assert set(got) == {(layer, ref.index) for layer, ref, _, _ in items}
+    for layer, ref, k, v in items:
+        want_k, want_v = dequantize_kv(quantize_kv(k, v, quant, GROUP), torch.bfloat16)
+        got_k, got_v = got[(layer, ref.index)]
+        assert got_k.dtype == torch.bfloat16 and torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    await store.close()
+
+
+async def test_missing_blocks_are_left_out(servers, dbs):
+    store = KVBlockStore(_settings(_url(servers, FIRST_DB)))
+    refs = block_chain(MODEL, list(range(4 * BLOCK)), BLOCK)
+    await store.put_blocks(_items(refs[:2], layers=1), MODEL, "int8")
+    got = await store.get_blocks(MODEL, refs, [0, 1], "int8", torch.float32, "cpu")
+    assert set(got) == {(0, 0), (0, 1)}
+    assert await store.get_blocks(MODEL, refs, [0], "int4", torch.float32, "cpu") == {}  # other mode, other keys
+    await store.close()
+
+
+async def test_blocks_carry_the_ttl_and_reads_renew_it(servers, dbs):
+    ttl = 1000
+    store = KVBlockStore(_settings(_url(servers, FIRST_DB), kv_ttl_s=ttl))
+    ref = block_chain(MODEL, list(range(BLOCK)), BLOCK)[0]
+    await store.put_block(MODEL, 0, ref, *_kv(0), "none")
+    key = store.key(MODEL, 0, ref, "none")
+    assert 0 < await dbs[0].ttl(key) <= ttl
+    await dbs[0].expire(key, 5)
+    assert await store.get_blocks(MODEL, [ref], [0], "none", torch.float32, "cpu")
+    assert await dbs[0].ttl(key) > ttl - 5
+    await store.close()
+
+
+async def test_corrupt_blocks_are_dropped_and_missed(servers, dbs):
+    store = KVBlockStore(_settings(_url(servers, FIRST_DB)))
+    refs = block_chain(MODEL, list(range(4 * BLOCK)), BLOCK)
+    await store.put_blocks(_items(refs, layers=1), MODEL, "int8")
+    keys = [store.key(MODEL, 0, ref, "int8") for ref in refs]
+    good = await dbs[0].get(keys[1])
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0xFF
+    await dbs[0].set(keys[0], good[:-3])  # truncated
+    await dbs[0].set(keys[2], bytes(flipped))  # bad checksum
+    await dbs[0].set(keys[3], b"not a block at all")  # bad header
+    with capture_logs() as logs:
+        got = await store.get_blocks(MODEL, refs, [0], "int8", torch.float32, "cpu")
+    assert set(got) == {(0, 1)}
+    assert [await dbs[0].exists(k) for k in keys] == [0, 1, 0, 0]
+    assert sum(e["event"] == "kv_block_corrupt" for e in logs) == 3
+    await store.close()
+
+
+async def test_keys_spread_over_two_nodes_by_consistent_hashing(servers, dbs):
+    urls = [_url(servers, FIRST_DB), _url(servers, SECOND_DB)]
+    store = KVBlockStore(_settings(",".join(urls)))
+    refs = block_chain(MODEL, list(range(10 * BLOCK)), BLOCK)
+    await store.put_blocks(_items(refs, layers=4), MODEL, "int4")
+    ring = HashRing(urls)
+    placed = {0: set(), 1: set()}
+    for layer in range(4):
+        for ref in refs:
+            key = store.key(MODEL, layer, ref, "int4")
+            placed[ring.node_for(key)].add(key.encode())
+    assert placed[0] and placed[1]  # 40 keys: both nodes hold some
+    for node, client in enumerate(dbs):
+        assert set(await client.keys("ringserve:kv:*")) == placed[node]
+    got = await store.get_blocks(MODEL, refs, range(4), "int4", torch.float32, "cpu")
+    assert len(got) == 40
+    await store.close()
+
+
+async def test_hot_cache_answers_without_redis(servers, dbs):
+    settings = _settings(_url(servers, FIRST_DB)).model_copy(update={"kv_hot_cache_bytes": 1 << 20})
+    store = KVBlockStore(settings)
+    refs = block_chain(MODEL, list(range(2 * BLOCK)), BLOCK)
+    await store.put_blocks(_items(refs, layers=1), MODEL, "int8")
+    await dbs[0].flushdb()
+    assert len(await store.get_blocks(MODEL, refs, [0], "int8", torch.float32, "cpu")) == 2
+    cold = KVBlockStore(_settings(_url(servers, FIRST_DB)))
+    assert await cold.get_blocks(MODEL, refs, [0], "int8", torch.float32, "cpu") == {}
+    await store.close()
+    await cold.close()
+
+
+async def test_unreachable_redis_means_misses_and_one_log_line():
+    settings = _settings(f"redis://127.0.0.1:{free_port()}/0", kv_redis_retry_s=0.05)
+    store = KVBlockStore(settings)
+    refs = block_chain(MODEL, list(range(2 * BLOCK)), BLOCK)
+    with capture_logs() as logs:
+        for _ in range(4):
+            assert await store.put_blocks(_items(refs), MODEL, "int8") == 0
+            assert await store.get_blocks(MODEL, refs, range(LAYERS), "int8", torch.float32, "cpu") == {}
+            await asyncio.sleep(0.06)  # past the retry interval: the node is tried again, and fails again
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["kv_redis_unavailable"]
+    await store.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import re
@@ -23,14 +24,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from shared.client import RingserveClient, RingserveError
 from shared.messages import DoneEvent, GenerateReply, ProgressEvent, StatusReply, TokenEvent
 from shared.service import health_file
 from shared.settings import Settings
-from services.stack import SERVICE_NAMES, LocalStack, MissingServerError, StackError
+from services.stack import SERVICE_NAMES, LocalStack, MissingServerError, StackError, exited_cleanly
 
 STATE_DIR = ".ringserve"
 DEMO_PROMPT = "Hello, ringserve"
@@ -47,7 +49,10 @@ TRACE_SEARCH_LIMIT = 20
 JAEGER_TIMEOUT_S = 10.0
 TIMELINE_WIDTH = 24
 TRACE_ID = re.compile(r"^[0-9a-f]{16}([0-9a-f]{16})?$")
+# How often `up` checks that its children still run.
+CHILD_CHECK_INTERVAL_S = 1.0
 EXIT_OK, EXIT_ERROR, EXIT_MISSING_SERVER = 0, 1, 2
+T = TypeVar("T")
 
 
 # ---- pure formatting ---------------------------------------------------------------------------
@@ -302,24 +307,27 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO, err: Te
 
 
 async def _until_stopped(stack: LocalStack, stop: asyncio.Event) -> None:
+    """Until Ctrl-C/SIGTERM; raises StackError as soon as a child dies."""
     while not stop.is_set():
         stack.check_alive()
         try:
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
+            await asyncio.wait_for(stop.wait(), timeout=CHILD_CHECK_INTERVAL_S)
         except asyncio.TimeoutError:
             pass
 
 
-async def _race(coro, stop: asyncio.Event):
-    """Run `coro` unless `stop` is set first; None when stopped."""
-    task = asyncio.ensure_future(coro)
+async def _race(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None when `stop` is set first (then `work` is cancelled)."""
+    task = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
-    if not task.done():
-        task.cancel()
-        return None
-    return task.result()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 def ready_message(status: StatusReply, settings: Settings, log_dir: Path) -> str:
@@ -327,14 +335,14 @@ def ready_message(status: StatusReply, settings: Settings, log_dir: Path) -> str
         f"ringserve is up: {len(status.workers)} worker(s), model {status.model}, NATS {settings.nats_url}; "
         f"logs in {log_dir}",
         f'  send a request:   ringserve generate "Hello" --max-new-tokens {DEMO_MAX_NEW_TOKENS}',
-        f"  any NATS client:  nats req ringserve.v1.generate "
+        f"  any NATS client:  nats request ringserve.v1.generate "
         f"'{{\"prompt\": \"Hello\", \"max_new_tokens\": {DEMO_MAX_NEW_TOKENS}}}'",
         "  stop:             Ctrl-C",
     ])
 
 
 def stop_message(exit_codes: dict[str, int]) -> str:
-    unclean = [f"{name} ({code})" for name, code in exit_codes.items() if code != 0]
+    unclean = [f"{name} ({code})" for name, code in exit_codes.items() if not exited_cleanly(name, code)]
     if unclean:
         return "stopped; exited uncleanly: " + ", ".join(unclean)
     return "stopped; all exited cleanly"

@@ -42,6 +42,8 @@ READY_POLL_INTERVAL_S = 0.5
 # Added to the services' own drain timeout before a child is killed.
 STOP_GRACE_S = 5.0
 LOG_TAIL_LINES = 20
+# nats-server ends a graceful shutdown on SIGTERM with exit status 1 (on SIGINT with 0).
+GRACEFUL_EXIT_CODES: dict[str, tuple[int, ...]] = {"nats-server": (0, 1)}
 
 INSTALL_HINT = """\
 ringserve needs nats-server (with JetStream) and redis-server.
@@ -100,6 +102,10 @@ def is_ready(status: StatusReply, workers: int) -> bool:
     return workers == 1 or (status.world_ready and len(status.world_members) >= workers)
 
 
+def exited_cleanly(name: str, code: int | None) -> bool:
+    return code in GRACEFUL_EXIT_CODES.get(name, (0,))
+
+
 def stop_processes(procs: list[subprocess.Popen], timeout: float) -> None:
     """SIGTERM all, wait up to `timeout` in total, then SIGKILL the rest."""
     for proc in procs:
@@ -133,6 +139,8 @@ class Child:
 
 
 class LocalStack:
+    """Servers where missing, then kvstore, fusion, scheduler and `workers` workers."""
+
     def __init__(self, settings: Settings, workers: int = 1, model: str | None = None, device: str | None = None,
                  state_dir: Path = Path(".ringserve"), search_path: str | None = None,
                  python: str = sys.executable):
@@ -156,8 +164,14 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log_file = open(log_path, "wb")
-        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+        try:
+            # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which stops
+            # the children in order.
+            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        except OSError:
+            log_file.close()
+            raise
         return Child(name, proc, log_path, log_file)
 
     # -- servers --
@@ -227,8 +241,8 @@ class LocalStack:
                                  f"{log_tail(child.log_path)}")
 
     async def wait_ready(self, timeout: float) -> StatusReply:
-        """Until the scheduler's status lists all workers in a formed world; raises StackError if a child dies or
-        the timeout passes."""
+        """Until the scheduler's status lists all workers in a formed world; raises StackError
+        if a child dies or the timeout passes."""
         deadline = time.monotonic() + timeout
         last_error = "the scheduler did not answer"
         client = await RingserveClient.connect(self.settings)

@@ -90,6 +90,9 @@ def test_stop_message():
     assert cli.stop_message({}) == "stopped; all exited cleanly"
     assert cli.stop_message({"scheduler": 0, "worker-0": -9, "fusion": 1}) == \
         "stopped; exited uncleanly: worker-0 (-9), fusion (1)"
+    # nats-server's normal status after SIGTERM, not a failure
+    assert cli.stop_message({"nats-server": 1, "redis-server": 0}) == "stopped; all exited cleanly"
+    assert cli.stop_message({"nats-server": -9}) == "stopped; exited uncleanly: nats-server (-9)"
 
 
 def test_format_status():
@@ -251,3 +254,12 @@ def test_status_without_nats(monkeypatch):
     monkeypatch.setenv("RINGSERVE_NATS_URL", f"nats://127.0.0.1:{free_port()}")
     code, _, err = run_cli(["status"])
     assert code == 1 and err.startswith("error: unavailable: cannot connect to NATS")
+
+
+def test_up_without_servers_installed_exits_2_with_the_hint(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither nats-server nor redis-server can be found
+    monkeypatch.setattr("services.stack.EXTRA_BINARY_DIRS", ())
+    monkeypatch.setenv("RINGSERVE_NATS_URL", f"nats://127.0.0.1:{free_port()}")
+    code, _, err = run_cli(["up", "--state-dir", str(tmp_path / "state")])
+    assert code == 2
+    assert "nats-server is not reachable" in err and "apt-get install nats-server redis-server" in err

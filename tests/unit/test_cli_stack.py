@@ -15,6 +15,7 @@ from services.stack import (
     LocalStack,
     MissingServerError,
     StackError,
+    exited_cleanly,
     find_binary,
     host_port,
     is_ready,
@@ -108,6 +109,7 @@ def test_missing_servers_are_started_and_stopped(tmp_path):
     finally:
         codes = stack.stop(timeout=5)
     assert set(codes) == {"nats-server", "redis-server"}
+    assert all(exited_cleanly(name, code) for name, code in codes.items()), codes
     assert all(p.poll() is not None for p in procs)
     assert not port_open("127.0.0.1", nats_port) and not port_open("127.0.0.1", redis_port)
     assert stack.servers == []

@@ -8,6 +8,7 @@ decode steps that arrive together are run as one batch.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -272,6 +273,9 @@ class WorkerApp(ServiceApp):
 
 def main() -> None:
     service_main(WorkerApp)
+    # The compute thread may still sit in a transfer with a dead peer (it ends only at the
+    # distributed timeout); the interpreter would wait for it at exit. Everything is drained.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class World:
                 host, port = msg.store_addr.rsplit(":", 1)
                 store = dist.TCPStore(host, int(port), is_master=False, timeout=self.timeout)
             prefixed = dist.PrefixStore(f"ringserve/gen{msg.generation}", store)
+            # c10d names the default group by a process-wide counter that only a *successful*
+            # destroy resets; after a failed join the counters of the members would differ and
+            # they could never meet again. Every generation starts from the same name.
+            dist.distributed_c10d._world.group_count = 0
             dist.init_process_group(
                 msg.backend, store=prefixed, rank=rank, world_size=len(msg.members), timeout=self.timeout
             )

@@ -87,7 +87,8 @@ class Settings(BaseSettings):
 
     # --- observability -----------------------------------------------------------------------
     log_level: str = "info"
-    # Port of the Prometheus scrape endpoint (0: none). Each service adds its own offset.
+    # Port of the Prometheus scrape endpoint (0: none). One port per process: give each service
+    # process on a host its own (containers and pods each have their own network).
     metrics_port: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from shared.messages import (
     WorkerStatus,
     WorldReady,
 )
+from shared.metrics import OK_CODE, RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, main as service_main
 from shared.settings import Settings
 from services.scheduler.api import ApiError, check_limits, encode_reply, new_request_id, parse_generate
@@ -95,11 +96,8 @@ class SchedulerApp(ServiceApp):
         self.rt = rt
         self.port = BusWorkerPort(rt.bus, self.settings)
         self.tracer = rt.telemetry.tracer
-        meter = rt.telemetry.meter
-        self.m_outcomes = meter.create_counter("ringserve_requests", description="requests by outcome code")
-        self.m_ttft = meter.create_histogram("ringserve_ttft_ms", unit="ms", description="time to first token")
-        self.m_tpot = meter.create_histogram("ringserve_tpot_ms", unit="ms", description="time per output token")
-        self.m_queue = meter.create_up_down_counter("ringserve_queue_depth", description="requests waiting for workers")
+        self.metrics = RingserveMetrics(rt.telemetry.meter)
+        self.metrics.watch_queue("scheduler", lambda: self.waiting)
         bus = rt.bus
         await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.STATUS, self._on_status, queue=subjects.SERVICE_QUEUE)
@@ -215,7 +213,7 @@ class SchedulerApp(ServiceApp):
     async def _generate(self, msg: Msg) -> None:
         content_type = codec.public_content_type(msg.data, _ctype(msg))
         request_id = None
-        outcome = "ok"
+        outcome = OK_CODE
         with self.tracer.start_as_current_span("scheduler.generate") as span:
             try:
                 req, content_type = parse_generate(msg.data, _ctype(msg), self.settings)
@@ -247,7 +245,7 @@ class SchedulerApp(ServiceApp):
                 span.record_exception(exc)
                 await self._respond(msg, ApiError(ErrorCode.INTERNAL, str(exc)[:300], request_id).reply(), content_type)
             finally:
-                self.m_outcomes.add(1, {"code": outcome})
+                self.metrics.record_request(outcome)
                 structlog.contextvars.unbind_contextvars("request_id")
 
     async def _run(self, req, request_id: str, msg: Msg, content_type: str):
@@ -294,10 +292,10 @@ class SchedulerApp(ServiceApp):
             self.runners.pop(request_id, None)
             if progress_sub is not None:
                 await progress_sub.unsubscribe()
-        if reply.timings.ttft_ms:
-            self.m_ttft.record(reply.timings.ttft_ms)
+        self.metrics.record_ttft(reply.timings.ttft_ms)
         if len(reply.output_ids) > 1:
-            self.m_tpot.record((reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))
+            self.metrics.record_time_per_output_token(
+                (reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))
         return reply
 
     async def _drop_fusion(self, plan) -> None:
@@ -313,7 +311,6 @@ class SchedulerApp(ServiceApp):
         if self.waiting >= self.settings.max_queued_requests:
             raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
         self.waiting += 1
-        self.m_queue.add(1)
         try:
             deadline = time.monotonic() + self.settings.heartbeat_timeout_s
             while time.monotonic() < deadline:
@@ -322,7 +319,6 @@ class SchedulerApp(ServiceApp):
                     return model
         finally:
             self.waiting -= 1
-            self.m_queue.add(-1)
         raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
 
     def _place(self, request_id: str, prompt_tokens: int, req):

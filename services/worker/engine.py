@@ -40,6 +40,13 @@ def segment_positions(segments: list[tuple[int, int]], device: torch.device) -> 
     return torch.cat([torch.arange(s, e, device=device) for s, e in segments])
 
 
+def causal_block_sparsity(q_segments: list[tuple[int, int]], kv_segments: list[list[tuple[int, int]]]) -> tuple[int, int]:
+    """(skipped, total) (query segment, key segment) pairs of a causal ring prefill: a key
+    segment entirely after a query segment is never computed."""
+    pairs = [(q, k) for q in q_segments for member in kv_segments for k in member]
+    return sum(1 for q, k in pairs if k[0] >= q[1]), len(pairs)
+
+
 def ring_ranks(plan: RingPlan) -> list[int]:
     """World ranks of the ring; a ring of one needs no world (this process alone)."""
     if plan.size == 1:

@@ -39,9 +39,10 @@ from shared.messages import (
     WorldForm,
     WorldReady,
 )
+from shared.metrics import RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, main as service_main
 from shared.settings import Settings
-from services.worker.engine import WorkerEngine
+from services.worker.engine import WorkerEngine, causal_block_sparsity
 from services.worker.world import World
 
 log = structlog.get_logger("worker")
@@ -88,6 +89,8 @@ class WorkerApp(ServiceApp):
         self.rt = rt
         self.loop = asyncio.get_running_loop()
         self.tracer = rt.telemetry.tracer
+        self.metrics = RingserveMetrics(rt.telemetry.meter)
+        self.metrics.watch_queue("worker_decode", self._decode_queue.qsize)
         bus = rt.bus
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "prefill"), self._on_prefill)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "decode"), self._on_decode)
@@ -181,6 +184,11 @@ class WorkerApp(ServiceApp):
                 self.engine.release(rid)
                 result = PrefillResult(request_id=rid, member=cmd.member, ok=False,
                                        error_code=ErrorCode.INTERNAL, error=str(exc)[:500])
+            if result.ok:
+                self.metrics.record_prefill(len(cmd.input_ids), time.perf_counter() - t0)
+                mine = [(x.start, x.end) for x in cmd.plan.segments[cmd.member]]
+                self.metrics.record_attention_sparsity(*causal_block_sparsity(
+                    mine, [[(x.start, x.end) for x in segs] for segs in cmd.plan.segments]))
             log.info("prefill_done", request_id=rid, member=cmd.member, tokens=len(cmd.input_ids),
                      ms=round((time.perf_counter() - t0) * 1000, 2), ok=result.ok)
         await self.rt.bus.reply(msg, result)
@@ -212,6 +220,7 @@ class WorkerApp(ServiceApp):
     async def _decode_batch(self, batch: list[tuple[DecodeStep, str | None]]) -> None:
         steps = [s for s, _ in batch]
         collective = self.settings.fusion == "collective"
+        t0 = time.perf_counter()
         try:
             if collective:
                 # p2p merges inside each ring: one request at a time, in a fixed order
@@ -226,6 +235,7 @@ class WorkerApp(ServiceApp):
             log.warning("decode_failed", requests=[s.request_id for s in steps], error=str(exc)[:300])
             results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
                                     error_code=ErrorCode.INTERNAL, error=str(exc)[:300]) for s in steps]
+        self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
         for (_, reply), result in zip(batch, results):
             if reply:
                 await self._reply_decode(reply, result)
@@ -250,7 +260,9 @@ class WorkerApp(ServiceApp):
                 FusionReply, timeout=self.settings.fusion_timeout_s,
             )
 
+        t0 = time.perf_counter()
         replies = await asyncio.gather(*(one(k, v) for k, v in by_partition.items()))
+        self.metrics.record_ring_comm((time.perf_counter() - t0) * 1000, op="fusion")
         merged: dict[tuple[str, int, int], MergedItem] = {}
         for reply in replies:
             if reply.error:

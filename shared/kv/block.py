@@ -33,21 +33,28 @@ class CorruptBlock(ValueError):
     """The bytes are not a whole, intact block of this format."""
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    # Via a uint8 view: numpy has no bfloat16, bytes are bytes.
-    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-
-def encode_block(q: QuantizedKV) -> bytes:
+def encode_block(q: QuantizedKV) -> bytearray:
     if q.mode not in _MODES or q.dtype not in _DTYPES:
         raise ValueError(f"cannot store mode {q.mode!r} with dtype {q.dtype}")
     layout = kv_layout(q.mode, q.dtype, q.shape, q.group)
-    payload = b"".join(_raw(q.parts[name]) for name, _, _ in layout)
-    head = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, _MODES.index(q.mode), _DTYPES.index(q.dtype), 0, *q.shape, q.group, len(payload), 0
-    )[:-_CRC_BYTES]
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return head + struct.pack("<I", crc) + payload
+    sections = [q.parts[name].contiguous().view(-1).view(torch.uint8) for name, _, _ in layout]
+    payload_len = sum(s.numel() for s in sections)
+    # One buffer, written in place: a block is copied once on its way to Redis.
+    out = bytearray(HEADER_BYTES + payload_len)
+    if payload_len:
+        payload = torch.frombuffer(out, dtype=torch.uint8)[HEADER_BYTES:]
+        offset = 0
+        for section in sections:
+            payload[offset : offset + section.numel()].copy_(section)
+            offset += section.numel()
+    _HEADER.pack_into(
+        out, 0, MAGIC, FORMAT_VERSION, _MODES.index(q.mode), _DTYPES.index(q.dtype), 0, *q.shape, q.group,
+        payload_len, 0,
+    )
+    view = memoryview(out)
+    crc = zlib.crc32(view[HEADER_BYTES:], zlib.crc32(view[: HEADER_BYTES - _CRC_BYTES]))
+    struct.pack_into("<I", out, HEADER_BYTES - _CRC_BYTES, crc)
+    return out
 
 
 def decode_block(data: bytes | bytearray | memoryview) -> QuantizedKV:

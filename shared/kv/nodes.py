@@ -30,6 +30,7 @@ log = structlog.get_logger("kv")
 T = TypeVar("T")
 # Errors that mean "the node is unreachable", as opposed to a bug in the command.
 UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+STALE_CONNECTION_RETRIES = 1
 
 
 @dataclass
@@ -66,8 +67,9 @@ class RedisNodes:
                     timeout=timeout_s,
                     socket_timeout=timeout_s,
                     socket_connect_timeout=timeout_s,
-                    # Our own outage handling decides when to try again; redis-py must not retry and back off.
-                    retry=Retry(NoBackoff(), 0),
+                    # One immediate retry on a fresh connection: a pooled connection to a Redis that has
+                    # restarted fails once. Anything longer is our outage handling's business.
+                    retry=Retry(NoBackoff(), STALE_CONNECTION_RETRIES),
                     decode_responses=decode_responses,
                 )
             )
@@ -100,10 +102,13 @@ class RedisNodes:
         try:
             result = await fn(self.clients[node])
         except UNAVAILABLE_ERRORS as exc:
-            if not health.down:
-                log.warning("kv_redis_unavailable", node=redact(self.urls[node]), error=str(exc) or type(exc).__name__)
+            outage_starts = not health.down
             health.down = True
             health.retry_at = time.monotonic() + self.retry_s
+            if outage_starts:
+                log.warning("kv_redis_unavailable", node=redact(self.urls[node]), error=str(exc) or type(exc).__name__)
+                # Every pooled connection is to the old server: drop them all, the next try connects afresh.
+                await self.clients[node].connection_pool.disconnect()
             return default
         if health.down:
             health.down = False

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 import torch
@@ -32,11 +34,10 @@ from shared.kv.quant import QUANT_MODES, QuantizedKV, dequantize_kv, quantize_kv
 from shared.settings import Settings
 
 log = structlog.get_logger("kv")
+T = TypeVar("T")
 
-# One write pipeline carries at most this many bytes: bounded memory and latency per round trip.
-PIPELINE_MAX_BYTES = 16 * 1024**2
-# Reads cannot know sizes in advance, so their pipelines are bounded by key count.
-PIPELINE_MAX_KEYS = 64
+# One pipeline carries at most this many blocks: bounded memory and latency per round trip.
+PIPELINE_MAX_KEYS = 32
 
 Slot = tuple[int, int]  # (layer, block index)
 PutItem = tuple[int, BlockRef, Tensor, Tensor]  # (layer, ref, k [b, kv_heads, d], v [b, kv_heads, d])
@@ -66,26 +67,31 @@ class KVBlockStore:
         if not items:
             return 0
         started = time.perf_counter()
-        encoded = await asyncio.to_thread(self._encode, items, model_id, quant)
-        for key, q, _ in encoded:
-            self.hot.put(key, q)
-        batches = _write_batches([(key, data) for key, _, data in encoded], self.nodes)
-        written = sum(await asyncio.gather(*(self._write(node, batch) for node, batch in batches)))
+        keyed = [(self.key(model_id, layer, ref, quant), (layer, ref, k, v)) for layer, ref, k, v in items]
+        batches = _batches(keyed, lambda item: item[0], self.nodes, self.settings.kv_io_concurrency)
+        written = sum(await asyncio.gather(*(self._store(node, batch, quant) for node, batch in batches)))
         if written:
             self.metrics.bytes_written.add(written, {"quant": quant})
             self.metrics.store_throughput.record(written / max(time.perf_counter() - started, 1e-9), {"quant": quant})
         return written
 
-    def _encode(self, items: list[PutItem], model_id: str, quant: str) -> list[tuple[str, QuantizedKV, bytes]]:
+    async def _store(self, node: int, batch: list[tuple[str, PutItem]], quant: str) -> int:
+        # Each batch is encoded (in a thread) while other batches are already on the wire.
+        encoded = await asyncio.to_thread(self._encode, batch, quant)
+        for key, q, _ in encoded:
+            self.hot.put(key, q)
+        return await self._write(node, [(key, data) for key, _, data in encoded])
+
+    def _encode(self, batch: list[tuple[str, PutItem]], quant: str) -> list[tuple[str, QuantizedKV, bytearray]]:
         out = []
-        for layer, ref, k, v in items:
+        for key, (_, ref, k, v) in batch:
             if k.shape[0] != ref.end - ref.start:
                 raise ValueError(f"block {ref.index} spans {ref.end - ref.start} tokens but k has {k.shape[0]}")
             q = quantize_kv(k, v, quant, self.settings.kv_group_size)
-            out.append((self.key(model_id, layer, ref, quant), q, encode_block(q)))
+            out.append((key, q, encode_block(q)))
         return out
 
-    async def _write(self, node: int, batch: list[tuple[str, bytes]]) -> int:
+    async def _write(self, node: int, batch: list[tuple[str, bytearray]]) -> int:
         ttl = self.settings.kv_ttl_s
 
         async def write(client: Redis) -> int:
@@ -113,37 +119,48 @@ class KVBlockStore:
         each [block tokens, kv_heads, head_dim]. Misses (absent, corrupt, unreachable) are left out."""
         _check_quant(quant)
         started = time.perf_counter()
-        found: dict[Slot, QuantizedKV] = {}
+        hot: dict[Slot, QuantizedKV] = {}
         remote: list[tuple[Slot, str]] = []
         for layer in layers:
             for ref in refs:
                 key = self.key(model_id, layer, ref, quant)
                 q = self.hot.get(key)
                 if q is not None:
-                    found[(layer, ref.index)] = q
+                    hot[(layer, ref.index)] = q
                 else:
                     remote.append(((layer, ref.index), key))
-        hot_hits = len(found)
 
-        batches = _read_batches(remote, self.nodes)
-        replies = await asyncio.gather(*(self._read(node, batch) for node, batch in batches))
-        fetched = [item for reply in replies for item in reply]
-        loaded, corrupt = await asyncio.to_thread(_decode_all, fetched)
-        for slot, key, q in loaded:
-            self.hot.put(key, q)
-            found[slot] = q
+        batches = _batches(remote, lambda item: item[1], self.nodes, self.settings.kv_io_concurrency)
+        # Each batch is decoded as soon as it arrives, while other batches are still on the wire.
+        results = await asyncio.gather(
+            asyncio.to_thread(_dequantize_all, hot, dtype, device),
+            *(self._load(node, batch, dtype, device) for node, batch in batches),
+        )
+        out, loaded = results[0], results[1:]
+        corrupt = [key for batch in loaded for key in batch.corrupt]
+        for batch in loaded:
+            for key, q in batch.blocks.items():
+                self.hot.put(key, q)
+            out.update(batch.tensors)
         if corrupt:
             await self._drop(corrupt)
 
-        read_bytes = sum(len(data) for _, _, data in fetched if data is not None)
-        self.metrics.blocks_read.add(hot_hits, {"result": "hot"})
-        self.metrics.blocks_read.add(len(loaded), {"result": "hit"})
-        self.metrics.blocks_read.add(len(remote) - len(loaded) - len(corrupt), {"result": "miss"})
+        read_bytes = sum(batch.nbytes for batch in loaded)
+        hits = len(out) - len(hot)
+        self.metrics.blocks_read.add(len(hot), {"result": "hot"})
+        self.metrics.blocks_read.add(hits, {"result": "hit"})
+        self.metrics.blocks_read.add(len(remote) - hits - len(corrupt), {"result": "miss"})
         self.metrics.blocks_read.add(len(corrupt), {"result": "corrupt"})
         if read_bytes:
             self.metrics.bytes_read.add(read_bytes, {"quant": quant})
             self.metrics.load_throughput.record(read_bytes / max(time.perf_counter() - started, 1e-9), {"quant": quant})
-        return await asyncio.to_thread(_dequantize_all, found, dtype, device)
+        return out
+
+    async def _load(
+        self, node: int, batch: list[tuple[Slot, str]], dtype: torch.dtype, device: torch.device | str
+    ) -> "_LoadedBatch":
+        fetched = await self._read(node, batch)
+        return await asyncio.to_thread(_decode_batch, fetched, dtype, device)
 
     async def _read(self, node: int, batch: list[tuple[Slot, str]]) -> list[tuple[Slot, str, bytes | None]]:
         ttl = self.settings.kv_ttl_s
@@ -175,49 +192,48 @@ def _check_quant(quant: str) -> None:
         raise ValueError(f"unknown kv quant mode {quant!r}; expected one of {QUANT_MODES}")
 
 
-def _write_batches(items: list[tuple[str, bytes]], nodes: RedisNodes) -> list[tuple[int, list[tuple[str, bytes]]]]:
-    """Group (key, data) by node, then cut each group into pipelines of at most PIPELINE_MAX_BYTES."""
-    by_node: dict[int, list[tuple[str, bytes]]] = defaultdict(list)
-    for key, data in items:
-        by_node[nodes.node_for(key)].append((key, data))
+def _by_node(items: list[T], key_of: Callable[[T], str], nodes: RedisNodes) -> dict[int, list[T]]:
+    grouped: dict[int, list[T]] = defaultdict(list)
+    for item in items:
+        grouped[nodes.node_for(key_of(item))].append(item)
+    return grouped
+
+
+def _batches(items: list[T], key_of: Callable[[T], str], nodes: RedisNodes, concurrency: int) -> list[tuple[int, list[T]]]:
+    """Group items by the node of their key, then cut each group into about `concurrency`
+    pipelines of at most PIPELINE_MAX_KEYS, so that several connections move bytes at once."""
     batches = []
-    for node, node_items in by_node.items():
-        batch, size = [], 0
-        for key, data in node_items:
-            if batch and size + len(data) > PIPELINE_MAX_BYTES:
-                batches.append((node, batch))
-                batch, size = [], 0
-            batch.append((key, data))
-            size += len(data)
-        batches.append((node, batch))
+    for node, node_items in _by_node(items, key_of, nodes).items():
+        size = min(PIPELINE_MAX_KEYS, max(1, -(-len(node_items) // concurrency)))
+        batches += [(node, node_items[i : i + size]) for i in range(0, len(node_items), size)]
     return batches
 
 
-def _read_batches(items: list[tuple[Slot, str]], nodes: RedisNodes) -> list[tuple[int, list[tuple[Slot, str]]]]:
-    by_node: dict[int, list[tuple[Slot, str]]] = defaultdict(list)
-    for slot, key in items:
-        by_node[nodes.node_for(key)].append((slot, key))
-    return [
-        (node, node_items[i : i + PIPELINE_MAX_KEYS])
-        for node, node_items in by_node.items()
-        for i in range(0, len(node_items), PIPELINE_MAX_KEYS)
-    ]
+@dataclass
+class _LoadedBatch:
+    tensors: dict[Slot, tuple[Tensor, Tensor]]  # what get_blocks returns
+    blocks: dict[str, QuantizedKV]  # by key, for the hot cache
+    corrupt: list[str]  # keys of blocks that failed to decode
+    nbytes: int  # bytes received
 
 
-def _decode_all(
-    fetched: list[tuple[Slot, str, bytes | None]],
-) -> tuple[list[tuple[Slot, str, QuantizedKV]], list[str]]:
-    """-> (decoded blocks, keys of corrupt blocks); absent blocks are in neither."""
-    loaded, corrupt = [], []
+def _decode_batch(
+    fetched: list[tuple[Slot, str, bytes | None]], dtype: torch.dtype, device: torch.device | str
+) -> _LoadedBatch:
+    batch = _LoadedBatch({}, {}, [], 0)
     for slot, key, data in fetched:
         if data is None:
             continue
+        batch.nbytes += len(data)
         try:
-            loaded.append((slot, key, decode_block(data)))
+            q = decode_block(data)
         except CorruptBlock as exc:
             log.warning("kv_block_corrupt", key=key, error=str(exc))
-            corrupt.append(key)
-    return loaded, corrupt
+            batch.corrupt.append(key)
+            continue
+        batch.blocks[key] = q
+        batch.tensors[slot] = dequantize_kv(q, dtype, device)
+    return batch
 
 
 def _dequantize_all(

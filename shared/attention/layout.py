@@ -10,7 +10,10 @@ the pattern over groups of 2N.
 
 from __future__ import annotations
 
-from shared.settings import Settings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only read here: keeps the math importable without the service stack
+    from shared.settings import Settings
 
 Segment = tuple[int, int]
 

@@ -9,7 +9,8 @@ throughput: KVBlockStore.put_blocks / get_blocks of --blocks blocks (one layer e
     redis-benchmark SET/GET with values of the same sizes and the same number of connections,
     on the same Redis (what a C client gets from that server).
 quant: bytes/token of each mode, attention-output error and greedy-token agreement on the demo
-    model's real activations (shared/kv/quant_eval.py), prompt = this file's source text.
+    model's real activations, or a checkpoint's with --model (shared/kv/quant_eval.py); the
+    prompt is this file's source text.
 
     python bench/kvstore.py throughput
     python bench/kvstore.py quant
@@ -188,15 +189,17 @@ def quant(args) -> None:
     from shared.model import ensure_demo_checkpoint, load_model, load_tokenizer
 
     torch.set_num_threads(1)  # many tiny ops: one thread is faster on a small box
-    directory = Path(args.demo_dir or tempfile.mkdtemp(prefix="ringserve-demo-"))
-    path = ensure_demo_checkpoint(directory)
+    if args.model:
+        path = Path(args.model)
+    else:
+        path = ensure_demo_checkpoint(Path(args.demo_dir or tempfile.mkdtemp(prefix="ringserve-demo-")))
     model, tokenizer = load_model(path), load_tokenizer(path)
     ids = tokenizer.encode(Path(__file__).read_text())
     ids = ids[: args.prompt_blocks * args.tokens + args.tail_tokens]
     reports = evaluate_quantization(model, ids, list(args.modes), args.tokens, args.group, args.new_tokens)
     cfg = model.config
     bf16 = bytes_per_token("none", torch.bfloat16, REFERENCE_KV_HEADS, REFERENCE_HEAD_DIM, args.group, args.tokens)
-    print(f"demo model: {cfg.num_hidden_layers} layers, {cfg.num_key_value_heads} KV heads x {cfg.head_dim} dims; "
+    print(f"{path.name}: {cfg.num_hidden_layers} layers, {cfg.num_key_value_heads} KV heads x {cfg.head_dim} dims; "
           f"prompt {len(ids)} tokens ({args.prompt_blocks} stored blocks of {args.tokens}), group {args.group}, "
           f"{args.new_tokens} greedy tokens")
     print(f"| mode | bytes/token/layer, demo ({cfg.num_key_value_heads}x{cfg.head_dim}) "
@@ -231,6 +234,7 @@ def main() -> None:
     q.add_argument("--new-tokens", type=int, default=32)
     q.add_argument("--modes", nargs="+", default=list(QUANT_MODES), choices=QUANT_MODES)
     q.add_argument("--demo-dir", default=None, help="where the demo checkpoint is (or is written)")
+    q.add_argument("--model", default=None, help="a Hugging Face checkpoint directory instead of the demo")
     q.set_defaults(run=quant)
     args = parser.parse_args()
     args.run(args)

@@ -135,7 +135,8 @@ def quantize_kv(k: Tensor, v: Tensor, mode: str, group: int) -> QuantizedKV:
         # A copy, never a view: the caller's cache may be overwritten while this block is kept.
         parts = {"k": k.detach().to("cpu", copy=True).contiguous(), "v": v.detach().to("cpu", copy=True).contiguous()}
         return QuantizedKV(mode, k.dtype, shape, group, parts)
-    k, v = k.detach().cpu(), v.detach().cpu()
+    # Quantized where the tensors are (a GPU does it in microseconds); only the compact result moves.
+    k, v = k.detach(), v.detach()
     if mode not in LEVELS:
         raise ValueError(f"unknown kv quant mode {mode!r}; expected one of {QUANT_MODES}")
     levels = LEVELS[mode]
@@ -157,7 +158,7 @@ def quantize_kv(k: Tensor, v: Tensor, mode: str, group: int) -> QuantizedKV:
         "v_scale": v_scale.view(tokens, heads, -1),
         "v_min": v_min.view(tokens, heads, -1),
     }
-    return QuantizedKV(mode, k.dtype, shape, group, {n: t.contiguous() for n, t in parts.items()})
+    return QuantizedKV(mode, k.dtype, shape, group, {n: t.contiguous().cpu() for n, t in parts.items()})
 
 
 def dequantize_kv(

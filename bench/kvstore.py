@@ -108,7 +108,9 @@ async def _client_throughput(args, redis_url: str) -> list[dict]:
     return rows
 
 
-async def _raw_redis_py(redis_url: str, value_bytes: int, count: int, concurrency: int, repeat: int) -> dict[str, float]:
+async def _raw_redis_py(
+    redis_url: str, value_bytes: int, count: int, concurrency: int, repeat: int
+) -> dict[str, float]:
     """GB/s of plain redis-py asyncio pipelines SET/GET of the same values: the Python client's own ceiling."""
     import redis.asyncio as aioredis
 

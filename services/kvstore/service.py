@@ -91,6 +91,9 @@ class KVStoreService:
         self.metrics = IndexMetrics(meter)
         self.clock = clock
 
+    def _priority(self, last_access: float, importance: float) -> float:
+        return eviction_priority(last_access, importance, self.settings.kv_importance_weight_s)
+
     async def _meta(self, fn: Callable[[Redis], Awaitable[T]], default: T | None = None) -> T | None:
         """Run `fn` on the metadata node; `default` when it is unreachable."""
         return await self.nodes.call(META_NODE, fn, default)
@@ -167,7 +170,7 @@ class KVStoreService:
                              "layers": req.num_layers, "parent": parent, "children": 0},
                 )
                 pipe.zadd(ACCESS, {m: now})
-                pipe.zadd(LEAVES, {m: eviction_priority(now, 0.0, self.settings.kv_importance_weight_s)})
+                pipe.zadd(LEAVES, {m: self._priority(now, 0.0)})
                 if parent and parent_exists.get(parent):
                     pipe.hincrby(block_meta_key(parent), "children", 1)
                     pipe.zrem(LEAVES, parent)
@@ -206,7 +209,7 @@ class KVStoreService:
             pipe = r.pipeline(transaction=False)
             for (m, _), total in zip(known, totals):
                 pipe.zadd(ACCESS, {m: now}, xx=True)
-                pipe.zadd(LEAVES, {m: eviction_priority(now, total, self.settings.kv_importance_weight_s)}, xx=True)
+                pipe.zadd(LEAVES, {m: self._priority(now, total)}, xx=True)
             await pipe.execute()
             return True
 
@@ -320,7 +323,7 @@ class KVStoreService:
             pipe = r.pipeline(transaction=False)
             for m, imp in zip(members, importance):
                 pipe.zadd(ACCESS, {m: now}, xx=True)
-                pipe.zadd(LEAVES, {m: eviction_priority(now, imp or 0.0, self.settings.kv_importance_weight_s)}, xx=True)
+                pipe.zadd(LEAVES, {m: self._priority(now, imp or 0.0)}, xx=True)
             await pipe.execute()
 
         await self._meta(mark)
@@ -391,8 +394,7 @@ class KVStoreService:
         children = await r.hincrby(block_meta_key(parent), "children", -1)
         if children <= 0:
             access, importance = await r.zmscore(ACCESS, [parent]), await r.zmscore(IMPORTANCE, [parent])
-            priority = eviction_priority(access[0] or self.clock(), importance[0] or 0.0, self.settings.kv_importance_weight_s)
-            await r.zadd(LEAVES, {parent: priority})
+            await r.zadd(LEAVES, {parent: self._priority(access[0] or self.clock(), importance[0] or 0.0)})
 
     async def _delete_bytes(self, model_id: str, quant: str, chain_hash: str, num_layers: int) -> None:
         by_node: dict[int, list[str]] = defaultdict(list)

@@ -45,7 +45,8 @@ class KVIndexClient:
         """How many leading blocks of `refs` are stored for all layers; 0 on any error or timeout."""
         if not refs:
             return 0
-        request = KVLookupRequest(model_id=model_id, quant=quant, num_layers=num_layers, hashes=[r.chain_hash for r in refs])
+        hashes = [r.chain_hash for r in refs]
+        request = KVLookupRequest(model_id=model_id, quant=quant, num_layers=num_layers, hashes=hashes)
         reply = await self._call(subjects.KV_LOOKUP, request, KVLookupReply)
         return min(reply.blocks, len(refs)) if reply else 0
 

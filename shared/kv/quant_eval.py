@@ -40,7 +40,8 @@ def roundtrip_blocks(k: Tensor, v: Tensor, mode: str, block_tokens: int, group: 
     stored = (k.shape[0] // block_tokens) * block_tokens
     ks, vs = [], []
     for start in range(0, stored, block_tokens):
-        kb, vb = dequantize_kv(quantize_kv(k[start : start + block_tokens], v[start : start + block_tokens], mode, group))
+        end = start + block_tokens
+        kb, vb = dequantize_kv(quantize_kv(k[start:end], v[start:end], mode, group))
         ks.append(kb)
         vs.append(vb)
     return torch.cat([*ks, k[stored:]]), torch.cat([*vs, v[stored:]])
@@ -119,7 +120,9 @@ def evaluate_quantization(
         equal = next((n for n, (a, b) in enumerate(zip(tokens, exact_tokens)) if a != b), new_tokens)
         reports.append(QuantReport(
             mode=mode,
-            bytes_per_token=bytes_per_token(mode, reference_dtype, cfg.num_key_value_heads, cfg.head_dim, group, block_tokens),
+            bytes_per_token=bytes_per_token(
+                mode, reference_dtype, cfg.num_key_value_heads, cfg.head_dim, group, block_tokens
+            ),
             attention_rel_error=math.sqrt(err_sq / ref_sq),
             greedy_tokens_equal=equal,
             new_tokens=new_tokens,

@@ -25,7 +25,9 @@ class HashRing:
             raise ValueError("a hash ring needs at least one node")
         self.nodes = list(nodes)
         # Points are named after the node (its URL), not its position: reordering the list moves nothing.
-        ring = sorted((_point(f"{node}#{i}"), index) for index, node in enumerate(self.nodes) for i in range(points_per_node))
+        ring = sorted(
+            (_point(f"{node}#{i}"), index) for index, node in enumerate(self.nodes) for i in range(points_per_node)
+        )
         self._points = [p for p, _ in ring]
         self._owners = [owner for _, owner in ring]
 

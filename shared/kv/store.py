@@ -62,7 +62,8 @@ class KVBlockStore:
         return await self.put_blocks([(layer, ref, k, v)], model_id, quant)
 
     async def put_blocks(self, items: list[PutItem], model_id: str, quant: str) -> int:
-        """Store many (layer, ref, k, v) in pipelines; returns the bytes that reached Redis."""
+        """Store many (layer, ref, k, v) in pipelines; returns the bytes that reached Redis (less than
+        all of them if a node was unreachable: the kvstore's lookup checks bytes before claiming blocks)."""
         _check_quant(quant)
         if not items:
             return 0
@@ -199,7 +200,9 @@ def _by_node(items: list[T], key_of: Callable[[T], str], nodes: RedisNodes) -> d
     return grouped
 
 
-def _batches(items: list[T], key_of: Callable[[T], str], nodes: RedisNodes, concurrency: int) -> list[tuple[int, list[T]]]:
+def _batches(
+    items: list[T], key_of: Callable[[T], str], nodes: RedisNodes, concurrency: int
+) -> list[tuple[int, list[T]]]:
     """Group items by the node of their key, then cut each group into about `concurrency`
     pipelines of at most PIPELINE_MAX_KEYS, so that several connections move bytes at once."""
     batches = []

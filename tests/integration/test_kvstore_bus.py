@@ -58,7 +58,8 @@ async def test_lookup_commit_touch_pin_stats_over_the_bus(kvstore):
     refs = block_chain(MODEL, list(range(3 * BLOCK + 1)), BLOCK)
     assert await client.lookup(MODEL, refs, QUANT, LAYERS) == 0
 
-    items = [(layer, ref, torch.randn(BLOCK, 2, 8), torch.randn(BLOCK, 2, 8)) for layer in range(LAYERS) for ref in refs]
+    items = [(layer, ref, torch.randn(BLOCK, 2, 8), torch.randn(BLOCK, 2, 8))
+             for layer in range(LAYERS) for ref in refs]
     nbytes = await store.put_blocks(items, MODEL, QUANT)
     await client.commit(MODEL, refs, QUANT, LAYERS, nbytes, request_id="req-1")
     assert await client.lookup(MODEL, refs, QUANT, LAYERS) == 3

@@ -51,7 +51,8 @@ async def test_redis_restart_mid_run():
     refs = block_chain(MODEL, list(range(3 * BLOCK)), BLOCK)
 
     def items():
-        return [(layer, ref, torch.randn(BLOCK, 1, 8), torch.randn(BLOCK, 1, 8)) for layer in range(LAYERS) for ref in refs]
+        return [(layer, ref, torch.randn(BLOCK, 1, 8), torch.randn(BLOCK, 1, 8))
+                for layer in range(LAYERS) for ref in refs]
 
     try:
         nbytes = await store.put_blocks(items(), MODEL, QUANT)

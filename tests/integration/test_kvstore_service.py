@@ -56,7 +56,8 @@ def shared_prefix_chain(prefix_seed: int, prefix_blocks: int, seed: int, blocks:
 
 async def put_and_commit(service, store, refs, request_id=None) -> int:
     """What a worker does: write every layer of the blocks to Redis, then commit them."""
-    items = [(layer, ref, torch.randn(BLOCK, 1, 8), torch.randn(BLOCK, 1, 8)) for layer in range(LAYERS) for ref in refs]
+    items = [(layer, ref, torch.randn(BLOCK, 1, 8), torch.randn(BLOCK, 1, 8))
+             for layer in range(LAYERS) for ref in refs]
     nbytes = await store.put_blocks(items, MODEL, QUANT)
     blocks = [KVCommitBlock(index=r.index, chain_hash=r.chain_hash, parent_hash=r.parent_hash) for r in refs]
     await service.commit(KVCommitRequest(model_id=MODEL, quant=QUANT, num_layers=LAYERS, blocks=blocks,

@@ -30,7 +30,8 @@ def test_errors_on_demo_activations(demo):
     model, tokenizer = demo
     ids = tokenizer.encode(PROMPT)
     ids = ids[: (len(ids) // BLOCK_TOKENS) * BLOCK_TOKENS - 1]  # full blocks but the last, plus a tail
-    reports = {r.mode: r for r in evaluate_quantization(model, ids, ["none", "int8", "int4"], BLOCK_TOKENS, GROUP, NEW_TOKENS)}
+    reports = evaluate_quantization(model, ids, ["none", "int8", "int4"], BLOCK_TOKENS, GROUP, NEW_TOKENS)
+    reports = {r.mode: r for r in reports}
     assert reports["none"].attention_rel_error == 0.0
     assert reports["none"].greedy_tokens_equal == NEW_TOKENS
     assert 0.0 < reports["int8"].attention_rel_error < INT8_MAX_ATTENTION_ERROR

@@ -18,12 +18,22 @@ from shared.kv.client import KVIndexClient
 from shared.kv.keys import block_chain
 from shared.kv.store import KVBlockStore
 from shared.settings import Settings
+from tests.integration.stack import Servers
 
 pytestmark = pytest.mark.integration
 
-DB = 4  # of the session's private redis-server; flushed around the test
+
+DB = 4  # of this module's private redis-server; flushed around each test
 BLOCK, LAYERS, QUANT, MODEL, INSTANCE = 4, 2, "int4", "bus-model", "kvstore-test"
 READY_TIMEOUT_S = 15
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """This module's own nats-server and redis-server: nothing else shares their data."""
+    s = Servers(tmp_path_factory.mktemp("kvstore-servers"))
+    yield s
+    s.stop()
 
 
 @pytest.fixture

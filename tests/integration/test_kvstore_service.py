@@ -12,12 +12,22 @@ from shared.kv.keys import BlockRef, block_chain
 from shared.kv.messages import KVCommitBlock, KVCommitRequest, KVLookupRequest, KVPinRequest, KVTouch, KVTouchRequest
 from shared.kv.store import KVBlockStore
 from shared.settings import Settings
+from tests.integration.stack import Servers
 
 pytestmark = pytest.mark.integration
 
-DB = 3  # of the session's private redis-server; flushed around each test
+
+DB = 3  # of this module's private redis-server; flushed around each test
 BLOCK, LAYERS, QUANT, MODEL = 4, 2, "int8", "test-model"
 TTL_S = 100
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """This module's own nats-server and redis-server: nothing else shares their data."""
+    s = Servers(tmp_path_factory.mktemp("kvstore-servers"))
+    yield s
+    s.stop()
 
 
 class Clock:

@@ -16,14 +16,23 @@ from shared.kv.quant import QUANT_MODES, dequantize_kv, quantize_kv
 from shared.kv.ring import HashRing
 from shared.kv.store import KVBlockStore
 from shared.settings import Settings
-from tests.integration.stack import free_port
+from tests.integration.stack import Servers, free_port
 
 pytestmark = pytest.mark.integration
 
-# Redis databases of this file (the session's private redis-server); flushed around each test.
+
+# Redis databases of this file's private redis-server; flushed around each test.
 FIRST_DB, SECOND_DB = 1, 2
 BLOCK, GROUP, KV_HEADS, HEAD_DIM, LAYERS = 8, 4, 2, 8, 3
 MODEL = "test-model"
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """This module's own nats-server and redis-server: nothing else shares their data."""
+    s = Servers(tmp_path_factory.mktemp("kvstore-servers"))
+    yield s
+    s.stop()
 
 
 def _url(servers, db: int) -> str:

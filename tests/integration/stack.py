@@ -76,18 +76,19 @@ class Servers:
 
 
 class Stack:
-    """scheduler + fusion + kvstore + N workers, each a real process."""
+    """scheduler + fusion (+ kvstore) + N workers, each a real process, on private servers."""
 
-    def __init__(self, servers: Servers, workdir: Path, workers: int, env: dict[str, str] | None = None,
+    def __init__(self, workdir: Path, workers: int, env: dict[str, str] | None = None,
                  services: tuple[str, ...] = ("fusion", "scheduler")):
-        self.servers = servers
+        # Each stack has its own servers: two stacks alive at once never see each other's services.
+        self.servers = Servers(workdir / "servers")
         self.workdir = workdir
         self.env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
             "PYTHONUNBUFFERED": "1",
-            "RINGSERVE_NATS_URL": servers.nats_url,
-            "RINGSERVE_REDIS_URL": servers.redis_url,
+            "RINGSERVE_NATS_URL": self.servers.nats_url,
+            "RINGSERVE_REDIS_URL": self.servers.redis_url,
             "RINGSERVE_DEMO_DIR": str(workdir / "demo-model"),
             "RINGSERVE_HEARTBEAT_INTERVAL_S": "0.25",
             "RINGSERVE_HEARTBEAT_TIMEOUT_S": "2.0",
@@ -162,4 +163,5 @@ class Stack:
             except subprocess.TimeoutExpired:
                 p.kill()
                 codes[label] = p.wait()
+        self.servers.stop()
         return codes

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def demo_stack(servers, tmp_path_factory):
-    stack = Stack(servers, tmp_path_factory.mktemp("demo"), workers=1,
+def demo_stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("demo"), workers=1,
                   env={"RINGSERVE_MAX_PROMPT_TOKENS": "2000", "RINGSERVE_MAX_REQUEST_BYTES": "65536"})
     try:
         asyncio.run(stack.wait_ready(1))

@@ -7,6 +7,7 @@ import nats
 import pytest
 import torch
 
+from tests.helpers.checkpoints import save_tiny_checkpoint, tiny_dims
 from tests.integration.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -18,27 +19,25 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   rope_theta=10000.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    """Llama 3 shaped: GQA, llama3 rope scaling, random weights scaled so greedy output varies."""
+    cfg = transformers.LlamaConfig(**tiny_dims(max_position_embeddings=512, eos_token_id=2),
+                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
-    return path, model
+    return path, save_tiny_checkpoint(cfg, path, seed=0)
 
 
 def hf_greedy(model, ids):
     # eos disabled on the reference side; the comparison stops where ringserve stopped
     out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
+                         eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     return out[0, len(ids):].tolist()
 
 
 @pytest.fixture(scope="module")
-def ring_stack(servers, tmp_path_factory, tiny_llama):
+def ring_stack(tmp_path_factory, tiny_llama):
     path, _ = tiny_llama
-    stack = Stack(servers, tmp_path_factory.mktemp("ring"), workers=4,
+    stack = Stack(tmp_path_factory.mktemp("ring"), workers=4,
                   env={"RINGSERVE_MODEL": str(path), "RINGSERVE_CHUNK_TOKENS": str(CHUNK)})
     try:
         asyncio.run(stack.wait_ready(4))
@@ -64,3 +63,31 @@ async def test_ring_of_n_workers_matches_transformers(ring_stack, tiny_llama, pr
     expected = hf_greedy(model, ids)
     got = reply["output_ids"]
     assert got == expected[: len(got)] and (len(got) == NEW_TOKENS or got[-1] == 2)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+async def test_qwen2_and_mistral_over_a_two_worker_ring_match_transformers(tmp_path_factory, family):
+    if family == "qwen2":
+        cfg = transformers.Qwen2Config(**tiny_dims(eos_token_id=2))  # q/k/v biases
+    else:
+        cfg = transformers.MistralConfig(**tiny_dims(num_key_value_heads=1, eos_token_id=2))  # MQA
+    path = tmp_path_factory.mktemp(f"tiny-{family}")
+    model = save_tiny_checkpoint(cfg, path, seed=3)
+    stack = Stack(tmp_path_factory.mktemp(f"stack-{family}"), workers=2,
+                  env={"RINGSERVE_MODEL": str(path), "RINGSERVE_CHUNK_TOKENS": str(CHUNK)})
+    try:
+        await stack.wait_ready(2)
+        ids = [(i * 53 + 7) % 297 + 3 for i in range(23)]
+        nc = await nats.connect(stack.servers.nats_url)
+        try:
+            msg = await nc.request("ringserve.v1.generate",
+                                   json.dumps({"input_ids": ids, "max_new_tokens": NEW_TOKENS}).encode(), timeout=120)
+            reply = json.loads(msg.data)
+        finally:
+            await nc.close()
+        assert "error" not in reply, f"{reply}\n{stack.logs()}"
+        assert len(reply["placement"]["workers"]) == 2
+        got = reply["output_ids"]
+        assert got == hf_greedy(model, ids)[: len(got)] and len(set(got)) > 1
+    finally:
+        stack.stop()

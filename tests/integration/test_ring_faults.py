@@ -27,9 +27,9 @@ def _ids(n, salt=0):
 
 
 @pytest.fixture(scope="module")
-def collective_stack(servers, tmp_path_factory, tiny_llama):  # noqa: F811
+def collective_stack(tmp_path_factory, tiny_llama):  # noqa: F811
     path, _ = tiny_llama
-    stack = Stack(servers, tmp_path_factory.mktemp("collective"), workers=4,
+    stack = Stack(tmp_path_factory.mktemp("collective"), workers=4,
                   env={"RINGSERVE_MODEL": str(path), "RINGSERVE_CHUNK_TOKENS": str(CHUNK),
                        "RINGSERVE_FUSION": "collective", "RINGSERVE_MAX_RING_SIZE": "2"})
     try:
@@ -53,21 +53,21 @@ async def test_collective_fusion_on_two_disjoint_rings_at_once(collective_stack,
     assert not rings[0] & rings[1], "two rings running at once must not share a worker"
 
 
-async def test_killed_worker_fails_its_request_and_the_next_one_succeeds(servers, tmp_path_factory, tiny_llama):  # noqa: F811
+async def test_killed_worker_fails_its_request_and_the_next_one_succeeds(tmp_path_factory, tiny_llama):  # noqa: F811
     path, model = tiny_llama
-    stack = Stack(servers, tmp_path_factory.mktemp("faults"), workers=3,
+    stack = Stack(tmp_path_factory.mktemp("faults"), workers=3,
                   env={"RINGSERVE_MODEL": str(path), "RINGSERVE_CHUNK_TOKENS": str(CHUNK),
                        "RINGSERVE_FUSION_TIMEOUT_S": "8", "RINGSERVE_DIST_TIMEOUT_S": "8"})
     try:
         await stack.wait_ready(3)
-        long_run = asyncio.create_task(_generate(servers.nats_url, _ids(40), max_new_tokens=400))
+        long_run = asyncio.create_task(_generate(stack.servers.nats_url, _ids(40), max_new_tokens=400))
         await asyncio.sleep(3.0)
         stack.kill("worker1")  # SIGKILL: no goodbye
         failed = await asyncio.wait_for(long_run, 60)
         assert failed.get("error", {}).get("code") == "unavailable", failed
         await stack.wait_ready(2, timeout=60)
         prompt = _ids(25, 3)
-        reply = await _generate(servers.nats_url, prompt)
+        reply = await _generate(stack.servers.nats_url, prompt)
         assert "error" not in reply, f"{reply}\n{stack.logs()}"
         assert len(reply["placement"]["workers"]) == 2 and "worker1" not in reply["placement"]["workers"]
         assert reply["output_ids"] == hf_greedy(model, prompt)[: len(reply["output_ids"])]

@@ -67,6 +67,7 @@ class KVStoreApp(ServiceApp):
             try:
                 expired = await service.sweep_expired()
                 evicted = await service.evict_to_budget()
+                await service.stats()  # refreshes the gauges of what is stored
                 if expired or evicted:
                     log.info("kv_sweep", expired=expired, evicted=evicted)
             except Exception:  # one failed sweep must not end the loop

@@ -183,8 +183,6 @@ class KVStoreService:
 
         await self._meta(index)
         await self._mark_accessed([m for m, c in zip(members, claimed) if not c])
-        if new:
-            self.metrics.bytes_stored.add(sum(size for _, _, size in new), {"quant": req.quant})
         if req.request_id:
             await self._pin(req.request_id, members)
         evicted = await self.evict_to_budget()
@@ -233,15 +231,19 @@ class KVStoreService:
         requests, blocks = pinned
         c = {k: int(v) for k, v in counters.items()}
         hits, misses = c.get("hits", 0), c.get("misses", 0)
+        bytes_by_quant = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("bytes:") and v}
+        blocks_by_quant = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("blocks:") and v}
+        hit_rate = hits / (hits + misses) if hits + misses else None
+        self.metrics.stored(bytes_by_quant, blocks_by_quant, hit_rate)
         return KVStats(
             blocks=c.get("blocks", 0),
             bytes_stored=c.get("bytes", 0),
             budget_bytes=self.settings.kv_budget_bytes,
-            bytes_by_quant={k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("bytes:") and v},
-            blocks_by_quant={k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("blocks:") and v},
+            bytes_by_quant=bytes_by_quant,
+            blocks_by_quant=blocks_by_quant,
             hits=hits,
             misses=misses,
-            hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+            hit_rate=hit_rate or 0.0,
             evictions=c.get("evictions", 0),
             expired=c.get("expired", 0),
             lost=c.get("lost", 0),
@@ -377,7 +379,6 @@ class KVStoreService:
                                   (f"blocks:{quant}", -1), (DROP_COUNTERS[reason], 1)):
                 pipe.hincrby(STATS, field, amount)
             await pipe.execute()
-            self.metrics.bytes_stored.add(-size, {"quant": quant})
             self.metrics.evictions.add(1, {"reason": reason})
             return size
 

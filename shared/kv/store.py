@@ -38,6 +38,8 @@ T = TypeVar("T")
 
 # One pipeline carries at most this many blocks: bounded memory and latency per round trip.
 PIPELINE_MAX_KEYS = 32
+# Floor of a measured duration, so a rate is never a division by zero.
+MIN_SECONDS = 1e-9
 
 Slot = tuple[int, int]  # (layer, block index)
 PutItem = tuple[int, BlockRef, Tensor, Tensor]  # (layer, ref, k [b, kv_heads, d], v [b, kv_heads, d])
@@ -73,7 +75,8 @@ class KVBlockStore:
         written = sum(await asyncio.gather(*(self._store(node, batch, quant) for node, batch in batches)))
         if written:
             self.metrics.bytes_written.add(written, {"quant": quant})
-            self.metrics.store_throughput.record(written / max(time.perf_counter() - started, 1e-9), {"quant": quant})
+            rate = written / max(time.perf_counter() - started, MIN_SECONDS)
+            self.metrics.throughput.record(rate, {"op": "store", "quant": quant})
         return written
 
     async def _store(self, node: int, batch: list[tuple[str, PutItem]], quant: str) -> int:
@@ -154,7 +157,8 @@ class KVBlockStore:
         self.metrics.blocks_read.add(len(corrupt), {"result": "corrupt"})
         if read_bytes:
             self.metrics.bytes_read.add(read_bytes, {"quant": quant})
-            self.metrics.load_throughput.record(read_bytes / max(time.perf_counter() - started, 1e-9), {"quant": quant})
+            rate = read_bytes / max(time.perf_counter() - started, MIN_SECONDS)
+            self.metrics.throughput.record(rate, {"op": "load", "quant": quant})
         return out
 
     async def _load(

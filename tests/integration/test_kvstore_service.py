@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services.kvstore.service import BYTES, KVStoreService, member
 from shared.kv.keys import BlockRef, block_chain
@@ -185,3 +187,37 @@ async def test_blocks_past_their_ttl_are_swept_unless_pinned(env):
     assert await stored(meta, a + b) == [False, False, True, True]
     assert not await meta.exists(store.key(MODEL, 0, a[0], QUANT))  # the bytes went with the metadata
     assert (await service.stats()).expired == 2
+
+
+def _collect(reader: InMemoryMetricReader) -> dict[str, list]:
+    """Metric name -> its data points, collected now."""
+    data = reader.get_metrics_data()
+    return {
+        metric.name: list(metric.data.data_points)
+        for resource_metrics in (data.resource_metrics if data else [])
+        for scope in resource_metrics.scope_metrics
+        for metric in scope.metrics
+    }
+
+
+async def test_metrics_report_lookups_evictions_and_what_is_stored(env):
+    plain_service, store, clock, _ = env
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    service = KVStoreService(plain_service.settings, meter=provider.get_meter("test"), clock=clock)
+    a = chain(1, 3)
+    nbytes = await put_and_commit(service, store, a)
+    assert await lookup(service, a + chain(2, 1)) == 3  # 3 hits, 1 miss
+    service.settings = service.settings.model_copy(update={"kv_budget_bytes": nbytes // 3})
+    assert await service.evict_to_budget() == 2
+    await service.stats()
+
+    points = _collect(reader)
+    lookups = {p.attributes["result"]: p.value for p in points["ringserve_kv_cache_lookups"]}
+    assert lookups == {"hit": 3, "miss": 1}
+    assert [(p.attributes, p.value) for p in points["ringserve_kv_evictions"]] == [({"reason": "budget"}, 2)]
+    assert [(p.attributes, p.value) for p in points["ringserve_kv_stored_bytes"]] == [({"quant": QUANT}, nbytes // 3)]
+    assert [(p.attributes, p.value) for p in points["ringserve_kv_stored_blocks"]] == [({"quant": QUANT}, 1)]
+    assert [p.value for p in points["ringserve_kv_hit_ratio"]] == [0.75]
+    await service.close()
+    provider.shutdown()

@@ -8,6 +8,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from structlog.testing import capture_logs
 
 from shared.kv.block import encode_block
@@ -165,3 +167,25 @@ async def test_unreachable_redis_means_misses_and_one_log_line():
             await asyncio.sleep(0.06)  # past the retry interval: the node is tried again, and fails again
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["kv_redis_unavailable"]
     await store.close()
+
+
+async def test_metrics_report_bytes_blocks_and_throughput(servers, dbs):
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    store = KVBlockStore(_settings(_url(servers, FIRST_DB)), meter=provider.get_meter("test"))
+    refs = block_chain(MODEL, list(range(3 * BLOCK)), BLOCK)
+    written = await store.put_blocks(_items(refs, layers=1), MODEL, "int8")
+    await dbs[0].delete(store.key(MODEL, 0, refs[2], "int8"))
+    await store.get_blocks(MODEL, refs, [0], "int8", torch.float32, "cpu")
+
+    data = reader.get_metrics_data()
+    points = {m.name: list(m.data.data_points) for rm in data.resource_metrics for sm in rm.scope_metrics
+              for m in sm.metrics}
+    assert [p.value for p in points["ringserve_kv_store_written_bytes"]] == [written]
+    assert [p.value for p in points["ringserve_kv_store_read_bytes"]] == [written * 2 // 3]  # int8 blocks: equal sizes
+    blocks = {p.attributes["result"]: p.value for p in points["ringserve_kv_store_blocks_read"]}
+    assert blocks["hit"] == 2 and blocks["miss"] == 1 and blocks.get("corrupt", 0) == 0
+    assert {p.attributes["op"]: p.count for p in points["ringserve_kv_store_throughput_bytes_per_second"]} == {
+        "store": 1, "load": 1}
+    await store.close()
+    provider.shutdown()

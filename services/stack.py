@@ -95,6 +95,16 @@ def redis_command(binary: str, host: str, port: int) -> list[str]:
     return [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
 
 
+def visible_gpus() -> list[str]:
+    """The GPU indices this host offers (CUDA_VISIBLE_DEVICES when set, else all of them)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def is_ready(status: StatusReply, workers: int) -> bool:
     """All workers registered and, with several, joined into one torch.distributed world."""
     if len(status.workers) < workers:
@@ -221,9 +231,14 @@ class LocalStack:
     def start_services(self) -> None:
         env = self.child_env()
         names = list(SINGLE_SERVICES) + [f"worker-{i}" for i in range(self.workers)]
+        gpus = visible_gpus() if self.device == "cuda" else []
         for name in names:
             module = f"services.{name.split('-')[0]}"
-            self.services.append(self._spawn(name, [self.python, "-m", module], env))
+            child_env = env
+            if name.startswith("worker-") and gpus:
+                # One GPU per worker (NCCL refuses two ranks on one device), round robin.
+                child_env = {**env, "CUDA_VISIBLE_DEVICES": gpus[int(name.split("-")[1]) % len(gpus)]}
+            self.services.append(self._spawn(name, [self.python, "-m", module], child_env))
 
     def start(self) -> None:
         try:

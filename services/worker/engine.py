@@ -47,6 +47,27 @@ def causal_block_sparsity(q_segments: list[tuple[int, int]], kv_segments: list[l
     return sum(1 for q, k in pairs if k[0] >= q[1]), len(pairs)
 
 
+class RingGroups:
+    """Process groups of exactly a ring's ranks, made on first use by the ring's members alone.
+
+    gloo does point-to-point on the world group; NCCL needs a group whose first operation
+    involves all of its ranks, so each ring gets its own (cached for the world's generation)."""
+
+    def __init__(self) -> None:
+        self._generation = -1
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+    def get(self, plan: RingPlan) -> dist.ProcessGroup | None:
+        if plan.size == 1 or dist.get_backend() != "nccl":
+            return None
+        if plan.world_generation != self._generation:
+            self._generation, self._groups = plan.world_generation, {}
+        key = tuple(plan.world_ranks)
+        if key not in self._groups:
+            self._groups[key] = dist.new_group(list(key), use_local_synchronization=True)
+        return self._groups[key]
+
+
 def ring_ranks(plan: RingPlan) -> list[int]:
     """World ranks of the ring; a ring of one needs no world (this process alone)."""
     if plan.size == 1:
@@ -70,6 +91,7 @@ class WorkerEngine:
         self.device = device
         self.dtype = dtype
         self.requests: dict[str, ActiveRequest] = {}
+        self.groups = RingGroups()
 
     # ------------------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -95,7 +117,7 @@ class WorkerEngine:
             kv.layers[i].append(k, v)
             out, _lse = ring_attention(
                 q, k, v, scale=self.model.attn_scale, q_segments=mine, kv_segments=segments,
-                ring_ranks=ring_ranks(plan),
+                ring_ranks=ring_ranks(plan), group=self.groups.get(plan),
             )
             h = layer.finish(h, out.to(self.dtype))
             if progress is not None:
@@ -149,7 +171,7 @@ class WorkerEngine:
                 ))
             if collective:
                 merged_outs = [
-                    collective_merge(p.out, p.lse, ring_ranks=ring_ranks(req.plan))[0]
+                    collective_merge(p.out, p.lse, ring_ranks=ring_ranks(req.plan), group=self.groups.get(req.plan))[0]
                     for p, req in zip(partials, reqs)
                 ]
             else:

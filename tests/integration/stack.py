@@ -109,7 +109,13 @@ class Stack:
     def start(self, service: str, label: str | None = None) -> subprocess.Popen:
         label = label or service
         log = open(self.workdir / f"{label}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=REPO, env=self.env,
+        env = self.env
+        if service == "worker" and env.get("RINGSERVE_DEVICE") == "cuda":
+            from services.stack import visible_gpus
+
+            gpus = visible_gpus()
+            env = {**env, "CUDA_VISIBLE_DEVICES": gpus[len([p for p in self.procs if p.startswith("worker")]) % len(gpus)]}
+        proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs[label] = proc
         return proc

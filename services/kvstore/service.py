@@ -285,7 +285,7 @@ class KVStoreService:
             return 0
         dropped = 0
         for m in old:
-            if m not in pinned[1] and await self._drop(m, "ttl"):
+            if m not in pinned[1] and await self._drop(m, "ttl") is not None:
                 dropped += 1
         return dropped
 

@@ -85,7 +85,7 @@ class Stack:
         self.workdir = workdir
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
             "PYTHONUNBUFFERED": "1",
             "RINGSERVE_NATS_URL": self.servers.nats_url,
             "RINGSERVE_REDIS_URL": self.servers.redis_url,

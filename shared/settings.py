@@ -87,6 +87,9 @@ class Settings(BaseSettings):
 
     # --- observability -----------------------------------------------------------------------
     log_level: str = "info"
+    # Decode steps traced in the fusion service (and as worker decode spans): step 0 and every
+    # N-th; a span per layer per token would cost more than the merge it describes.
+    trace_decode_every: int = Field(default=16, ge=1)
     # Port of the Prometheus scrape endpoint (0: none). One port per process: give each service
     # process on a host its own (containers and pods each have their own network).
     metrics_port: int = Field(default=0, ge=0)

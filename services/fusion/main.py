@@ -22,6 +22,12 @@ from services.fusion.table import FusionError, FusionTable
 log = structlog.get_logger("fusion")
 
 
+def traced_step(request: FusionRequest, every: int) -> bool:
+    """Merges are sampled for tracing by decode step (a span per layer per token would cost more
+    than the merge itself): step 0 and every `every`-th step of each request."""
+    return any(item.step % every == 0 for item in request.items)
+
+
 class FusionHeartbeat(ServiceHeartbeat):
     partition: str
     pending_groups: int
@@ -33,6 +39,7 @@ class FusionApp(ServiceApp):
 
     def __init__(self, settings: Settings):
         self.table = FusionTable(settings.fusion_timeout_s)
+        self.trace_every = settings.trace_decode_every
         self._reaper: asyncio.Task | None = None
 
     async def start(self, rt: ServiceRuntime) -> None:
@@ -61,7 +68,16 @@ class FusionApp(ServiceApp):
         try:
             request = codec.decode(msg.data, FusionRequest)
             before = self.table.merges
-            replies = self.table.add(request, msg.reply)
+            if traced_step(request, self.trace_every):
+                with self.rt.telemetry.tracer.start_as_current_span("fusion.merge", attributes={
+                    "worker_id": request.worker_id, "items": len(request.items),
+                    "request_ids": sorted({i.request_id for i in request.items}),
+                    "layer": request.items[0].layer if request.items else -1,
+                    "step": request.items[0].step if request.items else -1,
+                }):
+                    replies = self.table.add(request, msg.reply)
+            else:
+                replies = self.table.add(request, msg.reply)
         except (codec.CodecError, ValidationError, FusionError) as exc:
             log.warning("fusion_bad_message", error=str(exc)[:300])
             if msg.reply:

@@ -19,7 +19,9 @@ because a group's first batch_isend_irecv must involve all of that group's ranks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,13 @@ import torch.distributed as dist
 from shared.attention.layout import Segment, segment_tokens
 from shared.attention.local import attention_with_lse, empty_partial
 from shared.attention.merge import merge_partials
+
+
+@dataclass(frozen=True)
+class RingStep:
+    step: int
+    bytes_sent: int  # K/V bytes this member sent on this step (0 on the last)
+    wait_ms: float  # host time blocked on the transfer after the step's compute
 
 
 def member_index(ring_ranks: Sequence[int]) -> int:
@@ -49,11 +58,14 @@ def ring_attention(
     ring_ranks: Sequence[int],
     q_segments: Sequence[Segment] | None = None,
     group: dist.ProcessGroup | None = None,
+    on_step: Callable[[RingStep], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of this member's q [tq, H, d] over the ring's keys.
 
     k, v: [tk, KVH, d], this member's rows of kv_segments[me].
     q_segments: positions of q's rows (default: kv_segments[me]).
+    on_step: called after each ring step with what it sent and how long the host waited for
+    the transfer after computing (tracing and the ring-latency metric use it).
     Returns (out [tq, H, d], lse [tq, H]) in float32.
     """
     ring_size = len(ring_ranks)
@@ -88,10 +100,17 @@ def ring_attention(
         acc_out, acc_lse = _fold_block(
             acc_out, acc_lse, q, q_segments, block[0], block[1], kv_segments[source], scale
         )
+        wait_ms = 0.0
+        sent = 0
         if transfer is not None:
+            t0 = time.perf_counter()
             for work in transfer:
                 work.wait()
+            wait_ms = (time.perf_counter() - t0) * 1000
+            sent = block.numel() * block.element_size()
             block = next_block
+        if on_step is not None:
+            on_step(RingStep(step=step, bytes_sent=sent, wait_ms=wait_ms))
     return acc_out, acc_lse
 
 

@@ -83,7 +83,9 @@ def _handler(rt: ServiceRuntime, model: type[BaseModel], method: Callable[[BaseM
             await rt.bus.reply(msg, KVErrorReply(error=f"invalid {model.__name__}: {str(exc)[:MAX_ERROR_CHARS]}"))
             return
         try:
-            reply = await method(request)
+            with rt.telemetry.tracer.start_as_current_span(f"kvstore.{method.__name__}",
+                                                           attributes={"subject": msg.subject}):
+                reply = await method(request)
         except Exception as exc:
             log.exception("kv_request_failed", subject=msg.subject)
             reply = KVErrorReply(error=f"internal error: {type(exc).__name__}")

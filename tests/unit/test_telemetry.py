@@ -7,7 +7,6 @@ import socket
 import threading
 import urllib.request
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.messages import ErrorCode
 from shared.metrics import RingserveMetrics
 from shared.telemetry import setup_telemetry
+from tests.helpers.otlp import OtlpHttpReceiver
 
 OTEL_VARIABLES = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -136,42 +136,6 @@ def test_no_endpoint_and_no_port_starts_no_exporter(monkeypatch):
     finally:
         telemetry.tracer_provider.shutdown()  # nothing was recorded: no export is attempted
         telemetry.meter_provider.shutdown(timeout_millis=1000)
-
-
-# ---------------------------------------------------------------------------------- OTLP/HTTP
-class OtlpHttpReceiver:
-    """Records the protobuf bodies POSTed to /v1/traces and /v1/metrics."""
-
-    def __init__(self):
-        self.bodies: dict[str, list[bytes]] = {"/v1/traces": [], "/v1/metrics": []}
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.bodies.setdefault(self.path, []).append(body)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def span_names(bodies: list[bytes]) -> dict[str, str]:

@@ -81,6 +81,9 @@ async def test_cancel_stops_a_running_request_and_status_reports_load(demo_stack
     try:
         status = json.loads((await nc.request("ringserve.v1.status", b"{}", timeout=5)).data)
         assert status["model"] == "demo" and len(status["workers"]) == 1
+        for service in ("scheduler", "worker", "fusion"):  # discoverable through the NATS services API
+            ping = json.loads((await nc.request(f"$SRV.PING.ringserve-{service}", b"", timeout=5)).data)
+            assert ping["name"] == f"ringserve-{service}" and ping["type"] == "io.nats.micro.v1.ping_response"
         task = asyncio.create_task(_request(nc, {"prompt": "x", "max_new_tokens": 2000, "request_id": "long-1"}))
         await asyncio.sleep(1.0)
         cancel = json.loads((await nc.request("ringserve.v1.cancel", b'{"request_id": "long-1"}', timeout=5)).data)

@@ -153,6 +153,15 @@ class Stack:
         finally:
             await nc.close()
 
+    async def generate(self, body: dict, timeout: float = 120.0) -> dict:
+        """One JSON request on the public API; the decoded reply (or error)."""
+        nc = await nats.connect(self.servers.nats_url)
+        try:
+            msg = await nc.request("ringserve.v1.generate", json.dumps(body).encode(), timeout=timeout)
+            return json.loads(msg.data)
+        finally:
+            await nc.close()
+
     def kill(self, label: str, sig: int = signal.SIGKILL) -> None:
         self.killed.add(label)
         self.procs[label].send_signal(sig)

@@ -1,9 +1,7 @@
 """Greedy tokens through the real services over 1-4 gloo workers equal transformers' generate."""
 
 import asyncio
-import json
 
-import nats
 import pytest
 import torch
 
@@ -50,13 +48,7 @@ def ring_stack(tmp_path_factory, tiny_llama):
 async def test_ring_of_n_workers_matches_transformers(ring_stack, tiny_llama, prompt_len, ring):
     _, model = tiny_llama
     ids = [(i * 37 + 11) % 297 + 3 for i in range(prompt_len)]
-    nc = await nats.connect(ring_stack.servers.nats_url)
-    try:
-        msg = await nc.request("ringserve.v1.generate",
-                               json.dumps({"input_ids": ids, "max_new_tokens": NEW_TOKENS}).encode(), timeout=120)
-        reply = json.loads(msg.data)
-    finally:
-        await nc.close()
+    reply = await ring_stack.generate({"input_ids": ids, "max_new_tokens": NEW_TOKENS})
     assert "error" not in reply, f"{reply}\n{ring_stack.logs()}"
     assert len(reply["placement"]["workers"]) == ring
     assert reply["placement"]["chunk_tokens"] == CHUNK
@@ -78,13 +70,7 @@ async def test_qwen2_and_mistral_over_a_two_worker_ring_match_transformers(tmp_p
     try:
         await stack.wait_ready(2)
         ids = [(i * 53 + 7) % 297 + 3 for i in range(23)]
-        nc = await nats.connect(stack.servers.nats_url)
-        try:
-            msg = await nc.request("ringserve.v1.generate",
-                                   json.dumps({"input_ids": ids, "max_new_tokens": NEW_TOKENS}).encode(), timeout=120)
-            reply = json.loads(msg.data)
-        finally:
-            await nc.close()
+        reply = await stack.generate({"input_ids": ids, "max_new_tokens": NEW_TOKENS})
         assert "error" not in reply, f"{reply}\n{stack.logs()}"
         assert len(reply["placement"]["workers"]) == 2
         got = reply["output_ids"]

@@ -1,25 +1,13 @@
 """Several requests at once on disjoint rings, collective fusion, and a worker killed mid-request."""
 
 import asyncio
-import json
 
-import nats
 import pytest
 
 from tests.integration.stack import Stack
 from tests.integration.test_ring_equivalence import CHUNK, NEW_TOKENS, hf_greedy, tiny_llama  # noqa: F401
 
 pytestmark = pytest.mark.integration
-
-
-async def _generate(url, ids, max_new_tokens=NEW_TOKENS, timeout=120):
-    nc = await nats.connect(url)
-    try:
-        msg = await nc.request("ringserve.v1.generate",
-                               json.dumps({"input_ids": ids, "max_new_tokens": max_new_tokens}).encode(), timeout=timeout)
-        return json.loads(msg.data)
-    finally:
-        await nc.close()
 
 
 def _ids(n, salt=0):
@@ -42,7 +30,7 @@ def collective_stack(tmp_path_factory, tiny_llama):  # noqa: F811
 async def test_collective_fusion_on_two_disjoint_rings_at_once(collective_stack, tiny_llama):  # noqa: F811
     _, model = tiny_llama
     prompts = [_ids(30, salt) for salt in (0, 5)]
-    replies = await asyncio.gather(*(_generate(collective_stack.servers.nats_url, p) for p in prompts))
+    replies = await asyncio.gather(*(collective_stack.generate({"input_ids": p, "max_new_tokens": NEW_TOKENS}) for p in prompts))
     rings = []
     for prompt, reply in zip(prompts, replies):
         assert "error" not in reply, f"{reply}\n{collective_stack.logs()}"
@@ -60,14 +48,14 @@ async def test_killed_worker_fails_its_request_and_the_next_one_succeeds(tmp_pat
                        "RINGSERVE_FUSION_TIMEOUT_S": "8", "RINGSERVE_DIST_TIMEOUT_S": "8"})
     try:
         await stack.wait_ready(3)
-        long_run = asyncio.create_task(_generate(stack.servers.nats_url, _ids(40), max_new_tokens=400))
+        long_run = asyncio.create_task(stack.generate({"input_ids": _ids(40), "max_new_tokens": 400}))
         await asyncio.sleep(3.0)
         stack.kill("worker1")  # SIGKILL: no goodbye
         failed = await asyncio.wait_for(long_run, 60)
         assert failed.get("error", {}).get("code") == "unavailable", failed
         await stack.wait_ready(2, timeout=60)
         prompt = _ids(25, 3)
-        reply = await _generate(stack.servers.nats_url, prompt)
+        reply = await stack.generate({"input_ids": prompt, "max_new_tokens": NEW_TOKENS})
         assert "error" not in reply, f"{reply}\n{stack.logs()}"
         assert len(reply["placement"]["workers"]) == 2 and "worker1" not in reply["placement"]["workers"]
         assert reply["output_ids"] == hf_greedy(model, prompt)[: len(reply["output_ids"])]

@@ -101,10 +101,14 @@ class Stack:
         }
         self.procs: dict[str, subprocess.Popen] = {}
         self.killed: set[str] = set()
-        for name in services:
-            self.start(name)
-        for i in range(workers):
-            self.start("worker", f"worker{i}")
+        try:
+            for name in services:
+                self.start(name)
+            for i in range(workers):
+                self.start("worker", f"worker{i}")
+        except BaseException:
+            self.stop()
+            raise
 
     def start(self, service: str, label: str | None = None) -> subprocess.Popen:
         label = label or service

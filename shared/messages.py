@@ -271,6 +271,17 @@ class SamplingParams(_Internal):
     logprobs: bool = False
 
 
+class PromptBlock(BaseModel):
+    """One full KV block of the prompt, tokens [start, end), as shared/kv/keys.py's BlockRef names it."""
+
+    model_config = ConfigDict(extra="ignore")
+    index: int
+    start: int
+    end: int
+    chain_hash: str
+    parent_hash: str = ""
+
+
 class PrefillCommand(_Internal):
     plan: RingPlan
     member: int  # this worker's index in plan.workers
@@ -279,6 +290,9 @@ class PrefillCommand(_Internal):
     sampling: SamplingParams
     # leading prompt tokens whose KV the worker loads from the KV store instead of computing
     cached_tokens: int = 0
+    # the prompt's full blocks that overlap this member's segments: what it loads and stores
+    # (empty when the KV store is off)
+    kv_blocks: list[PromptBlock] = Field(default_factory=list)
 
 
 class PrefillProgress(_Internal):
@@ -297,6 +311,8 @@ class PrefillResult(_Internal):
     error_code: ErrorCode | None = None
     error: str | None = None
     kv_tokens: int = 0
+    # prompt positions of this member whose K/V came from the KV store (0 when its load missed)
+    cached_tokens: int = 0
 
 
 class DecodeStep(_Internal):

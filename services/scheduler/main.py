@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from shared import codec, subjects
 from shared.bus import BusError
 from shared.checkpoint import resolve_checkpoint
+from shared.kv.client import KVIndexClient
 from shared.messages import (
     CancelReply,
     CancelRequest,
@@ -22,6 +23,7 @@ from shared.messages import (
     DecodeStep,
     ErrorCode,
     FusionDrop,
+    KVQuant,
     PrefillCommand,
     PrefillProgress,
     PrefillResult,
@@ -37,6 +39,7 @@ from shared.service import ServiceApp, ServiceRuntime, main as service_main
 from shared.settings import Settings
 from services.scheduler.api import ApiError, check_limits, encode_reply, new_request_id, parse_generate
 from services.scheduler.placement import WorkerLoad, choose_workers, plan_ring
+from services.scheduler.prefix import PrefixIndex
 from services.scheduler.registry import Registry
 from services.scheduler.runner import RequestRunner, RequestState, done_event
 from services.scheduler.stops import StopChecker
@@ -96,6 +99,7 @@ class SchedulerApp(ServiceApp):
         self.rt = rt
         self.port = BusWorkerPort(rt.bus, self.settings)
         self.tracer = rt.telemetry.tracer
+        self.prefix = PrefixIndex(KVIndexClient(rt.bus, self.settings), self.settings, self.tracer)
         self.metrics = RingserveMetrics(rt.telemetry.meter)
         self.metrics.watch_queue("scheduler", lambda: self.waiting)
         bus = rt.bus
@@ -261,37 +265,40 @@ class SchedulerApp(ServiceApp):
             raise ApiError(ErrorCode.UNSUPPORTED, "stop strings need a tokenizer", request_id)
 
         state = RequestState(request_id=request_id, request=req, prompt_ids=prompt_ids)
-        emit = (lambda event: self._respond(msg, event, content_type)) if req.stream else None
-        runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop),
-                               set(model.eos_token_ids), emit)
-        self.runners[request_id] = runner
-        progress_sub = None
-        try:
-            plan = self._place(request_id, len(prompt_ids), req)
-            with self.tracer.start_as_current_span("scheduler.placement", attributes={
-                "ring.size": plan.size, "chunk_tokens": plan.chunk_tokens, "prompt_tokens": len(prompt_ids)}):
-                log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
-                         prompt_tokens=len(prompt_ids))
-            if req.stream:
-                async def on_progress(m: Msg) -> None:
-                    p = codec.decode(m.data, PrefillProgress)
-                    await runner.on_progress(p.layers_done, p.layers)
-                progress_sub = await self.rt.bus.nc.subscribe(subjects.progress(request_id), cb=on_progress)
-            runner.task = asyncio.current_task()
+        quant = (req.kv_quant or KVQuant(self.settings.kv_quant)).value
+        # The prompt's cached blocks stay pinned until the request ends, however it ends.
+        async with self.prefix.hold(request_id, model, prompt_ids, quant) as hit:
+            emit = (lambda event: self._respond(msg, event, content_type)) if req.stream else None
+            runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop), set(model.eos_token_ids),
+                                   emit, cached_tokens=hit.cached_tokens, kv_blocks=hit.blocks)
+            self.runners[request_id] = runner
+            progress_sub = None
             try:
-                reply = await runner.run(plan)
-            except asyncio.CancelledError:
-                await self._drop_fusion(plan)
-                if runner.lost_workers:
-                    raise ApiError(ErrorCode.UNAVAILABLE, f"workers lost: {runner.lost_workers}", request_id) from None
-                raise
-            except ApiError:
-                await self._drop_fusion(plan)
-                raise
-        finally:
-            self.runners.pop(request_id, None)
-            if progress_sub is not None:
-                await progress_sub.unsubscribe()
+                plan = self._place(request_id, len(prompt_ids), req)
+                with self.tracer.start_as_current_span("scheduler.placement", attributes={
+                    "ring.size": plan.size, "chunk_tokens": plan.chunk_tokens, "prompt_tokens": len(prompt_ids)}):
+                    log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
+                             prompt_tokens=len(prompt_ids))
+                if req.stream:
+                    async def on_progress(m: Msg) -> None:
+                        p = codec.decode(m.data, PrefillProgress)
+                        await runner.on_progress(p.layers_done, p.layers)
+                    progress_sub = await self.rt.bus.nc.subscribe(subjects.progress(request_id), cb=on_progress)
+                runner.task = asyncio.current_task()
+                try:
+                    reply = await runner.run(plan)
+                except asyncio.CancelledError:
+                    await self._drop_fusion(plan)
+                    if runner.lost_workers:
+                        raise ApiError(ErrorCode.UNAVAILABLE, f"workers lost: {runner.lost_workers}", request_id) from None
+                    raise
+                except ApiError:
+                    await self._drop_fusion(plan)
+                    raise
+            finally:
+                self.runners.pop(request_id, None)
+                if progress_sub is not None:
+                    await progress_sub.unsubscribe()
         self.metrics.record_ttft(reply.timings.ttft_ms)
         if len(reply.output_ids) > 1:
             self.metrics.record_time_per_output_token(
@@ -323,7 +330,6 @@ class SchedulerApp(ServiceApp):
 
     def _place(self, request_id: str, prompt_tokens: int, req):
         from shared.attention.layout import chunk_tokens_for
-        from shared.messages import KVQuant
 
         partition = self.registry.fusion_partition(request_id)
         if partition is None:

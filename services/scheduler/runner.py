@@ -15,6 +15,7 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
+from shared.kv.keys import BlockRef
 from shared.messages import (
     DecodeResult,
     DecodeStep,
@@ -34,6 +35,7 @@ from shared.messages import (
 )
 from services.scheduler.api import ApiError
 from services.scheduler.placement import append_member, member_tokens
+from services.scheduler.prefix import member_blocks
 from services.scheduler.stops import StopChecker
 
 
@@ -69,13 +71,16 @@ def member_ids(plan: RingPlan, prompt_ids: list[int], member: int) -> list[int]:
 
 class RequestRunner:
     def __init__(self, state: RequestState, port: WorkerPort, stops: StopChecker, eos_ids: set[int],
-                 emit: Emit | None, cached_tokens: int = 0):
+                 emit: Emit | None, cached_tokens: int = 0, kv_blocks: list[BlockRef] | None = None):
         self.s = state
         self.port = port
         self.stops = stops
         self.eos_ids = eos_ids | set(state.request.stop_token_ids)
         self.emit = emit  # streaming events, None when the client did not ask for a stream
+        # Leading prompt positions the KV store holds, and the prompt's full blocks (prefix.py).
+        # After prefill: the positions the members actually loaded (a member whose load missed computed).
         self.cached_tokens = cached_tokens
+        self.kv_blocks = kv_blocks or []
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
         self.task: asyncio.Task | None = None  # set by the scheduler; cancelled when a ring member dies
@@ -118,11 +123,12 @@ class RequestRunner:
         sampling = sampling_of(s.request)
         cmds = [
             PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, s.prompt_ids, m), sampling=sampling,
-                           cached_tokens=self.cached_tokens)
+                           cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]))
             for m in range(plan.size)
         ]
         results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
         self._check(results)
+        self.cached_tokens = sum(r.cached_tokens for r in results)
         leader = plan.leader()
         token, logprob = results[leader].token_id, results[leader].logprob
         held = member_tokens(plan)

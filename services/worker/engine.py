@@ -29,6 +29,7 @@ from shared.messages import (
 )
 from shared.sampling import request_generator, sample
 from services.worker.kv_cache import RequestKV
+from services.worker.prefix import CachedRows, clip_runs, row_of
 
 # fuse(partials of one layer for a batch of requests) -> merged results in the same order
 FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
@@ -37,6 +38,8 @@ ProgressFn = Callable[[int], None]  # layers done
 
 def segment_positions(segments: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
     """[(start, end), ...] -> positions [tokens] int64, in segment order."""
+    if not segments:  # a ring member whose positions all came from the KV store
+        return torch.empty(0, dtype=torch.long, device=device)
     return torch.cat([torch.arange(s, e, device=device) for s, e in segments])
 
 
@@ -95,29 +98,39 @@ class WorkerEngine:
 
     # ------------------------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, cmd: PrefillCommand, progress: ProgressFn | None = None) -> PrefillResult:
+    def prefill(self, cmd: PrefillCommand, progress: ProgressFn | None = None,
+                cached: CachedRows | None = None) -> PrefillResult:
+        """This member's share of a ring prefill. With `cached`, its positions below `cached.upto`
+        are not computed: their K/V rows are the loaded ones, and only the rest go through the
+        layers (as queries; every member still sends all its K/V around the ring)."""
         plan, member = cmd.plan, cmd.member
         segments = [[(s.start, s.end) for s in member_segments] for member_segments in plan.segments]
         mine = segments[member]
-        positions = segment_positions(mine, self.device)
-        if positions.numel() != len(cmd.input_ids):
-            raise ValueError(f"member {member} got {len(cmd.input_ids)} ids for {positions.numel()} positions")
-        ids = torch.tensor(cmd.input_ids, dtype=torch.long, device=self.device)
+        if sum(e - s for s, e in mine) != len(cmd.input_ids):
+            raise ValueError(f"member {member} got {len(cmd.input_ids)} ids for the positions of {mine}")
+        upto, n_cached = (cached.upto, cached.tokens) if cached is not None else (0, 0)
+        if n_cached != sum(e - s for s, e in clip_runs(mine, 0, upto)):
+            raise ValueError(f"member {member}: {n_cached} cached rows for its positions below {upto}")
+        todo = clip_runs(mine, upto, plan.prompt_tokens)  # the positions computed here
+        positions = segment_positions(todo, self.device)
+        ids = torch.tensor(cmd.input_ids[n_cached:], dtype=torch.long, device=self.device)
 
         cfg = self.config
         kv = RequestKV.empty(plan.request_id, member, cfg.num_hidden_layers, cfg.num_key_value_heads,
-                             cfg.head_dim, self.dtype, self.device, capacity=ids.numel())
+                             cfg.head_dim, self.dtype, self.device, capacity=len(cmd.input_ids))
         for s, e in mine:
             kv.note_positions(s, e)
 
-        h = self.model.embed(ids)  # [t, hidden]
+        h = self.model.embed(ids)  # [t, hidden], computed rows only
         cos, sin = self.model.rope(positions, seq_len=plan.prompt_tokens)
         for i, layer in enumerate(self.model.layers):
             q, k, v = layer.qkv(h, cos, sin)  # q [t, H, d], k/v [t, KVH, d]
+            if cached is not None:
+                kv.layers[i].append(cached.keys[i], cached.values[i])
             kv.layers[i].append(k, v)
             out, _lse = ring_attention(
-                q, k, v, scale=self.model.attn_scale, q_segments=mine, kv_segments=segments,
-                ring_ranks=ring_ranks(plan), group=self.groups.get(plan),
+                q, kv.layers[i].keys(), kv.layers[i].values(), scale=self.model.attn_scale, q_segments=todo,
+                kv_segments=segments, ring_ranks=ring_ranks(plan), group=self.groups.get(plan),
             )
             h = layer.finish(h, out.to(self.dtype))
             if progress is not None:
@@ -125,21 +138,18 @@ class WorkerEngine:
 
         active = ActiveRequest(plan, member, kv, cmd.sampling, request_generator(cmd.sampling, self.device))
         self.requests[plan.request_id] = active
-        result = PrefillResult(request_id=plan.request_id, member=member, ok=True, kv_tokens=kv.tokens)
+        result = PrefillResult(request_id=plan.request_id, member=member, ok=True, kv_tokens=kv.tokens,
+                               cached_tokens=n_cached)
         if member == plan.leader():
-            last_row = self._row_of(mine, plan.prompt_tokens - 1)
+            last_row = row_of(todo, plan.prompt_tokens - 1)  # the last position is never cached
             logits = self.model.logits(h[last_row : last_row + 1])[0]
             result.token_id, result.logprob = sample(logits, cmd.sampling, active.generator)
         return result
 
-    @staticmethod
-    def _row_of(segments: list[tuple[int, int]], position: int) -> int:
-        row = 0
-        for s, e in segments:
-            if s <= position < e:
-                return row + position - s
-            row += e - s
-        raise ValueError(f"position {position} not held")
+    def kv_reusable(self, seq_len: int) -> bool:
+        """Whether K/V computed in a sequence of `seq_len` tokens hold in any other sequence: true
+        unless dynamic NTK rope has stretched its frequencies for a sequence this long."""
+        return self.config.rope.rope_type != "dynamic" or seq_len <= self.config.max_position_embeddings
 
     # ------------------------------------------------------------------------------- decode
     @torch.inference_mode()

@@ -66,8 +66,23 @@ class RequestKV:
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
+    def runs_of_rows(self, first: int, end: int) -> list[tuple[int, int]]:
+        """The positions of rows [first, end), as [start, end) runs."""
+        return runs_of_rows(self.positions, first, end)
+
     def note_positions(self, start: int, end: int) -> None:
         if self.positions and self.positions[-1][1] == start:
             self.positions[-1] = (self.positions[-1][0], end)
         else:
             self.positions.append((start, end))
+
+
+def runs_of_rows(runs: list[tuple[int, int]], first: int, end: int) -> list[tuple[int, int]]:
+    """Rows follow `runs` in order; the positions of rows [first, end), as runs."""
+    out, row = [], 0
+    for s, e in runs:
+        lo, hi = max(first, row), min(end, row + e - s)
+        if lo < hi:
+            out.append((s + lo - row, s + hi - row))
+        row += e - s
+    return out

@@ -2,7 +2,9 @@
 prefill and decode for the scheduler, and exchanges decode partials with the fusion service.
 
 All torch work runs in one compute thread (so heartbeats keep flowing during a long prefill);
-decode steps that arrive together are run as one batch.
+decode steps that arrive together are run as one batch. KV store I/O stays on the event loop:
+cached prompt blocks are loaded before a prefill is handed to the compute thread, computed blocks
+are stored and the decode shard is copied to Redis in the background, after the reply.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from pydantic import ValidationError
 from shared import codec, subjects
 from shared.bus import BusError
 from shared.checkpoint import model_id, resolve_checkpoint
+from shared.kv.client import KVIndexClient
+from shared.kv.shards import ShardStore
+from shared.kv.store import KVBlockStore
 from shared.messages import (
     DecodeResult,
     DecodeStep,
@@ -43,6 +48,9 @@ from shared.metrics import RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, main as service_main
 from shared.settings import Settings
 from services.worker.engine import WorkerEngine, causal_block_sparsity
+from services.worker.kv_cache import RequestKV
+from services.worker.prefix import CachedRows, PrefixCache
+from services.worker.shard_persist import ShardPersister
 from services.worker.world import World
 
 log = structlog.get_logger("worker")
@@ -83,6 +91,7 @@ class WorkerApp(ServiceApp):
         self._decode_queue: asyncio.Queue[tuple[DecodeStep, str | None]] = asyncio.Queue()
         self._busy = 0
         self._newest_world = 0
+        self._background: set[asyncio.Task] = set()  # prefix stores, kept referenced until done
 
     # ------------------------------------------------------------------------------ wiring
     async def start(self, rt: ServiceRuntime) -> None:
@@ -92,6 +101,13 @@ class WorkerApp(ServiceApp):
         self.metrics = RingserveMetrics(rt.telemetry.meter)
         self.metrics.watch_queue("worker_decode", self._decode_queue.qsize)
         bus = rt.bus
+        self.prefix = PrefixCache(
+            KVBlockStore(self.settings, rt.telemetry.meter), KVIndexClient(bus, self.settings), self.settings,
+            self.model_info.name, self.model_info.num_layers, self.engine.dtype, self.engine.device,
+            self.engine.kv_reusable,
+        )
+        self.shards = (ShardPersister(ShardStore(self.settings), self.settings.kv_block_tokens)
+                       if self.settings.kv_shard_persist else None)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "prefill"), self._on_prefill)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "decode"), self._on_decode)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "release"), self._on_release)
@@ -115,6 +131,10 @@ class WorkerApp(ServiceApp):
 
     async def stop(self, rt: ServiceRuntime) -> None:
         self._decoder.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.prefix.store.close()
+        if self.shards is not None:
+            await self.shards.close()
         await self.loop.run_in_executor(self.compute, self.world.close)
         self.compute.shutdown(wait=False, cancel_futures=True)
 
@@ -174,10 +194,12 @@ class WorkerApp(ServiceApp):
             "request_id": rid, "ring.size": cmd.plan.size, "ring.member": cmd.member, "tokens": len(cmd.input_ids),
         }) as span:
             t0 = time.perf_counter()
+            cached = None
             try:
                 if cmd.plan.size > 1 and cmd.plan.world_generation != self.world.generation:
                     raise RuntimeError(f"ring formed for world generation {cmd.plan.world_generation}, worker is in {self.world.generation}")
-                result = await self._run(self.engine.prefill, cmd, progress)
+                cached = await self._load_prefix(cmd)
+                result = await self._run(self.engine.prefill, cmd, progress, cached)
             except Exception as exc:
                 log.exception("prefill_failed", request_id=rid)
                 span.record_exception(exc)
@@ -190,8 +212,47 @@ class WorkerApp(ServiceApp):
                 self.metrics.record_attention_sparsity(*causal_block_sparsity(
                     mine, [[(x.start, x.end) for x in segs] for segs in cmd.plan.segments]))
             log.info("prefill_done", request_id=rid, member=cmd.member, tokens=len(cmd.input_ids),
-                     ms=round((time.perf_counter() - t0) * 1000, 2), ok=result.ok)
+                     cached=result.cached_tokens, ms=round((time.perf_counter() - t0) * 1000, 2), ok=result.ok)
         await self.rt.bus.reply(msg, result)
+        active = self.engine.requests.get(rid) if result.ok else None
+        if active is not None:  # absent when a failed ring peer got the request released already
+            self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, cached)))
+            if self.shards is not None:
+                self.shards.track(rid, cmd.member, active.kv)
+
+    async def _load_prefix(self, cmd: PrefillCommand) -> CachedRows | None:
+        """K/V of this member's cached prompt positions, or None: compute them all."""
+        if cmd.cached_tokens == 0:
+            return None
+        with self.tracer.start_as_current_span("worker.kv_load", attributes={
+            "request_id": cmd.plan.request_id, "cached_tokens": cmd.cached_tokens, "kv.quant": cmd.plan.kv_quant.value,
+        }) as span:
+            try:
+                cached = await self.prefix.load(cmd)
+            except Exception as exc:  # the store only ever saves work: a failed load means computing
+                log.warning("kv_prefix_load_failed", request_id=cmd.plan.request_id, error=str(exc)[:300])
+                span.record_exception(exc)
+                cached = None
+            span.set_attribute("kv.loaded_tokens", cached.tokens if cached is not None else 0)
+            return cached
+
+    async def _store_prefix(self, cmd: PrefillCommand, kv: RequestKV, cached: CachedRows | None) -> None:
+        with self.tracer.start_as_current_span("worker.kv_store", attributes={
+            "request_id": cmd.plan.request_id, "kv.quant": cmd.plan.kv_quant.value,
+        }) as span:
+            try:
+                stored = await self.prefix.store_computed(cmd, kv, cached)
+            except Exception as exc:  # a cache write failing must never reach the request
+                log.warning("kv_prefix_store_failed", request_id=cmd.plan.request_id, error=str(exc)[:300])
+                span.record_exception(exc)
+                return
+            span.set_attribute("kv.blocks_stored", stored)
+            if stored:
+                log.info("kv_prefix_stored", request_id=cmd.plan.request_id, member=cmd.member, blocks=stored)
+
+    def _keep(self, task: asyncio.Task) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------------------- decode
     async def _on_decode(self, msg: Msg) -> None:
@@ -236,6 +297,10 @@ class WorkerApp(ServiceApp):
             results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
                                     error_code=ErrorCode.INTERNAL, error=str(exc)[:300]) for s in steps]
         self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
+        if self.shards is not None:
+            for result in results:
+                if result.ok:
+                    self.shards.grew(result.request_id)
         for (_, reply), result in zip(batch, results):
             if reply:
                 await self._reply_decode(reply, result)
@@ -281,6 +346,8 @@ class WorkerApp(ServiceApp):
         released = await self._run(self.engine.release, cmd.request_id)
         if released:
             log.info("request_released", request_id=cmd.request_id)
+        if self.shards is not None:
+            self.shards.forget(cmd.request_id)
 
 
 def main() -> None:

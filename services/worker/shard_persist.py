@@ -1,0 +1,99 @@
+"""Keeps a copy of this worker's KV shard of each running request in Redis (shared/kv/shards.py),
+at most `every_tokens` decode tokens behind, so that another worker could load it.
+
+Nothing here blocks compute: a save is an asyncio task on the worker's event loop that copies rows
+the compute thread no longer writes (a cache only appends). One save per request runs at a time;
+rows whose save failed (Redis down) are retried with the next ones. On release the shard is
+deleted once any save in flight has ended, so a late save never resurrects it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+
+import structlog
+
+from shared.kv.shards import ShardStore
+from services.worker.kv_cache import RequestKV
+
+log = structlog.get_logger("worker")
+# Rows per increment: a long prompt's shard goes to Redis as blobs of a few MB, not one huge one.
+MAX_INCREMENT_ROWS = 2048
+
+
+@dataclass
+class _Progress:
+    member: int
+    kv: RequestKV
+    saved_rows: int = 0
+    next_seq: int = 0
+    saving: asyncio.Task | None = None
+
+
+class ShardPersister:
+    def __init__(self, shards: ShardStore, every_tokens: int):
+        self.shards = shards
+        self.every_tokens = every_tokens
+        self._requests: dict[str, _Progress] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def track(self, request_id: str, member: int, kv: RequestKV) -> None:
+        """A prefill ended: save all its rows now, then follow the shard as decode grows it."""
+        self._requests[request_id] = _Progress(member, kv)
+        self._save_if_due(request_id, due_rows=1)
+
+    def grew(self, request_id: str) -> None:
+        """A decode step ran: save once `every_tokens` rows are unsaved."""
+        self._save_if_due(request_id, due_rows=self.every_tokens)
+
+    def forget(self, request_id: str) -> None:
+        """The request ended here: delete this member's shard after any save in flight."""
+        progress = self._requests.pop(request_id, None)
+        if progress is not None:
+            self._spawn(self._delete(request_id, progress))
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.shards.close()
+
+    def _save_if_due(self, request_id: str, due_rows: int) -> None:
+        progress = self._requests.get(request_id)
+        if progress is None or (progress.saving is not None and not progress.saving.done()):
+            return
+        if progress.kv.tokens - progress.saved_rows >= due_rows:
+            progress.saving = self._spawn(self._save(request_id, progress, progress.kv.tokens))
+
+    async def _save(self, request_id: str, progress: _Progress, end: int) -> None:
+        kv = progress.kv
+        while progress.saved_rows < end:
+            first = progress.saved_rows
+            stop = min(end, first + MAX_INCREMENT_ROWS)
+            ok = await self.shards.save_increment(
+                request_id, progress.member, progress.next_seq, kv.runs_of_rows(first, stop),
+                [layer.keys()[first:stop] for layer in kv.layers], [layer.values()[first:stop] for layer in kv.layers],
+            )
+            if not ok:
+                return  # Redis unreachable: these rows go with the next save
+            progress.saved_rows, progress.next_seq = stop, progress.next_seq + 1
+
+    async def _delete(self, request_id: str, progress: _Progress) -> None:
+        if progress.saving is not None:
+            await asyncio.gather(progress.saving, return_exceptions=True)
+        await self.shards.delete(request_id, progress.member)
+
+    def _spawn(self, coro: Coroutine) -> asyncio.Task:
+        task = asyncio.create_task(_logged(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+async def _logged(coro: Coroutine) -> None:
+    try:
+        await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # a spare copy failing must never reach the request
+        log.exception("kv_shard_save_failed")

@@ -1,0 +1,203 @@
+"""Prefix caching end to end: the scheduler looks a prompt up in the kvstore, ring members load the
+cached blocks instead of computing them and store the blocks they computed; greedy tokens stay
+those of transformers. Real processes, real NATS and Redis (each stack its own)."""
+
+import asyncio
+import json
+import subprocess
+
+import nats
+import pytest
+
+from shared.bus import Bus
+from shared.checkpoint import model_id
+from shared.kv.client import KVIndexClient
+from shared.kv.keys import block_chain
+from shared.settings import Settings
+from tests.integration.stack import Stack, find_binary, wait_port
+from tests.integration.test_ring_equivalence import NEW_TOKENS, hf_greedy, tiny_llama  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+BLOCK = 16
+CHUNK = 24  # not a multiple of BLOCK: blocks straddle chunks (and ring members)
+LAYERS = 2  # tiny_dims
+VOCAB = 300
+STORE_WAIT_S = 20.0
+SERVICES = ("fusion", "scheduler", "kvstore")
+
+
+def _ids(n, salt):
+    return [(i * 41 + 7 * salt + i * i * salt) % 290 + 5 for i in range(n)]
+
+
+def _env(path, **extra):
+    return {"RINGSERVE_MODEL": str(path), "RINGSERVE_KV_BLOCK_TOKENS": str(BLOCK),
+            "RINGSERVE_CHUNK_TOKENS": str(CHUNK), **extra}
+
+
+@pytest.fixture(scope="module")
+def single_stack(tmp_path_factory, tiny_llama):  # noqa: F811
+    path, _ = tiny_llama
+    stack = Stack(tmp_path_factory.mktemp("prefix-one"), workers=1, services=SERVICES, env=_env(path))
+    try:
+        asyncio.run(stack.wait_ready(1))
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def ring_stack(tmp_path_factory, tiny_llama):  # noqa: F811
+    path, _ = tiny_llama
+    stack = Stack(tmp_path_factory.mktemp("prefix-ring"), workers=3, services=SERVICES,
+                  env=_env(path, RINGSERVE_MAX_RING_SIZE="2"))
+    try:
+        asyncio.run(stack.wait_ready(3))
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def _generate(stack, ids, **fields):
+    reply = await stack.generate({"input_ids": ids, "max_new_tokens": NEW_TOKENS, **fields})
+    assert "error" not in reply, f"{reply}\n{stack.logs()}"
+    return reply
+
+
+def _matches_transformers(model, ids, reply):
+    got, expected = reply["output_ids"], hf_greedy(model, ids)
+    return got == expected[: len(got)] and (len(got) == NEW_TOKENS or got[-1] == 2)
+
+
+async def _wait_stored(stack, path, ids, blocks, quant="none"):
+    """Until the kvstore reports `blocks` leading blocks of `ids` stored (workers store after replying)."""
+    settings = Settings(nats_url=stack.servers.nats_url, kv_index_timeout_s=1.0)
+    nc = await nats.connect(stack.servers.nats_url)
+    try:
+        client = KVIndexClient(Bus(nc, "test"), settings)
+        name = model_id(Settings(model=str(path)))
+        refs = block_chain(name, ids, BLOCK)
+        deadline = asyncio.get_running_loop().time() + STORE_WAIT_S
+        while (found := await client.lookup(name, refs, quant, LAYERS)) < blocks:
+            assert asyncio.get_running_loop().time() < deadline, f"{found}/{blocks} blocks stored\n{stack.logs()}"
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+async def test_a_shared_prefix_is_loaded_on_one_worker(single_stack, tiny_llama):  # noqa: F811
+    path, model = tiny_llama
+    prefix = _ids(5 * BLOCK, 1)
+    first_ids, other_ids = prefix + _ids(10, 2), prefix + _ids(9, 3)
+
+    first = await _generate(single_stack, first_ids)
+    assert first["usage"]["cached_tokens"] == 0
+    await _wait_stored(single_stack, path, first_ids, 5)
+    again = await _generate(single_stack, first_ids)
+    other = await _generate(single_stack, other_ids)
+
+    assert again["usage"]["cached_tokens"] == 5 * BLOCK and again["output_ids"] == first["output_ids"]
+    assert other["usage"]["cached_tokens"] == 5 * BLOCK
+    assert _matches_transformers(model, first_ids, first) and _matches_transformers(model, other_ids, other)
+
+
+async def test_int8_blocks_are_loaded_and_give_valid_tokens(single_stack, tiny_llama):  # noqa: F811
+    path, _ = tiny_llama
+    ids = _ids(70, 4)
+    first = await _generate(single_stack, ids, kv_quant="int8")
+    await _wait_stored(single_stack, path, ids, 4, quant="int8")
+    # the unquantized blocks of this prompt were never stored: a request without int8 finds none
+    plain = await _generate(single_stack, ids, kv_quant="none")
+    second = await _generate(single_stack, ids, kv_quant="int8")
+    assert first["usage"]["cached_tokens"] == plain["usage"]["cached_tokens"] == 0
+    assert second["usage"]["cached_tokens"] == 4 * BLOCK
+    for reply in (first, second):
+        tokens = reply["output_ids"]
+        assert 0 < len(tokens) <= NEW_TOKENS and all(0 <= t < VOCAB for t in tokens)
+        assert len(tokens) == NEW_TOKENS or tokens[-1] == 2
+
+
+async def test_ring_members_load_the_rows_they_hold_of_blocks_across_chunks(ring_stack, tiny_llama):  # noqa: F811
+    path, model = tiny_llama
+    # On a ring every block straddling two members is not stored: only block 0 (in chunk 0) is.
+    short = _ids(60, 5)
+    first = await _generate(ring_stack, short)
+    assert len(first["placement"]["workers"]) == 2 and first["usage"]["cached_tokens"] == 0
+    await _wait_stored(ring_stack, path, short, 1)
+    again = await _generate(ring_stack, short)
+    assert again["usage"]["cached_tokens"] == BLOCK and again["output_ids"] == first["output_ids"]
+
+    # A prompt run on one worker stores all its blocks; a ring then loads them across chunk
+    # boundaries: member 0 holds [0, 24) + [72, 96), member 1 [24, 72), all of it cached.
+    busy = asyncio.create_task(ring_stack.generate({"input_ids": _ids(30, 6), "max_new_tokens": 400,
+                                                    "request_id": "keeps-two-workers-busy"}))
+    await _wait_busy(ring_stack, workers=2)
+    prefix = _ids(5 * BLOCK, 7)
+    alone_ids = prefix + _ids(10, 8)
+    alone = await _generate(ring_stack, alone_ids)
+    assert len(alone["placement"]["workers"]) == 1
+    await _cancel(ring_stack, "keeps-two-workers-busy")
+    assert (await busy)["finish_reason"] == "cancelled"
+    await _wait_stored(ring_stack, path, alone_ids, 5)
+
+    ring_ids = prefix + _ids(BLOCK, 9)
+    ring = await _generate(ring_stack, ring_ids)
+    assert len(ring["placement"]["workers"]) == 2 and ring["usage"]["cached_tokens"] == 5 * BLOCK
+    assert _matches_transformers(model, ring_ids, ring) and _matches_transformers(model, alone_ids, alone)
+
+
+async def _wait_busy(stack, workers, timeout=30.0):
+    nc = await nats.connect(stack.servers.nats_url)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while sum(w["active_requests"] > 0 for w in (await stack.status(nc))["workers"]) < workers:
+            assert asyncio.get_running_loop().time() < deadline, stack.logs()
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+async def _cancel(stack, request_id):
+    nc = await nats.connect(stack.servers.nats_url)
+    try:
+        reply = await nc.request("ringserve.v1.cancel", json.dumps({"request_id": request_id}).encode(), timeout=5)
+        assert json.loads(reply.data)["cancelled"] is True
+    finally:
+        await nc.close()
+
+
+def _restart_redis(stack):
+    """Kill the stack's redis-server (its data goes with it) and start a fresh one on the same port."""
+    servers = stack.servers
+    servers.procs[1].kill()
+    servers.procs[1].wait(10)
+    return lambda: _start_redis(servers)
+
+
+def _start_redis(servers):
+    servers.procs[1] = subprocess.Popen(
+        [find_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(servers.redis_port), "--save", "",
+         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(servers.redis_port)
+
+
+async def test_a_redis_restart_loses_no_request_and_caching_resumes(single_stack, tiny_llama):  # noqa: F811
+    path, model = tiny_llama
+    ids = _ids(3 * BLOCK + 5, 10)
+    running = asyncio.create_task(single_stack.generate({"input_ids": ids, "max_new_tokens": 200}))
+    await _wait_busy(single_stack, workers=1)
+    start_again = _restart_redis(single_stack)  # down, mid-request
+    try:
+        during = [await _generate(single_stack, ids) for _ in range(2)]
+        assert "error" not in (finished := await running), finished
+    finally:
+        start_again()
+    assert all(r["usage"]["cached_tokens"] == 0 and _matches_transformers(model, ids, r) for r in during)
+
+    # Stores resume once the clients retry; the next lookup finds the re-stored blocks.
+    deadline = asyncio.get_running_loop().time() + STORE_WAIT_S
+    while (after := await _generate(single_stack, ids))["usage"]["cached_tokens"] == 0:
+        assert asyncio.get_running_loop().time() < deadline, single_stack.logs()
+        await asyncio.sleep(0.2)
+    assert after["usage"]["cached_tokens"] == 3 * BLOCK and _matches_transformers(model, ids, after)

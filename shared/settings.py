@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     kv_sweep_interval_s: float = Field(default=10.0, gt=0)
     # Prefix caching: the most blocks one ring member stores after one prefill (the leading ones).
     kv_store_max_blocks: int = Field(default=4096, ge=0)
-    # Decode KV shards copied to Redis as they grow (another worker can load them); their keys
-    # expire after this long, so keep it above request_timeout_s.
+    # Decode KV shards copied to Redis as they grow (another worker can load them; needs
+    # kv_store_enabled); their keys expire after this long, so keep it above request_timeout_s.
     kv_shard_persist: bool = True
     kv_shard_ttl_s: int = Field(default=3600, ge=1)
 

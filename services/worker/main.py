@@ -106,8 +106,8 @@ class WorkerApp(ServiceApp):
             self.model_info.name, self.model_info.num_layers, self.engine.dtype, self.engine.device,
             self.engine.kv_reusable,
         )
-        self.shards = (ShardPersister(ShardStore(self.settings), self.settings.kv_block_tokens)
-                       if self.settings.kv_shard_persist else None)
+        persist = self.settings.kv_store_enabled and self.settings.kv_shard_persist
+        self.shards = ShardPersister(ShardStore(self.settings), self.settings.kv_block_tokens) if persist else None
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "prefill"), self._on_prefill)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "decode"), self._on_decode)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "release"), self._on_release)

@@ -30,6 +30,7 @@ class _Progress:
     saved_rows: int = 0
     next_seq: int = 0
     saving: asyncio.Task | None = None
+    released: bool = False  # a save in flight stops at its next increment
 
 
 class ShardPersister:
@@ -52,6 +53,7 @@ class ShardPersister:
         """The request ended here: delete this member's shard after any save in flight."""
         progress = self._requests.pop(request_id, None)
         if progress is not None:
+            progress.released = True
             self._spawn(self._delete(request_id, progress))
 
     async def close(self) -> None:
@@ -67,7 +69,7 @@ class ShardPersister:
 
     async def _save(self, request_id: str, progress: _Progress, end: int) -> None:
         kv = progress.kv
-        while progress.saved_rows < end:
+        while progress.saved_rows < end and not progress.released:
             first = progress.saved_rows
             stop = min(end, first + MAX_INCREMENT_ROWS)
             ok = await self.shards.save_increment(

@@ -12,6 +12,8 @@ import torch
 from shared.kv.shards import ShardStore, members_key
 from shared.model.loader import load_model
 from shared.settings import Settings
+from services.worker.kv_cache import RequestKV
+from services.worker.shard_persist import ShardPersister
 from tests.helpers.checkpoints import causal_attention, save_tiny_checkpoint, tiny_dims
 from tests.integration.stack import Stack
 
@@ -154,4 +156,56 @@ async def test_shard_increments_load_back_in_order_and_a_lost_blob_loads_nothing
         finally:
             await redis.aclose()
     finally:
+        await store.close()
+
+
+async def _until(predicate, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_the_persister_saves_the_prefill_then_every_block_of_decode_rows(servers):
+    every = 4
+    store = ShardStore(Settings(redis_url=servers.redis_url, kv_shard_ttl_s=60))
+    persister = ShardPersister(ShardStore(Settings(redis_url=servers.redis_url, kv_shard_ttl_s=60)), every)
+    kv = RequestKV.empty("req-p", 1, num_layers=2, kv_heads=2, head_dim=4, dtype=torch.float32,
+                         device=torch.device("cpu"), capacity=8)
+
+    def append(start, end):  # rows whose values are their positions
+        rows = torch.arange(start, end, dtype=torch.float32)[:, None, None].expand(-1, 2, 4)
+        for layer in kv.layers:
+            layer.append(rows, -rows)
+        kv.note_positions(start, end)
+
+    async def saved(tokens):
+        shard = await store.load_shard("req-p", 1)
+        return shard is not None and shard.tokens == tokens
+
+    async def gone():
+        return await store.load_shard("req-p", 1) is None
+
+    try:
+        append(10, 16)  # the member's prompt segment
+        persister.track("req-p", 1, kv)
+        await _until(lambda: saved(6))
+        for position in (30, 31, 32):  # fewer than `every` decode rows: not yet saved
+            append(position, position + 1)
+            persister.grew("req-p")
+        await asyncio.sleep(0.2)
+        assert await saved(6)
+        append(33, 34)
+        persister.grew("req-p")
+        await _until(lambda: saved(10))
+        shard = await store.load_shard("req-p", 1)
+        assert shard.runs == [(10, 16), (30, 34)]
+        for layer in range(2):
+            assert shard.keys[layer][:, 0, 0].tolist() == shard.positions()
+            assert (shard.values[layer] == -shard.keys[layer]).all()
+
+        persister.forget("req-p")
+        await _until(gone)
+    finally:
+        await persister.close()
         await store.close()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from opentelemetry import trace
 
 from shared.kv.keys import block_chain
-from shared.messages import PrefillCommand, RingPlan, SamplingParams, Segment
+from shared.messages import ModelInfo, PrefillCommand, RingPlan, SamplingParams, Segment
 from shared.model import LlamaModel, parse_model_config
-from services.scheduler.prefix import cached_prompt_tokens, member_blocks
+from shared.settings import Settings
+from services.scheduler.prefix import PrefixIndex, cached_prompt_tokens, member_blocks
 from services.worker.engine import WorkerEngine
 from services.worker.kv_cache import runs_of_rows
 from services.worker.prefix import (
@@ -116,3 +118,12 @@ def test_prefill_with_loaded_rows_computes_what_a_full_prefill_computes():
     short = CachedRows(cached_rows, [k[:-1] for k in cached.keys], [v[:-1] for v in cached.values])
     with pytest.raises(ValueError):
         engine.prefill(_command("short", ids, cached_rows), cached=short)
+
+
+async def test_with_the_kv_store_off_nothing_is_looked_up_or_sent():
+    model = ModelInfo(name="m", vocab_size=64, num_layers=2, num_kv_heads=2, head_dim=8,
+                      max_position_embeddings=128, dtype="float32")
+    # no index client at all: a lookup would fail loudly
+    index = PrefixIndex(None, Settings(kv_store_enabled=False), trace.get_tracer("test"))
+    async with index.hold("r", model, list(range(100)), "none") as hit:
+        assert hit.cached_tokens == 0 and hit.blocks == []

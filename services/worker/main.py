@@ -297,13 +297,13 @@ class WorkerApp(ServiceApp):
             results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
                                     error_code=ErrorCode.INTERNAL, error=str(exc)[:300]) for s in steps]
         self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
+        for (_, reply), result in zip(batch, results):
+            if reply:
+                await self._reply_decode(reply, result)
         if self.shards is not None:
             for result in results:
                 if result.ok:
                     self.shards.grew(result.request_id)
-        for (_, reply), result in zip(batch, results):
-            if reply:
-                await self._reply_decode(reply, result)
 
     async def _reply_decode(self, reply: str, result: DecodeResult) -> None:
         await self.rt.bus.publish_raw(reply, codec.encode(result))

@@ -122,8 +122,8 @@ class PrefixCache:
     async def load(self, cmd: PrefillCommand) -> CachedRows | None:
         """This member's cached rows, or None (nothing cached here, or a block missed: compute all)."""
         runs = clip_runs(member_runs(cmd), 0, cmd.cached_tokens)
-        if not runs or not self.enabled(cmd):
-            return None
+        if not runs or not self.enabled(cmd) or cmd.cached_tokens >= cmd.plan.prompt_tokens:
+            return None  # (the last position is always computed: its logits give the first token)
         refs = blocks_overlapping(block_refs(cmd.kv_blocks), runs)
         quant = cmd.plan.kv_quant.value
         layers = range(self.num_layers)

@@ -228,10 +228,9 @@ class SchedulerApp(ServiceApp):
                     raise ApiError(ErrorCode.INVALID_REQUEST, f"request_id {request_id!r} is already running", request_id)
                 reply = await asyncio.wait_for(self._run(req, request_id, msg, content_type),
                                                self.settings.request_timeout_s)
-                if req.stream:
-                    await self._respond(msg, done_event(reply), content_type)
-                else:
-                    await self._respond(msg, reply, content_type)
+                with self.tracer.start_as_current_span("scheduler.reply", attributes={
+                        "finish_reason": reply.finish_reason, "completion_tokens": len(reply.output_ids)}):
+                    await self._respond(msg, done_event(reply) if req.stream else reply, content_type)
                 log.info("request_done", finish=reply.finish_reason, tokens=len(reply.output_ids),
                          ttft_ms=reply.timings.ttft_ms, total_ms=reply.timings.total_ms,
                          workers=len(reply.placement.workers) if reply.placement else 0)

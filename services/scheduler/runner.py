@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from opentelemetry import trace
 from pydantic import BaseModel
 
 from shared.kv.keys import BlockRef
@@ -46,6 +47,8 @@ class WorkerPort(Protocol):
 
 
 Emit = Callable[[BaseModel], Awaitable[None]]
+# The global provider's tracer (set up by the service); a no-op until then.
+tracer = trace.get_tracer("ringserve.scheduler.runner")
 
 
 @dataclass
@@ -126,7 +129,9 @@ class RequestRunner:
                            cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]))
             for m in range(plan.size)
         ]
-        results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
+        with tracer.start_as_current_span("scheduler.prefill", attributes={
+                "request_id": s.request_id, "ring.size": plan.size, "prompt_tokens": len(s.prompt_ids)}):
+            results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
         self._check(results)
         self.cached_tokens = sum(r.cached_tokens for r in results)
         leader = plan.leader()

@@ -9,6 +9,7 @@ math stays the real one:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from shared.attention.decode import collective_merge, decode_partial
-from shared.attention.ring import ring_attention
+from shared.attention.ring import RingStep, ring_attention
 from shared.messages import (
     DecodeResult,
     DecodeStep,
@@ -34,6 +35,7 @@ from services.worker.prefix import CachedRows, clip_runs, row_of
 # fuse(partials of one layer for a batch of requests) -> merged results in the same order
 FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
 ProgressFn = Callable[[int], None]  # layers done
+RingStepFn = Callable[[int, RingStep], None]  # (layer, what the ring step did)
 
 
 def segment_positions(segments: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
@@ -99,7 +101,7 @@ class WorkerEngine:
     # ------------------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, cmd: PrefillCommand, progress: ProgressFn | None = None,
-                cached: CachedRows | None = None) -> PrefillResult:
+                cached: CachedRows | None = None, on_ring_step: RingStepFn | None = None) -> PrefillResult:
         """This member's share of a ring prefill. With `cached`, its positions below `cached.upto`
         are not computed: their K/V rows are the loaded ones, and only the rest go through the
         layers (as queries; every member still sends all its K/V around the ring)."""
@@ -131,6 +133,7 @@ class WorkerEngine:
             out, _lse = ring_attention(
                 q, kv.layers[i].keys(), kv.layers[i].values(), scale=self.model.attn_scale, q_segments=todo,
                 kv_segments=segments, ring_ranks=ring_ranks(plan), group=self.groups.get(plan),
+                on_step=None if on_ring_step is None else functools.partial(on_ring_step, i),
             )
             h = layer.finish(h, out.to(self.dtype))
             if progress is not None:

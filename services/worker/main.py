@@ -10,6 +10,7 @@ are stored and the decode shard is copied to Redis in the background, after the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
@@ -18,10 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 import torch
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from pydantic import ValidationError
 
 from shared import codec, subjects
+from shared.attention.ring import RingStep
 from shared.bus import BusError
 from shared.checkpoint import model_id, resolve_checkpoint
 from shared.kv.client import KVIndexClient
@@ -88,7 +91,8 @@ class WorkerApp(ServiceApp):
         self.engine, self.model_info = load_engine(settings)
         self.world = World(self.worker_id, settings.advertise_host, settings.dist_timeout_s)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self._decode_queue: asyncio.Queue[tuple[DecodeStep, str | None]] = asyncio.Queue()
+        # (step, reply subject, the sender's trace context)
+        self._decode_queue: asyncio.Queue[tuple[DecodeStep, str | None, otel_context.Context]] = asyncio.Queue()
         self._busy = 0
         self._newest_world = 0
         self._background: set[asyncio.Task] = set()  # prefix stores, kept referenced until done
@@ -199,7 +203,10 @@ class WorkerApp(ServiceApp):
                 if cmd.plan.size > 1 and cmd.plan.world_generation != self.world.generation:
                     raise RuntimeError(f"ring formed for world generation {cmd.plan.world_generation}, worker is in {self.world.generation}")
                 cached = await self._load_prefix(cmd)
-                result = await self._run(self.engine.prefill, cmd, progress, cached)
+                ring_steps: list[tuple[int, RingStep]] = []
+                result = await self._run(self.engine.prefill, cmd, progress, cached,
+                                         lambda layer, step: ring_steps.append((layer, step)))
+                self._report_ring_steps(span, ring_steps)
             except Exception as exc:
                 log.exception("prefill_failed", request_id=rid)
                 span.record_exception(exc)
@@ -219,6 +226,20 @@ class WorkerApp(ServiceApp):
             self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, cached)))
             if self.shards is not None:
                 self.shards.track(rid, cmd.member, active.kv)
+
+    def _report_ring_steps(self, span, steps: list[tuple[int, RingStep]]) -> None:
+        """One span event per layer (bytes sent around the ring, host wait), and the metric."""
+        by_layer: dict[int, list[RingStep]] = {}
+        for layer, step in steps:
+            by_layer.setdefault(layer, []).append(step)
+            if step.bytes_sent:
+                self.metrics.record_ring_comm(step.wait_ms, op="ring_step")
+        for layer, layer_steps in sorted(by_layer.items()):
+            span.add_event("ring.layer", {
+                "layer": layer, "steps": len(layer_steps),
+                "bytes_sent": sum(s.bytes_sent for s in layer_steps),
+                "wait_ms": round(sum(s.wait_ms for s in layer_steps), 3),
+            })
 
     async def _load_prefix(self, cmd: PrefillCommand) -> CachedRows | None:
         """K/V of this member's cached prompt positions, or None: compute them all."""
@@ -262,15 +283,15 @@ class WorkerApp(ServiceApp):
             await self.rt.bus.reply(msg, DecodeResult(request_id="?", member=-1, step=-1, ok=False,
                                                       error_code=ErrorCode.INVALID_REQUEST, error=str(exc)[:300]))
             return
-        await self._decode_queue.put((step, msg.reply))
+        await self._decode_queue.put((step, msg.reply, otel_context.get_current()))
 
     async def _decode_loop(self) -> None:
         while True:
             batch = [await self._decode_queue.get()]
             while not self._decode_queue.empty():
                 batch.append(self._decode_queue.get_nowait())
-            known = [(s, r) for s, r in batch if s.request_id in self.engine.requests]
-            for step, reply in batch:
+            known = [item for item in batch if item[0].request_id in self.engine.requests]
+            for step, reply, _ in batch:
                 if step.request_id not in self.engine.requests and reply:
                     await self._reply_decode(reply, DecodeResult(request_id=step.request_id, member=-1, step=step.step,
                                                                  ok=False, error_code=ErrorCode.INVALID_REQUEST,
@@ -278,9 +299,19 @@ class WorkerApp(ServiceApp):
             if known:
                 await self._decode_batch(known)
 
-    async def _decode_batch(self, batch: list[tuple[DecodeStep, str | None]]) -> None:
-        steps = [s for s, _ in batch]
+    async def _decode_batch(self, batch: list[tuple[DecodeStep, str | None, otel_context.Context]]) -> None:
+        steps = [s for s, _, _ in batch]
         collective = self.settings.fusion == "collective"
+        # Decode is traced by sampled steps (step 0 and every trace_decode_every-th, as in the
+        # fusion service): a span per token per worker would cost more than it tells.
+        traced = [(s, ctx) for s, _, ctx in batch if s.step % self.settings.trace_decode_every == 0]
+        parent = traced[0][1] if traced else batch[0][2]
+        span = None
+        if traced:
+            span = self.tracer.start_span("worker.decode", context=parent, attributes={
+                "batch": len(steps), "request_ids": [s.request_id for s in steps], "step": traced[0][0].step})
+            parent = trace.set_span_in_context(span, parent)
+        fuse = functools.partial(self._fuse_blocking, context=parent)
         t0 = time.perf_counter()
         try:
             if collective:
@@ -291,13 +322,18 @@ class WorkerApp(ServiceApp):
                 by_id = {r.request_id: r for r in results}
                 results = [by_id[s.request_id] for s in steps]
             else:
-                results = await self._run(self.engine.decode, steps, self._fuse_blocking, False)
+                results = await self._run(self.engine.decode, steps, fuse, False)
         except Exception as exc:
             log.warning("decode_failed", requests=[s.request_id for s in steps], error=str(exc)[:300])
+            if span is not None:
+                span.record_exception(exc)
             results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
                                     error_code=ErrorCode.INTERNAL, error=str(exc)[:300]) for s in steps]
+        finally:
+            if span is not None:
+                span.end()
         self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
-        for (_, reply), result in zip(batch, results):
+        for (_, reply, _), result in zip(batch, results):
             if reply:
                 await self._reply_decode(reply, result)
         if self.shards is not None:
@@ -308,12 +344,13 @@ class WorkerApp(ServiceApp):
     async def _reply_decode(self, reply: str, result: DecodeResult) -> None:
         await self.rt.bus.publish_raw(reply, codec.encode(result))
 
-    def _fuse_blocking(self, partials: list[PartialItem]) -> list[MergedItem]:
+    def _fuse_blocking(self, partials: list[PartialItem], context: otel_context.Context) -> list[MergedItem]:
         """Called from the compute thread: send this layer's partials, wait for the merges."""
-        future = asyncio.run_coroutine_threadsafe(self._fuse(partials), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self._fuse(partials, context), self.loop)
         return future.result(timeout=self.settings.fusion_timeout_s + 1.0)
 
-    async def _fuse(self, partials: list[PartialItem]) -> list[MergedItem]:
+    async def _fuse(self, partials: list[PartialItem], context: otel_context.Context) -> list[MergedItem]:
+        otel_context.attach(context)  # this task's own context: the fusion messages carry the trace
         by_partition: dict[str, list[PartialItem]] = {}
         for p in partials:
             partition = self.engine.requests[p.request_id].plan.fusion_partition

@@ -35,9 +35,6 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 M = TypeVar("M", bound=BaseModel)
 
-# Received tensors are read-only views of the message bytes; nothing writes to them.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
 
 class CodecError(ValueError):
     """The bytes are not a valid message."""
@@ -70,7 +67,10 @@ def _decode_tensor(data: bytes) -> torch.Tensor:
         raise CodecError("tensor payload length does not match its shape")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(memoryview(data)[offset:], dtype=dtype, count=numel)
+    with warnings.catch_warnings():
+        # A received tensor is a read-only view of the message bytes; nothing writes to it.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(memoryview(data)[offset:], dtype=dtype, count=numel)
     return flat.view(shape)
 
 

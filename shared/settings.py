@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     kv_store_enabled: bool = True
     kv_hot_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
     kv_io_concurrency: int = Field(default=8, ge=1)
+    # Every N-th decode step, workers add the attention mass each stored block received to its
+    # importance (H2O), reported to the kvstore on release; 0 turns it off.
+    kv_importance_every: int = Field(default=16, ge=0)
     # Eviction priority = last access time + this many seconds per unit of attention mass (H2O).
     kv_importance_weight_s: float = Field(default=600.0, ge=0)
     # A Redis call slower than this counts as an outage; an unreachable node is retried this often.

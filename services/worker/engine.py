@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from shared.attention.decode import collective_merge, decode_partial
+from shared.attention.decode import collective_merge, decode_partial, key_attention_mass
 from shared.attention.ring import RingStep, ring_attention
 from shared.messages import (
     DecodeResult,
@@ -25,6 +25,7 @@ from shared.messages import (
     PartialItem,
     PrefillCommand,
     PrefillResult,
+    PromptBlock,
     RingPlan,
     SamplingParams,
 )
@@ -87,6 +88,7 @@ class ActiveRequest:
     kv: RequestKV
     sampling: SamplingParams
     generator: torch.Generator | None
+    blocks: list[PromptBlock] = field(default_factory=list)  # stored prompt blocks overlapping this shard
 
 
 class WorkerEngine:
@@ -139,7 +141,8 @@ class WorkerEngine:
             if progress is not None:
                 progress(i + 1)
 
-        active = ActiveRequest(plan, member, kv, cmd.sampling, request_generator(cmd.sampling, self.device))
+        active = ActiveRequest(plan, member, kv, cmd.sampling, request_generator(cmd.sampling, self.device),
+                               blocks=list(cmd.kv_blocks))
         self.requests[plan.request_id] = active
         result = PrefillResult(request_id=plan.request_id, member=member, ok=True, kv_tokens=kv.tokens,
                                cached_tokens=n_cached)
@@ -156,12 +159,15 @@ class WorkerEngine:
 
     # ------------------------------------------------------------------------------- decode
     @torch.inference_mode()
-    def decode(self, steps: list[DecodeStep], fuse: FuseFn | None, collective: bool = False) -> list[DecodeResult]:
+    def decode(self, steps: list[DecodeStep], fuse: FuseFn | None, collective: bool = False,
+               importance_every: int = 0) -> list[DecodeResult]:
         """One decode step for a batch of requests (each fed the token it generated last).
 
         Every ring member runs the same layers on the same token; the member named by
         `append_member` appends the token's K/V to its shard; partials are merged by `fuse` (the
         fusion service) or, with `collective`, by point-to-point exchange inside each ring.
+        Every `importance_every`-th step (0: never) also adds the attention mass each cached key
+        received to the request's H2O importance (one more pass over the shard's keys).
         """
         reqs = [self.requests[s.request_id] for s in steps]
         ids = torch.tensor([s.token_id for s in steps], dtype=torch.long, device=self.device)
@@ -183,14 +189,19 @@ class WorkerEngine:
                     parts=req.plan.size, out=out, lse=lse,
                 ))
             if collective:
-                merged_outs = [
-                    collective_merge(p.out, p.lse, ring_ranks=ring_ranks(req.plan), group=self.groups.get(req.plan))[0]
+                merged = [
+                    collective_merge(p.out, p.lse, ring_ranks=ring_ranks(req.plan), group=self.groups.get(req.plan))
                     for p, req in zip(partials, reqs)
                 ]
             else:
                 assert fuse is not None
-                merged_outs = [m.out for m in fuse(partials)]
-            attn = torch.cat([o.to(device=self.device, dtype=self.dtype) for o in merged_outs])  # [B, H, d]
+                merged = [(m.out, m.lse) for m in fuse(partials)]
+            for b, (step, req) in enumerate(zip(steps, reqs)):
+                if importance_every and step.step % importance_every == 0:
+                    cache = req.kv.layers[i]
+                    req.kv.add_mass(key_attention_mass(q[b : b + 1], cache.keys(), self.model.attn_scale,
+                                                       merged[b][1].to(self.device)))
+            attn = torch.cat([o.to(device=self.device, dtype=self.dtype) for o, _ in merged])  # [B, H, d]
             h = layer.finish(h, attn)
 
         results = []
@@ -204,8 +215,8 @@ class WorkerEngine:
             results.append(result)
         return results
 
-    def release(self, request_id: str) -> bool:
-        return self.requests.pop(request_id, None) is not None
+    def release(self, request_id: str) -> ActiveRequest | None:
+        return self.requests.pop(request_id, None)
 
     @property
     def kv_tokens(self) -> int:

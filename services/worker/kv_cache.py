@@ -51,6 +51,15 @@ class RequestKV:
     member: int  # this worker's index in the request's ring
     layers: list[LayerKV]
     positions: list[tuple[int, int]] = field(default_factory=list)  # [start, end) runs held, in row order
+    # attention mass each row received on sampled decode steps, summed over layers (H2O importance)
+    mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    def add_mass(self, mass: torch.Tensor) -> None:
+        """mass: [rows] for the first rows (a prefix of the cache, which only grows)."""
+        mass = mass.detach().float().cpu()
+        if mass.shape[0] > self.mass.shape[0]:
+            self.mass = torch.cat([self.mass, torch.zeros(mass.shape[0] - self.mass.shape[0])])
+        self.mass[: mass.shape[0]] += mass
 
     @classmethod
     def empty(cls, request_id: str, member: int, num_layers: int, kv_heads: int, head_dim: int,

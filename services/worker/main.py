@@ -52,7 +52,7 @@ from shared.service import ServiceApp, ServiceRuntime, main as service_main
 from shared.settings import Settings
 from services.worker.engine import WorkerEngine, causal_block_sparsity
 from services.worker.kv_cache import RequestKV
-from services.worker.prefix import CachedRows, PrefixCache
+from services.worker.prefix import CachedRows, PrefixCache, block_masses
 from services.worker.shard_persist import ShardPersister
 from services.worker.world import World
 
@@ -96,6 +96,8 @@ class WorkerApp(ServiceApp):
         self._busy = 0
         self._newest_world = 0
         self._background: set[asyncio.Task] = set()  # prefix stores, kept referenced until done
+        # H2O importance of stored blocks is measured on every N-th decode step (0: off)
+        self._importance_every = settings.kv_importance_every if settings.kv_store_enabled else 0
 
     # ------------------------------------------------------------------------------ wiring
     async def start(self, rt: ServiceRuntime) -> None:
@@ -318,11 +320,11 @@ class WorkerApp(ServiceApp):
                 # p2p merges inside each ring: one request at a time, in a fixed order
                 results = []
                 for step in sorted(steps, key=lambda s: s.request_id):
-                    results += await self._run(self.engine.decode, [step], None, True)
+                    results += await self._run(self.engine.decode, [step], None, True, self._importance_every)
                 by_id = {r.request_id: r for r in results}
                 results = [by_id[s.request_id] for s in steps]
             else:
-                results = await self._run(self.engine.decode, steps, fuse, False)
+                results = await self._run(self.engine.decode, steps, fuse, False, self._importance_every)
         except Exception as exc:
             log.warning("decode_failed", requests=[s.request_id for s in steps], error=str(exc)[:300])
             if span is not None:
@@ -381,8 +383,13 @@ class WorkerApp(ServiceApp):
             return
         # Released in the compute thread, after any step of this request already queued there.
         released = await self._run(self.engine.release, cmd.request_id)
-        if released:
+        if released is not None:
             log.info("request_released", request_id=cmd.request_id)
+            if released.blocks and released.kv.mass.numel():
+                # H2O: the attention mass the stored blocks received feeds the kvstore's eviction
+                masses = block_masses(released.kv.positions, released.kv.mass, released.blocks)
+                self._keep(asyncio.create_task(self.prefix.index.touch(
+                    self.model_info.name, masses, released.plan.kv_quant.value)))
         if self.shards is not None:
             self.shards.forget(cmd.request_id)
 

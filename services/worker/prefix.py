@@ -168,3 +168,22 @@ class PrefixCache:
             await self.index.commit(self.model_id, batch, quant, self.num_layers, written)
             stored += len(batch)
         return stored
+
+
+def block_masses(runs: list[tuple[int, int]], mass: torch.Tensor, blocks: list[PromptBlock]) -> list[tuple[str, float]]:
+    """(chain hash, attention mass) of each block, from the mass of the rows this shard holds.
+
+    runs: the positions of the shard's rows, in row order; mass: [rows] (it may cover only the
+    first rows). A block split over several members gets each member's share: the kvstore adds them.
+    """
+    out = []
+    for block in blocks:
+        total, row = 0.0, 0
+        for s, e in runs:
+            lo, hi = max(s, block.start), min(e, block.end)
+            if lo < hi:
+                total += float(mass[row + lo - s : row + hi - s].sum())
+            row += e - s
+        if total > 0:
+            out.append((block.chain_hash, total))
+    return out

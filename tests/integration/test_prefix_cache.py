@@ -102,6 +102,29 @@ async def test_a_shared_prefix_is_loaded_on_one_worker(single_stack, tiny_llama)
     assert _matches_transformers(model, first_ids, first) and _matches_transformers(model, other_ids, other)
 
 
+async def test_decode_attention_mass_reaches_the_kvstore_as_block_importance(single_stack, tiny_llama):  # noqa: F811
+    import redis.asyncio as aioredis
+
+    path, _ = tiny_llama
+    ids = _ids(3 * BLOCK, 7)
+    await _generate(single_stack, ids)
+    await _wait_stored(single_stack, path, ids, 3)
+    await _generate(single_stack, ids)  # its blocks are indexed now: the release reports their mass
+    meta = aioredis.Redis(port=single_stack.servers.redis_port)
+    try:
+        name = model_id(Settings(model=str(path)))
+        members = [f"none:{r.chain_hash}" for r in block_chain(name, ids, BLOCK)]  # the kvstore's ZSET members
+        deadline = asyncio.get_running_loop().time() + STORE_WAIT_S
+        while True:
+            scores = [await meta.zscore("ringserve:kvmeta:importance", m) for m in members]
+            if all(score is not None and score > 0 for score in scores):
+                break
+            assert asyncio.get_running_loop().time() < deadline, f"importance {scores}\n{single_stack.logs()}"
+            await asyncio.sleep(0.1)
+    finally:
+        await meta.aclose()
+
+
 async def test_int8_blocks_are_loaded_and_give_valid_tokens(single_stack, tiny_llama):  # noqa: F811
     path, _ = tiny_llama
     ids = _ids(70, 4)

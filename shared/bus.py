@@ -29,6 +29,10 @@ class BusError(RuntimeError):
     pass
 
 
+class PayloadTooLarge(BusError):
+    """A message over the server's max_payload: no retry or other peer can carry it."""
+
+
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
     """Headers carrying the current trace context."""
     headers = dict(headers or {})
@@ -135,5 +139,5 @@ class Bus:
 
     def _checked(self, data: bytes, subject: str) -> bytes:
         if len(data) > self.nc.max_payload:
-            raise BusError(f"message of {len(data)} bytes exceeds the bus max payload {self.nc.max_payload} ({subject})")
+            raise PayloadTooLarge(f"message of {len(data)} bytes exceeds the bus max payload {self.nc.max_payload} ({subject})")
         return data

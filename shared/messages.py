@@ -185,6 +185,8 @@ class ModelInfo(_Internal):
     max_position_embeddings: int
     eos_token_ids: list[int] = Field(default_factory=list)
     dtype: str
+    # Mistral-style sliding window; longer sequences are refused (only full causal attention runs).
+    sliding_window: int | None = None
 
 
 class WorkerHeartbeat(_Internal):

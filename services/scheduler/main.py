@@ -13,7 +13,7 @@ from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
 from shared import codec, subjects
-from shared.bus import BusError
+from shared.bus import BusError, PayloadTooLarge
 from shared.checkpoint import resolve_checkpoint
 from shared.kv.client import KVIndexClient
 from shared.messages import (
@@ -68,6 +68,10 @@ class BusWorkerPort:
         try:
             return await self.bus.request(subjects.worker_inbox(worker_id, "prefill"), cmd, PrefillResult,
                                           timeout=self.settings.request_timeout_s * PREFILL_TIMEOUT_FACTOR)
+        except PayloadTooLarge as exc:
+            # The prompt's share of the ring does not fit one NATS message: more workers (a
+            # larger ring) or a larger server max_payload would carry it.
+            raise ApiError(ErrorCode.TOO_LONG, f"worker {worker_id}: {exc}", cmd.plan.request_id) from None
         except BusError as exc:
             raise ApiError(ErrorCode.UNAVAILABLE, f"worker {worker_id}: {exc}", cmd.plan.request_id) from None
 

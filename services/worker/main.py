@@ -77,6 +77,7 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo]:
         max_position_embeddings=cfg.max_position_embeddings,
         eos_token_ids=list(cfg.eos_token_ids),
         dtype=settings.torch_dtype_name,
+        sliding_window=cfg.sliding_window,
     )
     return WorkerEngine(model, device, dtype), info
 

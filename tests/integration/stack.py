@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,9 @@ import time
 from pathlib import Path
 
 import nats
+
+from services import stack
+from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,9 +28,9 @@ def free_port() -> int:
 
 
 def find_binary(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/usr/bin")
+    path = stack.find_binary(name)
     if path is None:
-        raise RuntimeError(f"{name} not found: install it (Debian: apt-get install {name})")
+        raise RuntimeError(f"{name} not found:\n{stack.INSTALL_HINT}")
     return path
 
 
@@ -48,11 +50,13 @@ class Servers:
     def __init__(self, workdir: Path):
         self.nats_port, self.redis_port = free_port(), free_port()
         (workdir / "js").mkdir(parents=True, exist_ok=True)
+        # The same server settings as `ringserve up` (max_payload raised to the request limit).
+        config = stack.write_nats_config(workdir / "nats.conf", Settings().max_request_bytes)
         self.procs = [
-            subprocess.Popen([find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js",
-                              "-sd", str(workdir / "js")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-            subprocess.Popen([find_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(self.redis_port),
-                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            subprocess.Popen(stack.nats_command(find_binary("nats-server"), "127.0.0.1", self.nats_port, workdir / "js",
+                                                config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            subprocess.Popen(stack.redis_command(find_binary("redis-server"), "127.0.0.1", self.redis_port),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         ]
         wait_port(self.nats_port)
         wait_port(self.redis_port)

@@ -115,6 +115,30 @@ def test_missing_servers_are_started_and_stopped(tmp_path):
     assert stack.servers == []
 
 
+@needs_servers
+def test_started_nats_accepts_a_request_of_the_configured_size(tmp_path):
+    """nats-server's own default max_payload is 1 MiB; the stack raises it to max_request_bytes."""
+    import asyncio
+
+    import nats
+
+    settings = private_settings(free_port(), free_port()).model_copy(update={"max_request_bytes": 3 * 1024 * 1024})
+    stack = LocalStack(settings, state_dir=tmp_path / "state")
+
+    async def server_max_payload() -> int:
+        nc = await nats.connect(settings.nats_url)
+        try:
+            return nc.max_payload
+        finally:
+            await nc.close()
+
+    try:
+        stack.start_servers()
+        assert asyncio.run(server_max_payload()) == 3 * 1024 * 1024
+    finally:
+        stack.stop(timeout=5)
+
+
 def test_missing_binary_gives_the_install_hint(tmp_path):
     stack = LocalStack(private_settings(free_port(), free_port()), state_dir=tmp_path, search_path=str(tmp_path))
     with pytest.raises(MissingServerError) as info:

@@ -201,6 +201,9 @@ class WorkerHeartbeat(_Internal):
     active_requests: int
     kv_tokens: int
     draining: bool = False
+    # Fusion partitions the worker's requests send partials to: a draining fusion instance
+    # serves until no worker lists it.
+    fusion_partitions: list[str] = Field(default_factory=list)
 
 
 class ServiceHeartbeat(_Internal):

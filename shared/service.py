@@ -63,18 +63,39 @@ class ServiceApp:
         return ServiceHeartbeat(service=self.name, instance=rt.instance, draining=rt.stopping.is_set())
 
     async def stop(self, rt: ServiceRuntime) -> None:
+        """Finish what is in flight (within `settings.drain_timeout_s`), then release resources;
+        subscriptions stay open until this returns."""
         return None
 
 
+DRAIN_POLL_S = 0.05
+
+
+async def wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `done` until it holds or `timeout_s` passes; whether it held. For bounded drains."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(DRAIN_POLL_S)
+    return True
+
+
 async def _heartbeats(app: ServiceApp, rt: ServiceRuntime) -> None:
+    """Beats until cancelled. Once stopping is set, one goes out at once (draining=True), so the
+    scheduler places no new work here, and they go on while the service finishes what it holds:
+    a draining service must not look dead."""
     subject = subjects.heartbeat(app.name, rt.instance)
     path = health_file(app.name)
-    while not rt.stopping.is_set():
+    while True:
         try:
             await rt.bus.publish(subject, app.heartbeat(rt))
             path.write_text(str(time.time()))
         except Exception as exc:  # a disconnected bus must not end the loop
             log.warning("heartbeat_failed", error=str(exc))
+        if rt.stopping.is_set():
+            await asyncio.sleep(rt.settings.heartbeat_interval_s)
+            continue
         try:
             await asyncio.wait_for(rt.stopping.wait(), rt.settings.heartbeat_interval_s)
         except asyncio.TimeoutError:
@@ -121,6 +142,7 @@ async def run_service(
     except asyncio.TimeoutError:
         log.warning("drain_timeout", instance=instance)
     beat.cancel()
+    await asyncio.gather(beat, return_exceptions=True)
     try:
         await rt.micro.stop()
     except Exception:

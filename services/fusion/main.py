@@ -14,10 +14,10 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from shared import codec, subjects
-from shared.messages import FusionDrop, FusionReply, FusionRequest, ServiceHeartbeat
-from shared.service import ServiceApp, ServiceRuntime, main as service_main
+from shared.messages import FusionDrop, FusionReply, FusionRequest, ServiceHeartbeat, WorkerHeartbeat
+from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
 from shared.settings import Settings
-from services.fusion.table import FusionError, FusionTable
+from services.fusion.table import FusionError, FusionTable, PartitionUsers
 
 log = structlog.get_logger("fusion")
 
@@ -38,7 +38,9 @@ class FusionApp(ServiceApp):
     description = "merges partial attention results (output + log-sum-exp) into the exact softmax"
 
     def __init__(self, settings: Settings):
+        self.settings = settings
         self.table = FusionTable(settings.fusion_timeout_s)
+        self.users = PartitionUsers(settings.heartbeat_timeout_s)
         self.trace_every = settings.trace_decode_every
         self._reaper: asyncio.Task | None = None
 
@@ -49,6 +51,7 @@ class FusionApp(ServiceApp):
         self._batch = meter.create_histogram("ringserve_fusion_batch_items", description="partials per fusion message")
         await rt.bus.subscribe(subjects.fusion_partials(rt.instance), self._on_partials)
         await rt.bus.subscribe(subjects.fusion_drop(rt.instance), self._on_drop)
+        await rt.bus.subscribe(f"{subjects.HEARTBEAT}.worker.>", self._on_worker_heartbeat)
         self._reaper = asyncio.create_task(self._reap())
 
     def heartbeat(self, rt: ServiceRuntime) -> FusionHeartbeat:
@@ -61,6 +64,14 @@ class FusionApp(ServiceApp):
         )
 
     async def stop(self, rt: ServiceRuntime) -> None:
+        # Draining: the scheduler gives new requests other partitions (our heartbeat says
+        # draining), but requests already placed here keep sending partials, prefilling ones
+        # included. Serve until no live worker lists this partition; a grace of two heartbeats
+        # first lets a request placed just before the scheduler heard of the drain show up.
+        grace_s = min(2 * self.settings.heartbeat_interval_s, self.settings.drain_timeout_s)
+        await asyncio.sleep(grace_s)
+        await wait_until(lambda: not self.users.using(rt.instance) and not self.table.pending_groups,
+                         self.settings.drain_timeout_s - grace_s)
         if self._reaper:
             self._reaper.cancel()
 
@@ -86,6 +97,13 @@ class FusionApp(ServiceApp):
         self._batch.record(len(request.items))
         self._merges.add(self.table.merges - before)
         await self._send(replies)
+
+    async def _on_worker_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = codec.decode(msg.data, WorkerHeartbeat)
+        except (codec.CodecError, ValidationError):
+            return  # the scheduler logs bad heartbeats
+        self.users.on_heartbeat(beat.worker_id, beat.fusion_partitions)
 
     async def _on_drop(self, msg: Msg) -> None:
         try:

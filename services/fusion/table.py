@@ -132,3 +132,20 @@ class FusionTable:
                 still.append(waiter)
         self._waiters = still
         return replies
+
+
+class PartitionUsers:
+    """Which workers still send partials to which fusion partition, from their heartbeats; a
+    worker silent for `timeout_s` (gone) no longer counts. Lets a draining instance know when
+    nobody needs it any more."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._seen: dict[str, tuple[float, frozenset[str]]] = {}  # worker -> (last beat, partitions)
+
+    def on_heartbeat(self, worker_id: str, partitions: list[str], now: float | None = None) -> None:
+        self._seen[worker_id] = (time.monotonic() if now is None else now, frozenset(partitions))
+
+    def using(self, partition: str, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        return sorted(w for w, (seen, parts) in self._seen.items() if partition in parts and now - seen <= self.timeout_s)

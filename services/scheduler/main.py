@@ -35,7 +35,7 @@ from shared.messages import (
     WorldReady,
 )
 from shared.metrics import OK_CODE, RingserveMetrics
-from shared.service import ServiceApp, ServiceRuntime, main as service_main
+from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
 from shared.settings import Settings
 from services.scheduler.api import ApiError, check_limits, encode_reply, new_request_id, parse_generate
 from services.scheduler.placement import WorkerLoad, choose_workers, plan_ring
@@ -49,6 +49,8 @@ log = structlog.get_logger("scheduler")
 CANCEL_NOT_OWNER_DELAY_S = 0.25
 PREFILL_TIMEOUT_FACTOR = 1.0  # of request_timeout_s
 WORLD_RETRY_MARGIN_S = 2.0
+# Of the drain timeout, kept to answer requests a drain has to cut off.
+DRAIN_REPLY_MARGIN_S = 1.0
 
 
 def load_tokenizer(settings: Settings):
@@ -95,6 +97,8 @@ class SchedulerApp(ServiceApp):
         self.registry = Registry(timeout_s=settings.heartbeat_timeout_s)
         self.tokenizer = load_tokenizer(settings)
         self.runners: dict[str, RequestRunner] = {}
+        self.inflight: set[asyncio.Task] = set()  # every public request being handled, admission included
+        self.draining = False
         self.waiting = 0
         self._workers_changed = asyncio.Event()
 
@@ -107,7 +111,7 @@ class SchedulerApp(ServiceApp):
         self.metrics = RingserveMetrics(rt.telemetry.meter)
         self.metrics.watch_queue("scheduler", lambda: self.waiting)
         bus = rt.bus
-        await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)
+        self._generate_sub = await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.STATUS, self._on_status, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.CANCEL, self._on_cancel)  # every instance: only the owner can cancel
         await bus.subscribe(f"{subjects.HEARTBEAT}.>", self._on_heartbeat)
@@ -115,9 +119,18 @@ class SchedulerApp(ServiceApp):
         self._world_task = asyncio.create_task(self._world_loop())
 
     async def stop(self, rt: ServiceRuntime) -> None:
-        # Drain: stop taking requests (subscriptions drain in run_service), let running ones end.
-        while self.runners:
-            await asyncio.sleep(0.05)
+        """Drain: new requests go to the other scheduler instances (with none, the client's
+        request finds no responder), running ones finish within the drain timeout, and those
+        still running then are answered `unavailable` rather than left without a reply."""
+        self.draining = True
+        await self._generate_sub.unsubscribe()
+        log.info("scheduler_draining", requests=len(self.inflight))
+        budget = max(0.0, self.settings.drain_timeout_s - DRAIN_REPLY_MARGIN_S)
+        if not await wait_until(lambda: not self.inflight, budget):
+            log.warning("drain_cancelling_requests", requests=len(self.inflight))
+            for task in list(self.inflight):
+                task.cancel()
+            await wait_until(lambda: not self.inflight, DRAIN_REPLY_MARGIN_S / 2)
         self._world_task.cancel()
 
     # ------------------------------------------------------------------------------ liveness
@@ -216,7 +229,9 @@ class SchedulerApp(ServiceApp):
     # ------------------------------------------------------------------------------ generate
     async def _on_generate(self, msg: Msg) -> None:
         # Each request runs in its own task: a slow or failing one never blocks the subscription.
-        asyncio.create_task(self._generate(msg))
+        task = asyncio.create_task(self._generate(msg))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
 
     async def _generate(self, msg: Msg) -> None:
         content_type = codec.public_content_type(msg.data, _ctype(msg))
@@ -245,7 +260,16 @@ class SchedulerApp(ServiceApp):
                 await self._respond(msg, err.reply(), content_type)
             except asyncio.TimeoutError:
                 outcome = ErrorCode.TIMEOUT.value
+                log.info("request_failed", code=outcome, message="request timed out")
                 await self._respond(msg, ApiError(ErrorCode.TIMEOUT, "request timed out", request_id).reply(), content_type)
+            except asyncio.CancelledError:
+                if not self.draining:
+                    raise
+                # Cut off by a drain that ran out of time: the client still gets an answer.
+                outcome = ErrorCode.UNAVAILABLE.value
+                log.info("request_failed", code=outcome, message="scheduler shutting down")
+                await self._respond(msg, ApiError(ErrorCode.UNAVAILABLE, "scheduler shutting down; retry",
+                                                  request_id).reply(), content_type)
             except Exception as exc:  # never let one request take the service down
                 outcome = ErrorCode.INTERNAL.value
                 log.exception("request_crashed")

@@ -48,7 +48,7 @@ from shared.messages import (
     WorldReady,
 )
 from shared.metrics import RingserveMetrics
-from shared.service import ServiceApp, ServiceRuntime, main as service_main
+from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
 from shared.settings import Settings
 from services.worker.engine import WorkerEngine, causal_block_sparsity
 from services.worker.kv_cache import RequestKV
@@ -134,9 +134,17 @@ class WorkerApp(ServiceApp):
             active_requests=len(self.engine.requests),
             kv_tokens=self.engine.kv_tokens,
             draining=rt.stopping.is_set(),
+            fusion_partitions=sorted({r.plan.fusion_partition for r in list(self.engine.requests.values())
+                                      if r.plan.fusion == "bus"}),
         )
 
     async def stop(self, rt: ServiceRuntime) -> None:
+        # Draining (heartbeats say so): no new request is placed here; the ones held decode to
+        # their end and are released by the scheduler, within the drain timeout.
+        if self.engine.requests:
+            log.info("worker_draining", requests=len(self.engine.requests))
+            if not await wait_until(lambda: not self.engine.requests, self.settings.drain_timeout_s):
+                log.warning("drain_timeout_requests_left", requests=sorted(self.engine.requests))
         self._decoder.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.prefix.store.close()

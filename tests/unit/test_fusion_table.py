@@ -61,3 +61,15 @@ def test_dropping_a_request_answers_its_waiters_at_once_and_spares_others():
     assert [t for t, _ in replies] == ["w0-dead"] and "dropped" in replies[0][1].error
     done = table.add(FusionRequest(worker_id="w3", items=[_item("live", 0, 1, 2, 3)]), "w3-live", now=0)
     assert {t for t, _ in done} == {"w2-live", "w3-live"}
+
+
+def test_partition_users_follow_worker_heartbeats():
+    from services.fusion.table import PartitionUsers
+
+    users = PartitionUsers(timeout_s=2.0)
+    users.on_heartbeat("w1", ["p1"], now=0.0)
+    users.on_heartbeat("w2", ["p1", "p2"], now=0.0)
+    assert users.using("p1", now=1.0) == ["w1", "w2"] and users.using("p3", now=1.0) == []
+    users.on_heartbeat("w1", [], now=1.5)  # its request ended
+    assert users.using("p1", now=1.5) == ["w2"]
+    assert users.using("p1", now=2.5) == []  # w2 went silent: gone, not a user

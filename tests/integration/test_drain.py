@@ -1,0 +1,104 @@
+"""SIGTERM drains: a stack told to stop (as `docker compose down` or a Ctrl-C does) finishes the
+request in flight, takes no new one, and exits cleanly; a drain that runs out of time still
+answers the request it cuts off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import nats
+import pytest
+
+from shared import codec, subjects
+from tests.integration.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+NEW_TOKENS = 48
+
+
+async def _stream_until_first_token(nc, body: dict) -> tuple[asyncio.Queue, object]:
+    events: asyncio.Queue = asyncio.Queue()
+    inbox = nc.new_inbox()
+
+    async def on_event(msg) -> None:
+        await events.put(json.loads(msg.data))
+
+    sub = await nc.subscribe(inbox, cb=on_event)
+    await nc.publish(subjects.GENERATE, json.dumps({**body, "stream": True}).encode(), reply=inbox)
+    while True:
+        event = await asyncio.wait_for(events.get(), 60)
+        assert "error" not in event, event
+        if event.get("type") == "token":
+            return events, sub
+
+
+async def _wait_for_draining_scheduler(nc) -> None:
+    seen = asyncio.Event()
+
+    async def on_beat(msg) -> None:
+        if codec.unpack(msg.data).get("draining"):
+            seen.set()
+
+    sub = await nc.subscribe(f"{subjects.HEARTBEAT}.scheduler.>", cb=on_beat)
+    try:
+        await asyncio.wait_for(seen.wait(), 10)
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_cleanly(tmp_path):
+    stack = Stack(tmp_path, workers=1)
+    try:
+        await stack.wait_ready(1)
+        nc = await nats.connect(stack.servers.nats_url)
+        try:
+            events, sub = await _stream_until_first_token(nc, {"prompt": "drain me", "max_new_tokens": NEW_TOKENS})
+            for proc in stack.procs.values():
+                proc.send_signal(signal.SIGTERM)
+            # While draining, the scheduler no longer takes requests: nobody answers a new one.
+            await asyncio.sleep(0.3)
+            with pytest.raises(nats.errors.NoRespondersError):
+                await nc.request(subjects.GENERATE, json.dumps({"prompt": "late"}).encode(), timeout=5)
+            while (event := await asyncio.wait_for(events.get(), 60)).get("type") != "done":
+                assert "error" not in event, event
+            await sub.unsubscribe()
+        finally:
+            await nc.close()
+        assert event["finish_reason"] == "length" and len(event["output_ids"]) == NEW_TOKENS
+        codes = {label: proc.wait(30) for label, proc in stack.procs.items()}
+        assert codes == {label: 0 for label in stack.procs}, stack.logs()
+    finally:
+        stack.stop()
+
+
+async def test_a_drain_out_of_time_answers_unavailable_and_releases_the_workers(tmp_path):
+    stack = Stack(tmp_path, workers=1, env={"RINGSERVE_DRAIN_TIMEOUT_S": "1.5"})
+    try:
+        await stack.wait_ready(1)
+        nc = await nats.connect(stack.servers.nats_url)
+        try:
+            events, sub = await _stream_until_first_token(nc, {"prompt": "long one", "max_new_tokens": 4000})
+            stack.killed.add("scheduler")
+            stack.procs["scheduler"].send_signal(signal.SIGTERM)
+            await _wait_for_draining_scheduler(nc)
+            while "error" not in (event := await asyncio.wait_for(events.get(), 30)):
+                assert event.get("type") == "token", event
+            await sub.unsubscribe()
+            assert event["error"]["code"] == "unavailable", event
+            assert stack.procs["scheduler"].wait(15) == 0, stack.logs()
+            # The cut-off request's KV was released on the worker: a new scheduler sees it idle.
+            stack.start("scheduler", "scheduler2")
+            status = await stack.wait_ready(1)
+            for _ in range(50):
+                if status["workers"][0]["active_requests"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+                status = await stack.status(nc)
+            assert status["workers"][0]["active_requests"] == 0, status
+        finally:
+            await nc.close()
+    finally:
+        stack.stop()

@@ -97,6 +97,7 @@ def format_status(status: StatusReply) -> str:
     lines = [
         f"model: {status.model or '(none)'}",
         f"world: generation {status.world_generation}, {'ready' if status.world_ready else 'not ready'}"
+        f"{', ' + status.world_backend if status.world_backend else ''}"
         f"{', members ' + ' '.join(status.world_members) if status.world_members else ''}",
         f"requests: {status.active_requests} active, {status.queued_requests} queued",
         f"workers: {len(status.workers)}",

@@ -169,6 +169,7 @@ class StatusReply(BaseModel):
     world_generation: int
     world_ready: bool = False
     world_members: list[str] = Field(default_factory=list)
+    world_backend: Literal["gloo", "nccl"] | None = None  # chosen from the members' devices
 
 
 # ================================================================================================
@@ -191,6 +192,8 @@ class ModelInfo(_Internal):
 
 class WorkerHeartbeat(_Internal):
     worker_id: str
+    # "cpu" or "cuda" (RINGSERVE_DEVICE): the scheduler forms the world over one kind and picks
+    # its torch.distributed backend from it (services/scheduler/registry.py)
     device: str
     model: ModelInfo
     # host:port of the rendezvous store this worker hosts, used when it is chosen as rank 0

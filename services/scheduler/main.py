@@ -174,14 +174,27 @@ class SchedulerApp(ServiceApp):
             if gone:
                 log.warning("workers_lost", workers=gone)
                 self._fail_requests_on(set(gone))
+            self._report_devices()
             # A failed or unfinished formation is retried once the joins have surely timed out.
             retry = (not self.registry.world_ready and
                      time.monotonic() - self.registry.formed_at > self.settings.dist_timeout_s + WORLD_RETRY_MARGIN_S)
             if (self.registry.world_needs_reform() or retry) and not self._rings_active():
-                form = self.registry.next_world("nccl" if self.settings.device == "cuda" else "gloo")
+                # The backend follows the members' devices (their heartbeats), never this process's.
+                form = self.registry.next_world()
                 if form is not None:
-                    log.info("world_forming", generation=form.generation, members=form.members)
+                    log.info("world_forming", generation=form.generation, members=form.members, backend=form.backend)
                     await self.rt.bus.publish(subjects.WORLD_FORM, form)
+
+    def _report_devices(self) -> None:
+        """A world never spans CPU and CUDA workers: say, once per change, who is left out."""
+        plan = self.registry.device_change()
+        if plan is None:
+            return
+        if plan.excluded:
+            log.warning("world_devices_mixed", device=plan.device, backend=plan.backend, members=list(plan.members),
+                        excluded=list(plan.excluded), live_by_device=dict(plan.counts))
+        else:
+            log.info("world_devices_uniform", device=plan.device, backend=plan.backend)
 
     def _fail_requests_on(self, workers: set[str]) -> None:
         for runner in self.runners.values():
@@ -207,6 +220,7 @@ class SchedulerApp(ServiceApp):
             world_generation=self.registry.generation,
             world_ready=self.registry.world_ready,
             world_members=self.registry.members,
+            world_backend=self.registry.backend,
         )
         await self._respond(msg, reply, codec.public_content_type(msg.data or b"{", _ctype(msg)))
 

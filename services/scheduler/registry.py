@@ -1,5 +1,11 @@
 """The scheduler's view of the cluster, built from heartbeats: live workers, fusion partitions,
-and the torch.distributed world (which workers are in it, in what rank order, which generation).
+and the torch.distributed world (which workers are in it, in what rank order, which generation,
+which backend).
+
+The world's backend follows its members' devices, as each worker reports in its heartbeats (the
+scheduler's own device plays no part): all CUDA -> NCCL, all CPU -> gloo. A world never spans
+both kinds: when live workers differ, the kind with the most of them forms the world (a tie goes
+to CUDA) and the others stay out of it; they still serve single-worker requests.
 """
 
 from __future__ import annotations
@@ -8,6 +14,39 @@ import time
 from dataclasses import dataclass, field
 
 from shared.messages import ModelInfo, WorkerHeartbeat, WorldForm
+
+BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+
+
+def device_kind(device: str) -> str:
+    """A heartbeat's device as the kind a world is formed over: "cuda" ("cuda", "cuda:1") or "cpu"."""
+    return "cuda" if device.split(":", 1)[0] == "cuda" else "cpu"
+
+
+@dataclass(frozen=True)
+class WorldPlan:
+    """Who should be in the world now: members in rank order, all on `device`; `excluded` are the
+    live workers on another device, left out."""
+
+    members: tuple[str, ...]
+    device: str
+    backend: str
+    excluded: tuple[str, ...]
+    counts: tuple[tuple[str, int], ...]  # live workers per device kind, sorted by kind
+
+
+def plan_world(live: list[WorkerHeartbeat]) -> WorldPlan | None:
+    """The world over `live` workers: the device kind with the most of them (ties: CUDA), members
+    sorted by worker id. None without live workers."""
+    if not live:
+        return None
+    by_kind: dict[str, list[str]] = {}
+    for beat in live:
+        by_kind.setdefault(device_kind(beat.device), []).append(beat.worker_id)
+    device = max(by_kind, key=lambda kind: (len(by_kind[kind]), kind == "cuda"))
+    excluded = sorted(w for kind, ids in by_kind.items() if kind != device for w in ids)
+    return WorldPlan(members=tuple(sorted(by_kind[device])), device=device, backend=BACKENDS[device],
+                     excluded=tuple(excluded), counts=tuple(sorted((k, len(v)) for k, v in by_kind.items())))
 
 
 @dataclass
@@ -24,9 +63,12 @@ class Registry:
     # The world the scheduler last formed, and which of its members have joined.
     generation: int = 0
     members: list[str] = field(default_factory=list)
+    backend: str | None = None
     ready: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     formed_at: float = 0.0
+    # The live workers left out for their device, as last reported by device_change().
+    reported_excluded: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- heartbeats
     def on_worker(self, beat: WorkerHeartbeat, now: float | None = None) -> None:
@@ -64,20 +106,39 @@ class Registry:
         return parts[sum(key.encode()) % len(parts)]
 
     # ---------------------------------------------------------------- the world
-    def world_needs_reform(self) -> bool:
-        """True when the live workers are not exactly the current world's members."""
-        return sorted(self.members) != sorted(w.worker_id for w in self.live_workers())
+    def world_plan(self) -> WorldPlan | None:
+        return plan_world(self.live_workers())
 
-    def next_world(self, backend: str) -> WorldForm | None:
-        live = sorted(self.live_workers(), key=lambda b: b.worker_id)
-        if not live:
+    def world_needs_reform(self) -> bool:
+        """True when the world the live workers call for (members, backend) is not the current one."""
+        plan = self.world_plan()
+        if plan is None:
+            return bool(self.members)
+        return sorted(self.members) != list(plan.members) or self.backend != plan.backend
+
+    def next_world(self) -> WorldForm | None:
+        """A new generation over the planned members, with their devices' backend."""
+        plan = self.world_plan()
+        if plan is None:
             return None
+        beats = {b.worker_id: b for b in self.live_workers()}
         self.generation += 1
-        self.members = [b.worker_id for b in live]
+        self.members = list(plan.members)
+        self.backend = plan.backend
         self.ready, self.failed = set(), set()
         self.formed_at = time.monotonic()
-        return WorldForm(generation=self.generation, members=self.members, store_addr=live[0].store_addr,
-                         backend=backend)  # type: ignore[arg-type]
+        return WorldForm(generation=self.generation, members=self.members,
+                         store_addr=beats[self.members[0]].store_addr, backend=plan.backend)  # type: ignore[arg-type]
+
+    def device_change(self) -> WorldPlan | None:
+        """The current plan, once each time the set of live workers left out for their device
+        changes (to report it); None while it stays the same, or when no worker is live."""
+        plan = self.world_plan()
+        excluded = plan.excluded if plan is not None else ()
+        if excluded == self.reported_excluded:
+            return None
+        self.reported_excluded = excluded
+        return plan
 
     def on_ready(self, worker_id: str, generation: int, ok: bool) -> None:
         if generation != self.generation:

@@ -107,6 +107,10 @@ def test_format_status():
         "workers: 1",
         "  w-a  cpu  busy  2 requests  512 kv tokens  seen 0.4s ago",
     ]
+    text = cli.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
+                                         world_generation=5, world_ready=True, world_members=["w-a"],
+                                         world_backend="gloo"))
+    assert text.splitlines()[1] == "world: generation 5, ready, gloo, members w-a"
 
 
 def jaeger_span(span_id, operation, start_ms, duration_ms, parent=None, process="p1", tags=()):

@@ -194,6 +194,28 @@ def test_workers_scale_and_the_gpu_profile_reserves_nvidia_devices():
     assert "TORCH_INDEX" in gpu["build"]["args"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert device["count"] == 1  # one GPU per worker: NCCL refuses two ranks on one device
+
+
+def test_only_workers_set_their_device_gpu_workers_to_cuda():
+    """The scheduler picks the world's backend from the devices workers report in their heartbeats
+    (NCCL for CUDA workers), so RINGSERVE_DEVICE is a worker setting: cuda on the GPU workers, the
+    CPU default elsewhere, and never on the scheduler, whose own device would decide nothing."""
+    compose = interpolate(load_compose(), env_example())
+    services = ringserve_services(compose)
+
+    def device(name: str) -> str:
+        environment = services[name]["environment"]
+        return Settings(**{k.removeprefix("RINGSERVE_").lower(): v for k, v in environment.items()
+                           if k.startswith("RINGSERVE_")}).device
+
+    assert device("worker-gpu") == "cuda"
+    assert "gpu" in services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"]
+    assert "cuda" in services["worker-gpu"]["image"]
+    assert re.search(r"/cu\d+$", services["worker-gpu"]["build"]["args"]["TORCH_INDEX"])  # CUDA torch wheels
+    assert device("worker") == "cpu"
+    for name in ("scheduler", "kvstore", "fusion"):
+        assert "RINGSERVE_DEVICE" not in services[name]["environment"], name
 
 
 def test_depends_on_and_mounted_files_exist():

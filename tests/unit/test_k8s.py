@@ -188,6 +188,8 @@ def test_workers_get_a_gpu_each_and_a_stable_name_through_a_headless_service():
     worker = one(docs, "StatefulSet", "worker")
     (container,) = containers(worker)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert container["image"].endswith("-cuda")  # the CUDA build of the image
     env = {e["name"]: e for e in container["env"]}
     assert env["RINGSERVE_DEVICE"]["value"] == "cuda"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -196,6 +198,23 @@ def test_workers_get_a_gpu_each_and_a_stable_name_through_a_headless_service():
     assert governing["spec"]["publishNotReadyAddresses"] is True  # peers rendezvous before readiness
     expected = f"$(POD_NAME).{governing['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
     assert env["RINGSERVE_ADVERTISE_HOST"]["value"] == expected
+
+
+def test_only_gpu_workers_set_the_device():
+    """The scheduler picks the world's backend (NCCL for CUDA workers) from the devices workers report
+    in their heartbeats: RINGSERVE_DEVICE belongs on the GPU workers alone, not in the shared
+    ConfigMap and not on the scheduler, whose own device would decide nothing."""
+    docs = applied()
+    assert "RINGSERVE_DEVICE" not in one(docs, "ConfigMap", "ringserve-config")["data"]
+    for workload in workloads(docs):
+        for container in containers(workload):
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            if container.get("args", [])[:2] == ["serve", "worker"]:
+                assert env["RINGSERVE_DEVICE"] == "cuda"
+                assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+            else:
+                assert "RINGSERVE_DEVICE" not in env, workload["metadata"]["name"]
+                assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
 
 
 def test_service_monitor_scrapes_the_ringserve_services():

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=600.0, gt=0)
     # Requests waiting for workers beyond this count are refused with `overloaded`.
     max_queued_requests: int = Field(default=256, ge=1)
+    # Requests running at once (prefill or decode) on one scheduler; more are refused with
+    # `overloaded`, which a client retries later or elsewhere, rather than slowing everyone.
+    max_active_requests: int = Field(default=256, ge=1)
 
     # --- placement ---------------------------------------------------------------------------
     # Overrides the chunk-size policy (8K/16K/32K by context length) when set.

@@ -20,6 +20,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 log = structlog.get_logger("telemetry")
@@ -96,12 +97,16 @@ def setup_telemetry(service: str, metrics_port: int = 0) -> Telemetry:
     """
     name = os.environ.get("OTEL_SERVICE_NAME") or f"ringserve-{service}"
     resource = Resource.create({"service.name": name})
-    tracer_provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = []
     otlp_on = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")) and os.environ.get("OTEL_SDK_DISABLED") != "true"
+    traces_exported = otlp_on and _signal_enabled("OTEL_TRACES_EXPORTER")
+    # With no exporter, spans are not recorded at all (ALWAYS_OFF: no attributes, events or span
+    # objects kept), but still carry trace ids for the logs and the W3C headers. With one, the
+    # SDK's sampler follows OTEL_TRACES_SAMPLER (parent-based always-on by default).
+    tracer_provider = TracerProvider(resource=resource, sampler=None if traces_exported else ALWAYS_OFF)
     if otlp_on:
         span_exporter, metric_exporter = _otlp_exporters()
-        if _signal_enabled("OTEL_TRACES_EXPORTER"):
+        if traces_exported:
             tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter()))
         if _signal_enabled("OTEL_METRICS_EXPORTER"):
             readers.append(PeriodicExportingMetricReader(metric_exporter()))

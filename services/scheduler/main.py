@@ -294,6 +294,10 @@ class SchedulerApp(ServiceApp):
                 structlog.contextvars.unbind_contextvars("request_id")
 
     async def _run(self, req, request_id: str, msg: Msg, content_type: str):
+        # `inflight` holds this request too, and every one admitted before it
+        if len(self.inflight) > self.settings.max_active_requests:
+            raise ApiError(ErrorCode.OVERLOADED, f"{len(self.inflight) - 1} requests are running, the limit is "
+                           f"{self.settings.max_active_requests}; retry later", request_id)
         model = await self._wait_for_model(request_id)
         if req.input_ids is not None:
             prompt_ids = list(req.input_ids)

@@ -123,8 +123,10 @@ def test_no_endpoint_and_no_port_starts_no_exporter(monkeypatch):
     telemetry = setup_telemetry("quiet")
     try:
         assert telemetry.metrics_server is None
-        with telemetry.tracer.start_as_current_span("unseen"):
+        with telemetry.tracer.start_as_current_span("unseen") as span:
             RingserveMetrics(telemetry.meter).record_request("ok")
+        # Nothing is recorded, but the trace id still reaches logs and message headers.
+        assert not span.is_recording() and span.get_span_context().is_valid
         assert new_threads() == set()
     finally:
         telemetry.shutdown()

@@ -1,6 +1,7 @@
-"""SIGTERM drains: a stack told to stop (as `docker compose down` or a Ctrl-C does) finishes the
-request in flight, takes no new one, and exits cleanly; a drain that runs out of time still
-answers the request it cuts off."""
+"""Admission under load and SIGTERM drains: past the active-request limit a request is refused
+with `overloaded` and the running ones go on; a stack told to stop (as `docker compose down` or
+a Ctrl-C does) finishes the request in flight, takes no new one, and exits cleanly; a drain that
+runs out of time still answers the request it cuts off."""
 
 from __future__ import annotations
 
@@ -98,6 +99,29 @@ async def test_a_drain_out_of_time_answers_unavailable_and_releases_the_workers(
                 await asyncio.sleep(0.1)
                 status = await stack.status(nc)
             assert status["workers"][0]["active_requests"] == 0, status
+        finally:
+            await nc.close()
+    finally:
+        stack.stop()
+
+
+async def test_requests_over_the_active_limit_are_overloaded_and_the_running_one_goes_on(tmp_path):
+    stack = Stack(tmp_path, workers=1, env={"RINGSERVE_MAX_ACTIVE_REQUESTS": "1"})
+    try:
+        await stack.wait_ready(1)
+        nc = await nats.connect(stack.servers.nats_url)
+        try:
+            events, sub = await _stream_until_first_token(nc, {"prompt": "first", "max_new_tokens": NEW_TOKENS})
+            refused = json.loads((await nc.request(subjects.GENERATE, b'{"prompt": "second"}', timeout=30)).data)
+            assert refused["error"]["code"] == "overloaded", refused
+            while (event := await asyncio.wait_for(events.get(), 60)).get("type") != "done":
+                assert "error" not in event, event
+            await sub.unsubscribe()
+            assert len(event["output_ids"]) == NEW_TOKENS
+            # The slot is free again.
+            reply = json.loads((await nc.request(subjects.GENERATE, b'{"prompt": "third", "max_new_tokens": 2}',
+                                                 timeout=30)).data)
+            assert len(reply["output_ids"]) == 2, reply
         finally:
             await nc.close()
     finally:

@@ -92,7 +92,8 @@ class Timings(BaseModel):
 
 
 class Placement(BaseModel):
-    """How a request was laid out: the ring's workers in rank order and the chunk size."""
+    """How a request was laid out: the ring's workers in rank order, the size of the units the
+    prompt was dealt zigzag in (at most the policy chunk) and how many there are."""
 
     workers: list[str]
     chunk_tokens: int
@@ -250,8 +251,8 @@ class RingPlan(_Internal):
     workers: list[str]  # ring order
     world_ranks: list[int]  # the world rank of each ring member (same order)
     world_generation: int
-    chunk_tokens: int
-    # segments[i]: the prompt positions ring member i holds (zigzag: chunks i and 2N-1-i, ...)
+    chunk_tokens: int  # the placement unit the prompt was dealt in (at most the policy chunk)
+    # segments[i]: the prompt positions ring member i holds (zigzag: units i and 2N-1-i, ...)
     segments: list[list[Segment]]
     prompt_tokens: int
     fusion_partition: str
@@ -261,6 +262,11 @@ class RingPlan(_Internal):
     @property
     def size(self) -> int:
         return len(self.workers)
+
+    @property
+    def units(self) -> int:
+        """How many placement units of chunk_tokens the prompt was cut into (the last may be shorter)."""
+        return -(-self.prompt_tokens // self.chunk_tokens)
 
     def leader(self) -> int:
         """The ring member holding the last prompt position: it samples the tokens."""

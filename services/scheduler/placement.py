@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.attention.layout import chunk_tokens_for, split_chunks, zigzag_assign
+from shared.attention.layout import (
+    chunk_tokens_for,
+    placement_unit_tokens,
+    ring_size_for,
+    split_chunks,
+    zigzag_assign,
+)
 from shared.messages import KVQuant, RingPlan, Segment
 from shared.settings import Settings
 
@@ -39,15 +45,14 @@ def merge_runs(runs: list[tuple[int, int]]) -> list[Segment]:
 
 def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLoad], settings: Settings,
                    world_ready: bool) -> list[WorkerLoad]:
-    """The ring for a prompt: as many free workers as its chunks need (up to all, up to
-    max_ring_size); one worker when the prompt is one chunk or no ring can be formed now."""
+    """The ring for a prompt: as many free workers as its policy chunks need (up to all, up to
+    max_ring_size); one worker when the prompt is one chunk or no ring can be formed now.
+    Free: in the world and not already in a multi-worker ring (the deadlock rule above)."""
     if not workers:
         return []
-    n_chunks = len(split_chunks(prompt_tokens, chunk_tokens))
-    limit = settings.max_ring_size or len(workers)
     free = sorted((w for w in workers if not w.in_ring and w.world_rank is not None),
                   key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))
-    size = min(n_chunks, limit, len(free)) if world_ready else 1
+    size = ring_size_for(prompt_tokens, chunk_tokens, len(free), settings.max_ring_size) if world_ready else 1
     if size >= 2:
         return free[:size]
     # One worker: the least loaded, ring member or not.
@@ -56,19 +61,23 @@ def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLo
 
 def plan_ring(request_id: str, prompt_tokens: int, ring: list[WorkerLoad], settings: Settings,
               world_generation: int, fusion_partition: str, kv_quant: KVQuant) -> RingPlan:
-    chunk_tokens = chunk_tokens_for(prompt_tokens, settings)
-    chunks = split_chunks(prompt_tokens, chunk_tokens)
+    """The prompt dealt zigzag over the ring in placement units (placement_unit_tokens: whole
+    groups of 2N, never larger than the policy chunk, block-aligned when the chunk is); a ring of
+    one holds [0, prompt_tokens) as one segment. The plan's chunk_tokens is the unit used."""
+    unit = placement_unit_tokens(prompt_tokens, chunk_tokens_for(prompt_tokens, settings), len(ring),
+                                 settings.kv_block_tokens)
+    units = split_chunks(prompt_tokens, unit)
     if len(ring) == 1:
-        assignment = [list(range(len(chunks)))]
+        assignment = [list(range(len(units)))]
     else:
-        assignment = zigzag_assign(len(chunks), len(ring))
-    segments = [merge_runs([chunks[c] for c in held]) for held in assignment]
+        assignment = zigzag_assign(len(units), len(ring))
+    segments = [merge_runs([units[u] for u in held]) for held in assignment]
     return RingPlan(
         request_id=request_id,
         workers=[w.worker_id for w in ring],
         world_ranks=[w.world_rank if w.world_rank is not None else -1 for w in ring],
         world_generation=world_generation,
-        chunk_tokens=chunk_tokens,
+        chunk_tokens=unit,
         segments=segments,
         prompt_tokens=prompt_tokens,
         fusion_partition=fusion_partition,

@@ -111,8 +111,7 @@ class RequestRunner:
                 ttft_ms=round(((s.first_token_at or now) - s.arrival) * 1000, 3),
                 total_ms=round((now - s.arrival) * 1000, 3),
             ),
-            placement=Placement(workers=plan.workers, chunk_tokens=plan.chunk_tokens,
-                                chunks=sum(len(seg) for seg in plan.segments)),
+            placement=Placement(workers=plan.workers, chunk_tokens=plan.chunk_tokens, chunks=plan.units),
         )
 
     async def on_progress(self, layers_done: int, layers: int) -> None:

@@ -3,9 +3,11 @@
 A segment is a half-open range of global token positions (start, end). A ring member holds
 the q/k/v rows of its segments concatenated in segment order.
 
-Zigzag placement balances causal work: with 2N chunks on N members, member i holds chunks i
-and 2N-1-i, so an early (cheap) chunk pairs with a late (expensive) one. More chunks repeat
-the pattern over groups of 2N.
+Zigzag placement balances causal work: with 2N units on N members, member i holds units i
+and 2N-1-i, so an early (cheap) unit pairs with a late (expensive) one. More units repeat
+the pattern over groups of 2N. The policy chunk (chunk_tokens_for) decides how many members a
+prompt needs; the units it is dealt in come from placement_unit_tokens, so that there are
+always whole groups of 2N of them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,47 @@ def chunk_tokens_for(context_len: int, settings: Settings) -> int:
     return settings.chunk_large_tokens
 
 
+def placement_unit_tokens(total_tokens: int, chunk_tokens: int, ring_size: int, block_tokens: int | None = None) -> int:
+    """The size of the units a prompt is dealt zigzag in over a ring of ring_size members.
+
+    Why not the policy chunk itself: zigzag balances causal work only over whole groups of 2N
+    equal units. With fewer policy chunks than 2N (128K tokens in 16K chunks over 8 members: one
+    chunk each) the last member does 2N-1 times the first one's work and every ring step waits
+    on it; a chunk count that is not a multiple of 2N is uneven too. So the prompt is cut into
+    2N * ceil(n_chunks / 2N) units of ceil(total / units) tokens: every member gets the same
+    number of units, and a unit is never larger than the policy chunk (the ring size, chosen by
+    policy chunks, still bounds what one member holds).
+
+    When the policy chunk is a multiple of block_tokens the unit is rounded up to a multiple of
+    block_tokens (never above the chunk): a KV block straddling two members is never stored, so
+    unaligned units would end prefix caching on rings at the first unit boundary. If rounding
+    would leave fewer than ring_size units (a prompt of a few blocks), the unit stays unrounded:
+    then no smaller block multiple gives ring_size units either.
+
+    What is left of the imbalance: split_chunks makes every unit but the last one full, so
+    units * unit - total tokens are missing at the end of the prompt (a shorter last unit, or
+    fewer units than planned), in the units dealt to the first members. Without rounding that
+    is fewer than `units` tokens; rounding adds up to block_tokens - 1 per planned unit.
+
+    A ring of one holds the whole prompt in one segment: its unit is the policy chunk.
+    """
+    if total_tokens < 1 or chunk_tokens < 1 or ring_size < 1:
+        raise ValueError(f"need positive sizes, got total_tokens={total_tokens}, chunk_tokens={chunk_tokens}, "
+                         f"ring_size={ring_size}")
+    if total_tokens < ring_size:
+        raise ValueError(f"{total_tokens} tokens cannot be placed on {ring_size} members")
+    if ring_size == 1:
+        return chunk_tokens
+    n_chunks = -(-total_tokens // chunk_tokens)
+    group = 2 * ring_size
+    units = group * -(-n_chunks // group)
+    unit = -(-total_tokens // units)
+    if not block_tokens or chunk_tokens % block_tokens:
+        return unit
+    rounded = min(chunk_tokens, -(-unit // block_tokens) * block_tokens)
+    return rounded if -(-total_tokens // rounded) >= ring_size else unit
+
+
 def split_chunks(total_tokens: int, chunk_tokens: int) -> list[Segment]:
     """[0, total) cut into chunks of chunk_tokens; the last one may be shorter."""
     if total_tokens < 0 or chunk_tokens < 1:
@@ -43,7 +86,8 @@ def zigzag_member(chunk: int, ring_size: int) -> int:
 
 
 def zigzag_assign(n_chunks: int, ring_size: int) -> list[list[int]]:
-    """Chunk indices held by each ring member, ascending."""
+    """Chunk (or unit) indices held by each ring member, ascending. Any count from ring_size up:
+    a partial last group of 2N continues the same pattern."""
     if ring_size < 1 or n_chunks < ring_size:
         raise ValueError(f"need 1 <= ring_size <= n_chunks, got ring_size={ring_size}, n_chunks={n_chunks}")
     members: list[list[int]] = [[] for _ in range(ring_size)]

@@ -143,8 +143,10 @@ async def test_int8_blocks_are_loaded_and_give_valid_tokens(single_stack, tiny_l
 
 async def test_ring_members_load_the_rows_they_hold_of_blocks_across_chunks(ring_stack, tiny_llama):  # noqa: F811
     path, model = tiny_llama
-    # On a ring every block straddling two members is not stored: only block 0 (in chunk 0) is.
-    short = _ids(60, 5)
+    # On a ring every block straddling two members is not stored. 70 tokens (3 chunks) are dealt
+    # in 4 units of 18: member 0 holds [0, 18) + [54, 70), member 1 [18, 54); block 1 [16, 32)
+    # straddles them, so the reusable chain is block 0 alone.
+    short = _ids(70, 5)
     first = await _generate(ring_stack, short)
     assert len(first["placement"]["workers"]) == 2 and first["usage"]["cached_tokens"] == 0
     await _wait_stored(ring_stack, path, short, 1)

@@ -5,6 +5,8 @@ import asyncio
 import pytest
 import torch
 
+from shared.attention.layout import placement_unit_tokens
+from shared.settings import Settings
 from tests.helpers.checkpoints import save_tiny_checkpoint, tiny_dims
 from tests.integration.stack import Stack
 
@@ -51,7 +53,10 @@ async def test_ring_of_n_workers_matches_transformers(ring_stack, tiny_llama, pr
     reply = await ring_stack.generate({"input_ids": ids, "max_new_tokens": NEW_TOKENS})
     assert "error" not in reply, f"{reply}\n{ring_stack.logs()}"
     assert len(reply["placement"]["workers"]) == ring
-    assert reply["placement"]["chunk_tokens"] == CHUNK
+    # the prompt is dealt in balanced zigzag units of at most CHUNK (CHUNK itself on one worker)
+    unit = placement_unit_tokens(prompt_len, CHUNK, ring, Settings().kv_block_tokens)
+    assert reply["placement"]["chunk_tokens"] == unit <= CHUNK
+    assert reply["placement"]["chunks"] == -(-prompt_len // unit)
     expected = hf_greedy(model, ids)
     got = reply["output_ids"]
     assert got == expected[: len(got)] and (len(got) == NEW_TOKENS or got[-1] == 2)

@@ -7,6 +7,7 @@ import pytest
 from shared.attention.layout import (
     chunk_tokens_for,
     merge_adjacent,
+    placement_unit_tokens,
     ring_size_for,
     segment_tokens,
     split_chunks,
@@ -82,3 +83,28 @@ def test_ring_size_for():
     assert ring_size_for(25, 10, free_workers=8, max_ring=0) == 3  # only 3 chunks
     assert ring_size_for(100, 10, free_workers=0, max_ring=0) == 0
     assert ring_size_for(100, 10, free_workers=3, max_ring=16) == 3
+
+
+def test_placement_units_come_in_whole_groups_of_2n_no_larger_than_the_chunk():
+    # 8 chunks of 16K over 8 members: 16 units of 8K, block-aligned already
+    assert placement_unit_tokens(128 * 1024, 16 * 1024, 8, 256) == 8192
+    # 5 chunks of 7 over 2, 3, 4 members: 8, 6, 8 units
+    assert [placement_unit_tokens(30, 7, n) for n in (2, 3, 4)] == [4, 5, 4]
+    # enough chunks already: 2N * ceil(n_chunks / 2N) units; never above the chunk
+    assert placement_unit_tokens(100, 10, 2) == 9  # 10 chunks -> 12 units
+    assert placement_unit_tokens(80, 10, 2) == 10  # 8 chunks = 2 groups of 4: the chunk itself
+    # a ring of one keeps the policy chunk (one segment, nothing to balance)
+    assert placement_unit_tokens(6, 7, 1) == 7 and placement_unit_tokens(100, 7, 1, 7) == 7
+
+
+def test_placement_units_round_up_to_blocks_only_when_the_chunk_is_a_block_multiple():
+    assert placement_unit_tokens(131_073, 16_384, 8, 256) == 8448  # 8193 rounded up
+    assert placement_unit_tokens(131_073, 16_000, 8, 256) == 8193  # chunk not a multiple: unrounded
+    assert placement_unit_tokens(70, 32, 3, 16) == 16  # 12 rounded up; 5 units still cover 3 members
+    assert placement_unit_tokens(42, 16, 2, 16) == 16  # 11 rounded up to the chunk: 3 units, not 4
+    # rounding would leave fewer units than members (more members than chunks): unrounded
+    assert placement_unit_tokens(40, 32, 3, 32) == 7
+    with pytest.raises(ValueError):
+        placement_unit_tokens(2, 7, 3)
+    with pytest.raises(ValueError):
+        placement_unit_tokens(0, 7, 1)

@@ -1,0 +1,181 @@
+"""The scheduler's placement: ring size and worker choice, and the zigzag segments of a plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.scheduler.placement import WorkerLoad, choose_workers, member_tokens, plan_ring
+from shared.attention.layout import chunk_tokens_for, placement_unit_tokens, zigzag_segments
+from shared.messages import KVQuant
+from shared.settings import Settings
+
+
+def loads(n: int, **overrides: dict[str, object]) -> list[WorkerLoad]:
+    """n idle workers w0.. with world ranks 0..; overrides: worker id -> changed fields."""
+    out = []
+    for i in range(n):
+        fields = dict(worker_id=f"w{i}", world_rank=i, in_ring=False, active_requests=0, kv_tokens=0)
+        fields.update(overrides.get(f"w{i}", {}))
+        out.append(WorkerLoad(**fields))
+    return out
+
+
+def choose(prompt_tokens: int, workers: list[WorkerLoad], settings: Settings, world_ready: bool = True) -> list[str]:
+    chunk = chunk_tokens_for(prompt_tokens, settings)
+    return [w.worker_id for w in choose_workers(prompt_tokens, chunk, workers, settings, world_ready)]
+
+
+def plan(prompt_tokens: int, ring_size: int, settings: Settings):
+    return plan_ring("r", prompt_tokens, loads(ring_size), settings, world_generation=1, fusion_partition="p",
+                     kv_quant=KVQuant.NONE)
+
+
+def causal_work(segments) -> int:
+    """Keys the queries of a member's positions attend causally: sum over held p of (p + 1).
+    segments: Segment messages or (start, end) tuples."""
+    spans = [(s.start, s.end) if hasattr(s, "start") else s for s in segments]
+    return sum((start + 1 + end) * (end - start) // 2 for start, end in spans)
+
+
+def tail_work(prompt_tokens: int, unit: int, ring_size: int) -> int:
+    """The stated tolerance: the causal work of the positions missing from the last group of 2N
+    units. The prompt padded to whole groups of 2N full units would balance exactly (member i's
+    units i and 2N-1-i of every group add up to the same work); only these positions are missing,
+    so no member is further than their work from the mean."""
+    units = -(-prompt_tokens // unit)
+    groups = -(-units // (2 * ring_size))
+    padded = groups * 2 * ring_size * unit
+    return sum(p + 1 for p in range(prompt_tokens, padded))
+
+
+# ------------------------------------------------------------------------------ ring size
+
+
+def test_a_prompt_of_one_chunk_runs_on_the_least_loaded_worker():
+    s = Settings(chunk_tokens=10)
+    workers = loads(4, w0={"active_requests": 2}, w1={"kv_tokens": 50}, w3={"in_ring": True})
+    assert choose(10, workers, s) == ["w2"]
+    # a single-worker request may share a ring member's worker: it waits on nobody
+    assert choose(10, loads(2, w0={"in_ring": True, "active_requests": 1}, w1={"active_requests": 2}), s) == ["w0"]
+    assert choose(10, [], s) == []
+
+
+def test_a_long_prompt_gets_as_many_workers_as_its_chunks_up_to_free_and_max_ring():
+    s = Settings(chunk_tokens=10)
+    assert choose(50, loads(8), s) == ["w0", "w1", "w2", "w3", "w4"]  # 5 chunks
+    assert choose(41, loads(8), s) == ["w0", "w1", "w2", "w3", "w4"]  # the last chunk is short
+    assert choose(500, loads(3), s) == ["w0", "w1", "w2"]  # all free workers
+    assert choose(500, loads(8), Settings(chunk_tokens=10, max_ring_size=4)) == ["w0", "w1", "w2", "w3"]
+    # the policy chunk decides: 128K tokens are 8 chunks of 16K
+    assert len(choose(128 * 1024, loads(16), Settings())) == 8
+    # least loaded first
+    busy = loads(4, w0={"active_requests": 3}, w1={"kv_tokens": 9})
+    assert choose(20, busy, s) == ["w2", "w3"]
+
+
+def test_workers_in_another_ring_or_outside_the_world_are_not_ring_members():
+    s = Settings(chunk_tokens=10)
+    workers = loads(5, w1={"in_ring": True}, w3={"world_rank": None})
+    assert choose(100, workers, s) == ["w0", "w2", "w4"]
+    # one free worker left: no ring, the prompt runs on one (the least loaded of all)
+    workers = loads(3, w0={"in_ring": True}, w1={"in_ring": True, "active_requests": 1}, w2={"active_requests": 1})
+    assert choose(100, workers, s) == ["w0"]
+
+
+def test_without_a_ready_world_every_request_runs_on_one_worker():
+    s = Settings(chunk_tokens=10)
+    assert choose(100, loads(4, w0={"kv_tokens": 5}), s, world_ready=False) == ["w1"]
+
+
+# ------------------------------------------------------------------------------ segments
+
+
+SHAPES = [  # (prompt tokens, settings, ring size)
+    (128 * 1024, Settings(), 8),  # 8 policy chunks of 16K over 8 members: units of 8K
+    (30, Settings(chunk_tokens=7), 2),
+    (30, Settings(chunk_tokens=7), 3),
+    (30, Settings(chunk_tokens=7), 4),
+    (45, Settings(chunk_tokens=7), 4),
+    (131_073, Settings(chunk_tokens=16_000), 8),  # chunk not a block multiple: no rounding
+    (100_000, Settings(), 7),  # block-rounded units
+    (1_000_000, Settings(), 8),
+    (64, Settings(chunk_tokens=16, kv_block_tokens=16), 4),
+]
+
+
+@pytest.mark.parametrize("prompt_tokens,settings,ring_size", SHAPES)
+def test_segments_cover_the_prompt_once_in_units_of_the_reported_size(prompt_tokens, settings, ring_size):
+    p = plan(prompt_tokens, ring_size, settings)
+    chunk = chunk_tokens_for(prompt_tokens, settings)
+    assert p.size == ring_size and len(p.segments) == ring_size
+    assert p.chunk_tokens == placement_unit_tokens(prompt_tokens, chunk, ring_size, settings.kv_block_tokens)
+    assert p.chunk_tokens <= chunk
+    held = sorted(pos for segs in p.segments for s in segs for pos in range(s.start, s.end))
+    assert held == list(range(prompt_tokens))
+    # the segments are the zigzag of the reported unit, every member holds some
+    assert [[(s.start, s.end) for s in segs] for segs in p.segments] == zigzag_segments(
+        prompt_tokens, p.chunk_tokens, ring_size)
+    assert all(member_tokens(p))
+    assert p.units == -(-prompt_tokens // p.chunk_tokens) >= ring_size
+    assert p.leader() == next(m for m, segs in enumerate(p.segments) if any(s.end == prompt_tokens for s in segs))
+
+
+@pytest.mark.parametrize("prompt_tokens,settings,ring_size", SHAPES)
+def test_every_member_does_the_mean_causal_work_up_to_the_missing_tail(prompt_tokens, settings, ring_size):
+    p = plan(prompt_tokens, ring_size, settings)
+    work = [causal_work(segs) for segs in p.segments]
+    mean = sum(work) / ring_size
+    tolerance = tail_work(prompt_tokens, p.chunk_tokens, ring_size)
+    assert all(abs(w - mean) <= tolerance for w in work), (work, tolerance)
+
+
+def test_balance_of_the_motivating_shapes():
+    # 128K tokens, 16K chunks, 8 members: exactly equal (the old layout: one chunk each, the last
+    # member doing 15 times the first one's work)
+    p = plan(128 * 1024, 8, Settings())
+    assert p.chunk_tokens == 8192 and p.units == 16
+    assert len({causal_work(segs) for segs in p.segments}) == 1
+    old = [causal_work(segs) for segs in zigzag_segments(128 * 1024, 16 * 1024, 8)]
+    assert 14.99 < max(old) / min(old) < 15.01
+    # 30 tokens in chunks of 7 (5 chunks): 3 members, 6 units of 5, exactly equal
+    p = plan(30, 3, Settings(chunk_tokens=7))
+    assert p.chunk_tokens == 5 and len({causal_work(segs) for segs in p.segments}) == 1
+    # 2 and 4 members: 8 units of 4, the last one 2 tokens short (member 0 holds it)
+    for ring_size, spread in ((2, 0.14), (4, 0.41)):
+        p = plan(30, ring_size, Settings(chunk_tokens=7))
+        work = [causal_work(segs) for segs in p.segments]
+        mean = sum(work) / ring_size
+        assert p.chunk_tokens == 4 and max(abs(w - mean) / mean for w in work) <= spread
+        assert len(set(work[1:])) == 1  # every other member exactly equal
+
+
+def test_large_prompts_are_balanced_within_one_percent_without_block_rounding():
+    for prompt_tokens, chunk, ring_size in ((131_073, 16_000, 8), (1_000_003, 30_000, 8), (300_001, 16_000, 5)):
+        p = plan(prompt_tokens, ring_size, Settings(chunk_tokens=chunk))
+        work = [causal_work(segs) for segs in p.segments]
+        assert max(work) / min(work) < 1.01
+
+
+def test_units_are_block_multiples_when_the_chunk_is():
+    for prompt_tokens, settings, ring_size in [
+        (128 * 1024, Settings(), 8), (100_000, Settings(), 7), (131_073, Settings(), 8), (300_000, Settings(), 5),
+        (1_000_000, Settings(), 8), (70, Settings(chunk_tokens=32, kv_block_tokens=16), 3),
+        (64, Settings(chunk_tokens=16, kv_block_tokens=16), 4),
+    ]:
+        p = plan(prompt_tokens, ring_size, settings)
+        assert p.chunk_tokens % settings.kv_block_tokens == 0, (prompt_tokens, p.chunk_tokens)
+        assert p.chunk_tokens <= chunk_tokens_for(prompt_tokens, settings)
+        # so every segment boundary inside the prompt is a block boundary: no block straddles members
+        bounds = {b for segs in p.segments for s in segs for b in (s.start, s.end)} - {prompt_tokens}
+        assert all(b % settings.kv_block_tokens == 0 for b in bounds)
+    # a chunk that is not a block multiple is not rounded
+    assert plan(30, 2, Settings(chunk_tokens=7, kv_block_tokens=4)).chunk_tokens == 4
+    assert plan(60, 2, Settings(chunk_tokens=24, kv_block_tokens=16)).chunk_tokens == 15
+
+
+def test_one_worker_holds_the_prompt_as_one_segment_in_policy_chunks():
+    for prompt_tokens in (1, 6, 100, 200_000):
+        s = Settings(chunk_tokens=7)
+        p = plan(prompt_tokens, 1, s)
+        assert [[(x.start, x.end) for x in segs] for segs in p.segments] == [[(0, prompt_tokens)]]
+        assert p.chunk_tokens == 7 and p.units == -(-prompt_tokens // 7) and p.leader() == 0

@@ -205,6 +205,8 @@ class WorkerHeartbeat(_Internal):
     active_requests: int
     kv_tokens: int
     draining: bool = False
+    # KV tokens this worker can hold in all (settings.worker_max_tokens); None: no limit
+    kv_capacity_tokens: int | None = None
     # Fusion partitions the worker's requests send partials to: a draining fusion instance
     # serves until no worker lists it.
     fusion_partitions: list[str] = Field(default_factory=list)

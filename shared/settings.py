@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     chunk_large_above: int = 500_000
     # Upper bound on the ring size of one request (0: all workers).
     max_ring_size: int = Field(default=0, ge=0)
+    # KV tokens one worker may hold; placement uses more ring members, or waits, rather than
+    # overfill one. 0: on CUDA, what kv_memory_fraction of the GPU memory free after loading the
+    # model holds; on CPU, no limit.
+    worker_max_tokens: int = Field(default=0, ge=0)
+    kv_memory_fraction: float = Field(default=0.8, gt=0, le=1)
 
     # --- distributed -------------------------------------------------------------------------
     fusion: Literal["bus", "collective"] = "bus"

@@ -25,6 +25,7 @@ from shared.messages import (
     FusionDrop,
     KVQuant,
     PrefillCommand,
+    RingPlan,
     PrefillProgress,
     PrefillResult,
     ReleaseCommand,
@@ -38,7 +39,8 @@ from shared.metrics import OK_CODE, RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
 from shared.settings import Settings
 from services.scheduler.api import ApiError, check_limits, encode_reply, new_request_id, parse_generate
-from services.scheduler.placement import WorkerLoad, choose_workers, plan_ring
+from services.scheduler.placement import WorkerLoad, choose_workers, fits_cluster, plan_ring, share_tokens
+from shared.attention.layout import chunk_tokens_for
 from services.scheduler.prefix import PrefixIndex
 from services.scheduler.registry import Registry
 from services.scheduler.runner import RequestRunner, RequestState, done_event
@@ -49,6 +51,8 @@ log = structlog.get_logger("scheduler")
 CANCEL_NOT_OWNER_DELAY_S = 0.25
 PREFILL_TIMEOUT_FACTOR = 1.0  # of request_timeout_s
 WORLD_RETRY_MARGIN_S = 2.0
+# How often a request waiting for workers with room retries its placement.
+PLACEMENT_POLL_S = 0.05
 # Of the drain timeout, kept to answer requests a drain has to cut off.
 DRAIN_REPLY_MARGIN_S = 1.0
 
@@ -319,7 +323,7 @@ class SchedulerApp(ServiceApp):
             self.runners[request_id] = runner
             progress_sub = None
             try:
-                plan = self._place(request_id, len(prompt_ids), req)
+                plan = await self._wait_for_placement(request_id, len(prompt_ids), req)
                 with self.tracer.start_as_current_span("scheduler.placement", attributes={
                     "ring.size": plan.size, "chunk_tokens": plan.chunk_tokens, "prompt_tokens": len(prompt_ids)}):
                     log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
@@ -373,29 +377,61 @@ class SchedulerApp(ServiceApp):
             self.waiting -= 1
         raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
 
-    def _place(self, request_id: str, prompt_tokens: int, req):
-        from shared.attention.layout import chunk_tokens_for
+    def _worker_loads(self) -> list[WorkerLoad]:
+        """Live workers as placement sees them. KV held: the larger of the heartbeat's count and
+        what this scheduler's own placed requests will hold there (heartbeats lag a new placement)."""
+        in_ring = {w for r in self.runners.values() if r.s.plan is not None and r.s.plan.size > 1 for w in r.s.plan.workers}
+        requests: dict[str, int] = {}
+        planned: dict[str, int] = {}
+        for r in self.runners.values():
+            if r.s.plan is not None:
+                share = share_tokens(r.s.plan.prompt_tokens + r.s.request.max_new_tokens, r.s.plan.size)
+                for w in r.s.plan.workers:
+                    requests[w] = requests.get(w, 0) + 1
+                    planned[w] = planned.get(w, 0) + share
+        return [WorkerLoad(worker_id=b.worker_id, world_rank=self.registry.world_rank(b.worker_id),
+                           in_ring=b.worker_id in in_ring, active_requests=requests.get(b.worker_id, 0),
+                           kv_tokens=max(b.kv_tokens, planned.get(b.worker_id, 0)), capacity_tokens=b.kv_capacity_tokens)
+                for b in self.registry.live_workers()]
 
+    def _place(self, request_id: str, prompt_tokens: int, req) -> RingPlan | None:
+        """A plan for the request now, or None when the workers that could hold it are busy."""
         partition = self.registry.fusion_partition(request_id)
         if partition is None:
             raise ApiError(ErrorCode.UNAVAILABLE, "no fusion service is available", request_id)
-        in_ring = {w for r in self.runners.values() if r.s.plan is not None and r.s.plan.size > 1 for w in r.s.plan.workers}
-        per_worker = {}
-        for r in self.runners.values():
-            if r.s.plan is not None:
-                for w in r.s.plan.workers:
-                    per_worker[w] = per_worker.get(w, 0) + 1
-        loads = [WorkerLoad(worker_id=b.worker_id, world_rank=self.registry.world_rank(b.worker_id),
-                            in_ring=b.worker_id in in_ring, active_requests=per_worker.get(b.worker_id, 0),
-                            kv_tokens=b.kv_tokens)
-                 for b in self.registry.live_workers()]
+        loads = self._worker_loads()
+        if not loads:
+            raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
+        total = prompt_tokens + req.max_new_tokens
+        if not fits_cluster(total, loads, self.settings):
+            raise ApiError(ErrorCode.TOO_LONG, f"{total} tokens of KV (prompt + max_new_tokens) do not fit the KV "
+                           f"capacity of {len(loads)} workers (max_ring_size {self.settings.max_ring_size or 'all'})",
+                           request_id)
         chunk = chunk_tokens_for(prompt_tokens, self.settings)
         # A collective-fusion ring exchanges partials point-to-point: it needs the world too.
-        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, self.registry.world_ready)
+        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, self.registry.world_ready, req.max_new_tokens)
         if not ring:
-            raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
+            return None
         quant = req.kv_quant or KVQuant(self.settings.kv_quant)
         return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation, partition, quant)
+
+    async def _wait_for_placement(self, request_id: str, prompt_tokens: int, req) -> RingPlan:
+        """Place now, or queue until workers with room are free (bounded by the request timeout
+        and max_queued_requests): a long prompt never falls back onto a worker it would overfill."""
+        plan = self._place(request_id, prompt_tokens, req)
+        if plan is not None:
+            return plan
+        if self.waiting >= self.settings.max_queued_requests:
+            raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
+        log.info("request_queued", reason="no workers with room", prompt_tokens=prompt_tokens)
+        self.waiting += 1
+        try:
+            while plan is None:
+                await asyncio.sleep(PLACEMENT_POLL_S)
+                plan = self._place(request_id, prompt_tokens, req)
+        finally:
+            self.waiting -= 1
+        return plan
 
     async def _respond(self, msg: Msg, message: BaseModel, content_type: str) -> None:
         if msg.reply:

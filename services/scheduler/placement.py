@@ -30,6 +30,11 @@ class WorkerLoad:
     in_ring: bool  # already a member of an active multi-worker ring
     active_requests: int
     kv_tokens: int
+    # KV tokens the worker can hold (its heartbeat's kv_capacity_tokens); None: unbounded
+    capacity_tokens: int | None = None
+
+    def has_room(self, tokens: int) -> bool:
+        return self.capacity_tokens is None or self.kv_tokens + tokens <= self.capacity_tokens
 
 
 def merge_runs(runs: list[tuple[int, int]]) -> list[Segment]:
@@ -43,20 +48,50 @@ def merge_runs(runs: list[tuple[int, int]]) -> list[Segment]:
     return segments
 
 
+def share_tokens(total_tokens: int, ring_size: int) -> int:
+    """KV tokens each member of a ring ends up holding, at most (prompt and decode spread evenly)."""
+    return -(-total_tokens // ring_size)
+
+
 def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLoad], settings: Settings,
-                   world_ready: bool) -> list[WorkerLoad]:
+                   world_ready: bool, max_new_tokens: int = 0) -> list[WorkerLoad]:
     """The ring for a prompt: as many free workers as its policy chunks need (up to all, up to
     max_ring_size); one worker when the prompt is one chunk or no ring can be formed now.
-    Free: in the world and not already in a multi-worker ring (the deadlock rule above)."""
+    Free: in the world and not already in a multi-worker ring (the deadlock rule above).
+    KV capacity comes first: members must have room for their share of prompt + max_new_tokens,
+    so the ring grows past the policy size (or, failing that, shrinks) until they do.
+    [] when the request cannot be placed now: the caller waits or refuses (fits_cluster)."""
     if not workers:
         return []
+    total = prompt_tokens + max_new_tokens
+    single = sorted((w for w in workers if w.has_room(total)),
+                    key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))[:1]
+    if not world_ready:
+        return single
     free = sorted((w for w in workers if not w.in_ring and w.world_rank is not None),
                   key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))
-    size = ring_size_for(prompt_tokens, chunk_tokens, len(free), settings.max_ring_size) if world_ready else 1
-    if size >= 2:
-        return free[:size]
-    # One worker: the least loaded, ring member or not.
-    return [min(workers, key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))]
+    limit = min(settings.max_ring_size or len(free), len(free))
+    size = ring_size_for(prompt_tokens, chunk_tokens, len(free), settings.max_ring_size)
+    if size < 2 and single:
+        return single  # one chunk: one worker, the least loaded with room, ring member or not
+    # The policy's size first, then larger rings (a smaller share each), then smaller ones.
+    for n in [*range(max(size, 2), limit + 1), *range(size - 1, 1, -1)]:
+        roomy = [w for w in free if w.has_room(share_tokens(total, n))]
+        if len(roomy) >= n:
+            return roomy[:n]
+    return single
+
+
+def fits_cluster(total_tokens: int, workers: list[WorkerLoad], settings: Settings) -> bool:
+    """Whether the request could ever be placed on these workers, were they all idle: some ring
+    of at most max_ring_size members whose capacities each hold the share."""
+    capacities = sorted((w.capacity_tokens for w in workers), key=lambda c: (c is not None, -(c or 0)))
+    if not capacities:
+        return False
+    if capacities[0] is None:
+        return True
+    limit = min(settings.max_ring_size or len(capacities), len(capacities))
+    return any(capacities[n - 1] >= share_tokens(total_tokens, n) for n in range(1, limit + 1))
 
 
 def plan_ring(request_id: str, prompt_tokens: int, ring: list[WorkerLoad], settings: Settings,

@@ -50,6 +50,7 @@ from shared.messages import (
 from shared.metrics import RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
 from shared.settings import Settings
+from services.worker.capacity import free_device_bytes, kv_capacity_tokens
 from services.worker.engine import WorkerEngine, causal_block_sparsity
 from services.worker.kv_cache import RequestKV
 from services.worker.prefix import CachedRows, PrefixCache, block_masses
@@ -90,6 +91,7 @@ class WorkerApp(ServiceApp):
         self.settings = settings
         self.worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
         self.engine, self.model_info = load_engine(settings)
+        self.kv_capacity = kv_capacity_tokens(settings, self.model_info, free_device_bytes(self.engine.device))
         self.world = World(self.worker_id, settings.advertise_host, settings.dist_timeout_s)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         # (step, reply subject, the sender's trace context)
@@ -133,6 +135,7 @@ class WorkerApp(ServiceApp):
             busy=self._busy > 0,
             active_requests=len(self.engine.requests),
             kv_tokens=self.engine.kv_tokens,
+            kv_capacity_tokens=self.kv_capacity,
             draining=rt.stopping.is_set(),
             fusion_partitions=sorted({r.plan.fusion_partition for r in list(self.engine.requests.values())
                                       if r.plan.fusion == "bus"}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.placement import WorkerLoad, choose_workers, member_tokens, plan_ring
+from services.scheduler.placement import WorkerLoad, choose_workers, fits_cluster, member_tokens, plan_ring
 from shared.attention.layout import chunk_tokens_for, placement_unit_tokens, zigzag_segments
 from shared.messages import KVQuant
 from shared.settings import Settings
@@ -179,3 +179,54 @@ def test_one_worker_holds_the_prompt_as_one_segment_in_policy_chunks():
         p = plan(prompt_tokens, 1, s)
         assert [[(x.start, x.end) for x in segs] for segs in p.segments] == [[(0, prompt_tokens)]]
         assert p.chunk_tokens == 7 and p.units == -(-prompt_tokens // 7) and p.leader() == 0
+
+
+# ------------------------------------------------------------------------------ KV capacity
+
+
+def choose_new(prompt_tokens: int, new_tokens: int, workers: list[WorkerLoad], settings: Settings,
+               world_ready: bool = True) -> list[str]:
+    chunk = chunk_tokens_for(prompt_tokens, settings)
+    return [w.worker_id for w in choose_workers(prompt_tokens, chunk, workers, settings, world_ready, new_tokens)]
+
+
+def test_a_prompt_too_big_for_one_worker_gets_a_ring_not_an_overfilled_worker():
+    s = Settings(chunk_tokens=1000)  # one policy chunk: without capacities this runs on one worker
+    cap = {f"w{i}": {"capacity_tokens": 400} for i in range(4)}
+    assert choose_new(500, 100, loads(4, **cap), s) == ["w0", "w1"]  # 300 each
+    assert choose_new(1000, 100, loads(4, **cap), s) == ["w0", "w1", "w2"]  # 367 each
+    assert choose_new(300, 100, loads(4, **cap), s) == ["w0"]  # fits one
+    # the world is re-forming: no ring now, and no worker could hold it alone -> wait
+    assert choose_new(500, 100, loads(4, **cap), s, world_ready=False) == []
+
+
+def test_workers_without_room_are_skipped_and_a_full_cluster_waits():
+    s = Settings(chunk_tokens=100)
+    workers = loads(3, w0={"capacity_tokens": 1000, "kv_tokens": 950}, w1={"capacity_tokens": 1000},
+                    w2={"capacity_tokens": 1000})
+    # the policy asks for 3 (3 chunks) but w0 has 50 left for a share of 100: a ring of 2 then
+    assert choose_new(300, 0, workers, s) == ["w1", "w2"]
+    busy = loads(3, **{f"w{i}": {"capacity_tokens": 1000, "kv_tokens": 950} for i in range(3)})
+    assert choose_new(300, 0, busy, s) == []
+
+
+def test_fits_cluster_is_about_capacity_when_idle_and_the_ring_limit():
+    capped = loads(4, **{f"w{i}": {"capacity_tokens": 100, "kv_tokens": 100} for i in range(4)})
+    assert fits_cluster(400, capped, Settings())  # busy now, but idle they hold 4 x 100
+    assert not fits_cluster(401, capped, Settings())
+    assert not fits_cluster(300, capped, Settings(max_ring_size=2))
+    assert fits_cluster(10**9, loads(2), Settings())  # no capacity reported: unbounded
+    assert not fits_cluster(1, [], Settings())
+
+
+def test_worker_kv_capacity_from_settings_or_device_memory():
+    from services.worker.capacity import kv_bytes_per_token, kv_capacity_tokens
+    from shared.messages import ModelInfo
+
+    model = ModelInfo(name="m", vocab_size=10, num_layers=32, num_kv_heads=8, head_dim=128,
+                      max_position_embeddings=10, dtype="bfloat16")
+    assert kv_bytes_per_token(model) == 2 * 32 * 8 * 128 * 2  # 128 KiB: Llama-3-8B in bf16
+    assert kv_capacity_tokens(Settings(), model, None) is None  # CPU: no limit
+    assert kv_capacity_tokens(Settings(worker_max_tokens=5000), model, 10**12) == 5000
+    free = 100 * 1024**3  # 100 GiB free after the weights
+    assert kv_capacity_tokens(Settings(kv_memory_fraction=0.5), model, free) == 50 * 1024**3 // (128 * 1024)

@@ -1,0 +1,32 @@
+"""How many KV tokens a worker can hold: what the scheduler places against, so a long prompt
+gets more ring members (or waits) instead of overfilling one device."""
+
+from __future__ import annotations
+
+import torch
+
+from shared.messages import ModelInfo
+from shared.settings import Settings
+
+
+def kv_bytes_per_token(model: ModelInfo) -> int:
+    """K and V of every layer for one token: 2 x layers x KV heads x head_dim x element size."""
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * getattr(torch, model.dtype).itemsize
+
+
+def kv_capacity_tokens(settings: Settings, model: ModelInfo, free_device_bytes: int | None) -> int | None:
+    """settings.worker_max_tokens when set; else the share kv_memory_fraction of the device
+    memory left after loading the model (the rest is for activations: a member's q/k/v and the
+    K/V blocks in flight around the ring); None (no limit) where that is not known (CPU)."""
+    if settings.worker_max_tokens:
+        return settings.worker_max_tokens
+    if free_device_bytes is None:
+        return None
+    return int(free_device_bytes * settings.kv_memory_fraction) // kv_bytes_per_token(model)
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free

@@ -105,7 +105,8 @@ def format_status(status: StatusReply) -> str:
     for w in status.workers:
         state = "busy" if w.busy else "idle"
         lines.append(f"  {w.worker_id}  {w.device}  {state}  {w.active_requests} requests  "
-                     f"{w.kv_tokens} kv tokens  seen {w.last_seen_s:.1f}s ago")
+                     f"{w.kv_tokens}{'' if w.kv_capacity_tokens is None else f'/{w.kv_capacity_tokens}'} kv tokens  "
+                     f"seen {w.last_seen_s:.1f}s ago")
     return "\n".join(lines)
 
 

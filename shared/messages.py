@@ -160,6 +160,7 @@ class WorkerStatus(BaseModel):
     active_requests: int
     kv_tokens: int
     last_seen_s: float
+    kv_capacity_tokens: int | None = None  # None: no limit
 
 
 class StatusReply(BaseModel):

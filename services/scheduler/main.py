@@ -217,6 +217,7 @@ class SchedulerApp(ServiceApp):
             model=model.name if model else None,
             workers=[WorkerStatus(worker_id=e.beat.worker_id, device=e.beat.device, busy=e.beat.busy,
                                   active_requests=e.beat.active_requests, kv_tokens=e.beat.kv_tokens,
+                                  kv_capacity_tokens=e.beat.kv_capacity_tokens,
                                   last_seen_s=round(now - e.last_seen, 3))
                      for e in self.registry.workers.values()],
             queued_requests=self.waiting,

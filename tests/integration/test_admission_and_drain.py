@@ -132,7 +132,8 @@ async def test_kv_capacity_spreads_a_prompt_over_a_ring_and_refuses_what_no_ring
     # 40 KV tokens per worker: a 60-token prompt (one 8K policy chunk) + 10 new tokens needs two.
     stack = Stack(tmp_path, workers=2, env={"RINGSERVE_WORKER_MAX_TOKENS": "40"})
     try:
-        await stack.wait_ready(2)
+        status = await stack.wait_ready(2)
+        assert [w["kv_capacity_tokens"] for w in status["workers"]] == [40, 40]
         reply = await stack.generate({"input_ids": list(range(1, 61)), "max_new_tokens": 10})
         assert len(reply["output_ids"]) == 10, reply
         assert len(reply["placement"]["workers"]) == 2, reply

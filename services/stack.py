@@ -33,8 +33,10 @@ SINGLE_SERVICES = ("kvstore", "fusion", "scheduler")
 NATS_DEFAULT_PORT = 4222
 REDIS_DEFAULT_PORT = 6379
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-# Debian installs nats-server into /usr/sbin, which is not on every user's PATH.
-EXTRA_BINARY_DIRS = ("/usr/sbin", "/usr/local/sbin")
+# Searched after PATH: this interpreter's bin (the `servers` extra installs nats-server and
+# redis-server into the virtual environment), then /usr/sbin, where Debian installs nats-server
+# and which is not on every user's PATH.
+EXTRA_BINARY_DIRS = (str(Path(sys.executable).parent), "/usr/sbin", "/usr/local/sbin")
 SERVER_START_TIMEOUT_S = 10.0
 PORT_PROBE_TIMEOUT_S = 0.5
 POLL_INTERVAL_S = 0.1
@@ -84,8 +86,7 @@ def find_binary(name: str, search_path: str | None = None) -> str | None:
     """`name` on PATH (or `search_path`), else beside this interpreter (the `servers` extra puts
     nats-server and redis-server into the virtual environment's bin), else in Debian's sbin."""
     if search_path is None:
-        search_path = os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent),
-                                       *EXTRA_BINARY_DIRS])
+        search_path = os.pathsep.join([os.environ.get("PATH", ""), *EXTRA_BINARY_DIRS])
     return shutil.which(name, path=search_path)
 
 

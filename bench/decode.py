@@ -3,9 +3,9 @@
 One query token, 32 query heads, 8 KV heads, head dim 128, bf16, over --context tokens
 (default 1M) split evenly over the N ranks. Each rank computes its partial (out, lse) with
 decode_partial; the partials are then fused two ways:
-  * bus:        partial -> CPU -> msgpack FusionRequest (shared.codec) -> NATS request to a
-                tiny in-process merger on rank 0 (merge_partials in member order) -> reply
-                decoded -> back on the device. Needs nats-server (--nats-url).
+  * bus:        partial -> CPU -> msgpack FusionRequest (shared.codec) -> NATS request to the
+                fusion service's FusionTable on rank 0 (merge_partials in member order) ->
+                reply decoded -> back on the device. Needs nats-server (--nats-url).
   * collective: collective_merge: point-to-point exchange of partials among the ranks
                 (NCCL / gloo) and merge_partials on each one.
 Both are compared with the memory floor: the shard's KV bytes over this GPU's measured copy
@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from shared.attention.decode import collective_merge, decode_partial  # noqa: E402
 from shared.attention.local import attention_plain  # noqa: E402
-from shared.attention.merge import merge_partials  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -104,31 +103,22 @@ def slowest(seconds: float, device: torch.device) -> float:
 # ---- bus fusion ------------------------------------------------------------------------------
 
 
-class TinyMerger:
-    """Collects the N partials of each step and answers every member with the merged result."""
+class BusMerger:
+    """The fusion service's own merge bookkeeping (services/fusion/table.FusionTable) behind a
+    NATS subscription on rank 0: the service's work per message, minus its process boundary."""
 
-    def __init__(self, nc, parts: int):
+    def __init__(self, nc, timeout_s: float):
+        from services.fusion.table import FusionTable
+
         self.nc = nc
-        self.parts = parts
-        self.pending: dict[int, list[tuple[int, object, str]]] = {}
+        self.table = FusionTable(timeout_s)
 
     async def on_partials(self, msg) -> None:
         from shared import codec
-        from shared.messages import FusionReply, FusionRequest, MergedItem
+        from shared.messages import FusionRequest
 
-        item = codec.decode(msg.data, FusionRequest).items[0]
-        group = self.pending.setdefault(item.step, [])
-        group.append((item.member, item, msg.reply))
-        if len(group) < self.parts:
-            return
-        del self.pending[item.step]
-        group.sort(key=lambda g: g[0])
-        out, lse = merge_partials([g[1].out for g in group], [g[1].lse for g in group])
-        reply = codec.encode(
-            FusionReply(items=[MergedItem(request_id=item.request_id, step=item.step, layer=item.layer, out=out, lse=lse)])
-        )
-        for _, _, reply_to in group:
-            await self.nc.publish(reply_to, reply)
+        for reply_to, reply in self.table.add(codec.decode(msg.data, FusionRequest), msg.reply):
+            await self.nc.publish(reply_to, codec.encode(reply))
 
 
 async def bus_fusion(partial, world: int, rank: int, device, args):
@@ -159,7 +149,7 @@ async def bus_fusion(partial, world: int, rank: int, device, args):
     dist.broadcast_object_list(name, src=0)
     subject = name[0]
     if rank == 0:
-        merger = TinyMerger(nc, world)
+        merger = BusMerger(nc, args.bus_timeout_s)
         await nc.subscribe(subject, cb=merger.on_partials)
         await nc.flush()
     dist.barrier()

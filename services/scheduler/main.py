@@ -404,7 +404,7 @@ class SchedulerApp(ServiceApp):
         if not loads:
             raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
         total = prompt_tokens + req.max_new_tokens
-        if not fits_cluster(total, loads, self.settings):
+        if not fits_cluster(prompt_tokens, total, loads, self.settings):
             raise ApiError(ErrorCode.TOO_LONG, f"{total} tokens of KV (prompt + max_new_tokens) do not fit the KV "
                            f"capacity of {len(loads)} workers (max_ring_size {self.settings.max_ring_size or 'all'})",
                            request_id)

@@ -70,7 +70,7 @@ def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLo
         return single
     free = sorted((w for w in workers if not w.in_ring and w.world_rank is not None),
                   key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))
-    limit = min(settings.max_ring_size or len(free), len(free))
+    limit = min(settings.max_ring_size or len(free), len(free), prompt_tokens)  # a member holds >= 1 prompt token
     size = ring_size_for(prompt_tokens, chunk_tokens, len(free), settings.max_ring_size)
     if size < 2 and single:
         return single  # one chunk: one worker, the least loaded with room, ring member or not
@@ -82,15 +82,15 @@ def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLo
     return single
 
 
-def fits_cluster(total_tokens: int, workers: list[WorkerLoad], settings: Settings) -> bool:
+def fits_cluster(prompt_tokens: int, total_tokens: int, workers: list[WorkerLoad], settings: Settings) -> bool:
     """Whether the request could ever be placed on these workers, were they all idle: some ring
-    of at most max_ring_size members whose capacities each hold the share."""
+    of at most max_ring_size members (and prompt_tokens) whose capacities each hold the share."""
     capacities = sorted((w.capacity_tokens for w in workers), key=lambda c: (c is not None, -(c or 0)))
     if not capacities:
         return False
     if capacities[0] is None:
         return True
-    limit = min(settings.max_ring_size or len(capacities), len(capacities))
+    limit = min(settings.max_ring_size or len(capacities), len(capacities), prompt_tokens)
     return any(capacities[n - 1] >= share_tokens(total_tokens, n) for n in range(1, limit + 1))
 
 

@@ -196,6 +196,7 @@ def test_a_prompt_too_big_for_one_worker_gets_a_ring_not_an_overfilled_worker():
     assert choose_new(500, 100, loads(4, **cap), s) == ["w0", "w1"]  # 300 each
     assert choose_new(1000, 100, loads(4, **cap), s) == ["w0", "w1", "w2"]  # 367 each
     assert choose_new(300, 100, loads(4, **cap), s) == ["w0"]  # fits one
+    assert choose_new(2, 1000, loads(4, **cap), s) == []  # a ring of 3 needs 3 prompt tokens to deal
     # the world is re-forming: no ring now, and no worker could hold it alone -> wait
     assert choose_new(500, 100, loads(4, **cap), s, world_ready=False) == []
 
@@ -212,11 +213,12 @@ def test_workers_without_room_are_skipped_and_a_full_cluster_waits():
 
 def test_fits_cluster_is_about_capacity_when_idle_and_the_ring_limit():
     capped = loads(4, **{f"w{i}": {"capacity_tokens": 100, "kv_tokens": 100} for i in range(4)})
-    assert fits_cluster(400, capped, Settings())  # busy now, but idle they hold 4 x 100
-    assert not fits_cluster(401, capped, Settings())
-    assert not fits_cluster(300, capped, Settings(max_ring_size=2))
-    assert fits_cluster(10**9, loads(2), Settings())  # no capacity reported: unbounded
-    assert not fits_cluster(1, [], Settings())
+    assert fits_cluster(300, 400, capped, Settings())  # busy now, but idle they hold 4 x 100
+    assert not fits_cluster(300, 401, capped, Settings())
+    assert not fits_cluster(300, 300, capped, Settings(max_ring_size=2))
+    assert not fits_cluster(2, 300, capped, Settings())  # 2 prompt tokens make a ring of 2 at most
+    assert fits_cluster(1, 10**9, loads(2), Settings())  # no capacity reported: unbounded
+    assert not fits_cluster(1, 1, [], Settings())
 
 
 def test_worker_kv_capacity_from_settings_or_device_memory():

@@ -51,6 +51,23 @@ async def test_json_and_msgpack_requests_get_the_contract_reply(demo_stack):
         await nc.close()
 
 
+async def test_concurrent_requests_decode_batched_with_the_same_tokens_as_alone(demo_stack):
+    """Requests decoding at once share the worker's decode batches and the fusion messages of a
+    step; each must get exactly what it gets alone (greedy and seeded sampling)."""
+    bodies = [{"input_ids": list(range(3, 3 + n)), "max_new_tokens": new, "stop_token_ids": []}
+              for n, new in ((5, 24), (40, 16), (17, 20))]
+    bodies.append({"prompt": "sampled", "max_new_tokens": 20, "temperature": 0.8, "top_p": 0.9, "seed": 7})
+    nc = await nats.connect(demo_stack.servers.nats_url)
+    try:
+        alone = [await _request(nc, body) for body in bodies]
+        together = await asyncio.gather(*(_request(nc, body) for body in bodies))
+    finally:
+        await nc.close()
+    for a, b in zip(alone, together):
+        assert "error" not in a and "error" not in b, (a, b)
+        assert b["output_ids"] == a["output_ids"]
+
+
 async def test_streaming_sends_progress_tokens_then_done(demo_stack):
     nc = await nats.connect(demo_stack.servers.nats_url)
     try:

@@ -472,6 +472,11 @@ class KVStoreService:
     async def _evict(self, need: int = 0, protect: set[str] = frozenset()) -> tuple[int, bool]:
         """Drop unpinned, unprotected leaves, lowest priority first, until what is stored plus
         `need` fits the budget; (blocks evicted, whether it fits). Call under the budget lock."""
+        used = await self._used()
+        if used is None:
+            return 0, False
+        if used + need <= self.settings.kv_budget_bytes:
+            return 0, True  # the common case: no need to read the pins
         pinned = await self._pinned()
         if pinned is None:
             return 0, False

@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     kv_block_tokens: int = Field(default=256, ge=1)
     kv_quant: Literal["none", "int8", "int4"] = "none"
     kv_group_size: int = Field(default=32, ge=1)
+    # Redis bytes of prefix blocks and decode shards together (the kvstore evicts blocks for room).
     kv_budget_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # A block lives this long in Redis after its last use (write, lookup hit, pin, touch).
     kv_ttl_s: int = Field(default=3600, ge=1)
     kv_store_enabled: bool = True
     kv_hot_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
@@ -98,7 +100,8 @@ class Settings(BaseSettings):
     # Prefix caching: the most blocks one ring member stores after one prefill (the leading ones).
     kv_store_max_blocks: int = Field(default=4096, ge=0)
     # Decode KV shards copied to Redis as they grow (another worker can load them; needs
-    # kv_store_enabled); their keys expire after this long, so keep it above request_timeout_s.
+    # kv_store_enabled and a kvstore, which grants them room in kv_budget_bytes); their keys
+    # expire after this long, so keep it above request_timeout_s.
     kv_shard_persist: bool = True
     kv_shard_ttl_s: int = Field(default=3600, ge=1)
 

@@ -37,6 +37,7 @@ KV_LOOKUP = f"{_INTERNAL}.kv.lookup"
 KV_COMMIT = f"{_INTERNAL}.kv.commit"
 KV_TOUCH = f"{_INTERNAL}.kv.touch"
 KV_PIN = f"{_INTERNAL}.kv.pin"
+KV_SHARD = f"{_INTERNAL}.kv.shard"  # room for decode shards in the KV budget
 KV_STATS = f"{_INTERNAL}.kv.stats"
 
 SERVICE_QUEUE = "ringserve"

@@ -1,8 +1,10 @@
-"""The kvstore service process: KV block metadata over NATS (lookup, commit, touch, pin, stats).
+"""The kvstore service process: KV block metadata over NATS (lookup, commit, touch, pin, shard
+reservations, stats).
 
 Every request is validated with its pydantic model; a malformed one gets a `KVErrorReply` and
 the service carries on. Replicas share one queue group and one metadata store in Redis. A
-background task drops blocks past their TTL and re-checks the budget. Registration with
+background task drops blocks past their TTL, forgets the shards of dead workers and re-checks
+the budget. Registration with
 nats.micro, heartbeats and the drain on SIGTERM come from shared/service.py.
 """
 
@@ -21,6 +23,7 @@ from shared.kv.messages import (
     KVCommitRequest,
     KVLookupRequest,
     KVPinRequest,
+    KVShardRequest,
     KVStatsRequest,
     KVTouchRequest,
 )
@@ -49,6 +52,7 @@ class KVStoreApp(ServiceApp):
             (subjects.KV_COMMIT, KVCommitRequest, service.commit),
             (subjects.KV_TOUCH, KVTouchRequest, service.touch),
             (subjects.KV_PIN, KVPinRequest, service.pin),
+            (subjects.KV_SHARD, KVShardRequest, service.shard),
             (subjects.KV_STATS, KVStatsRequest, lambda _request: service.stats()),
         ]
         for subject, model, method in routes:
@@ -66,10 +70,11 @@ class KVStoreApp(ServiceApp):
             await asyncio.sleep(self.settings.kv_sweep_interval_s)
             try:
                 expired = await service.sweep_expired()
+                shards = await service.forget_stale_shards()
                 evicted = await service.evict_to_budget()
                 await service.stats()  # refreshes the gauges of what is stored
-                if expired or evicted:
-                    log.info("kv_sweep", expired=expired, evicted=evicted)
+                if expired or evicted or shards:
+                    log.info("kv_sweep", expired=expired, evicted=evicted, stale_shards=shards)
             except Exception:  # one failed sweep must not end the loop
                 log.exception("kv_sweep_failed")
 

@@ -9,17 +9,40 @@ the layers' bytes itself and then commits the block). Its metadata member is "{q
     ringserve:kvmeta:bytes            HASH  member -> bytes of all its layers
     ringserve:kvmeta:block:<member>   HASH  model, quant, hash, layers, parent member, children
     ringserve:kvmeta:pins:<request>   SET   members pinned by an in-flight request (expires after the TTL)
-    ringserve:kvmeta:pinned_requests  ZSET  request -> when it pinned
-    ringserve:kvmeta:stats            HASH  counters: bytes, blocks, bytes:<quant>, hits, misses, ...
+    ringserve:kvmeta:pinned_requests  ZSET  request -> when it first pinned
+    ringserve:kvmeta:released:<request>     a request that has unpinned (for RELEASED_TTL_S): late pins are refused
+    ringserve:kvmeta:shards           HASH  "<request>:<member>" -> bytes of that decode shard (reserved)
+    ringserve:kvmeta:shards_seen      ZSET  "<request>:<member>" -> its last reservation (unix s)
+    ringserve:kvmeta:stats            HASH  counters: bytes, blocks, bytes:<quant>, shard_bytes, hits, ...
 
 Eviction takes the unpinned *leaf* with the lowest priority = last access + weight * importance,
 so a chain shrinks from its tail (without block i, blocks i+1.. could never be reached) and, of
 two blocks used at the same time, the one that drew more attention stays longer. The metadata
 lives on the first Redis node; block bytes are spread over all nodes by consistent hashing.
+
+**Budget.** `kv_budget_bytes` bounds the prefix blocks *and* the decode shards of requests in
+flight (shared/kv/shards.py) together. Room is made before anything is added: a commit evicts
+unpinned leaves for its new blocks and keeps only the leading ones that fit (the rest's bytes
+are deleted, `rejected`); a worker reserves room for each shard increment before writing it
+(`shard`), and is refused when even evicting every unpinned block would not make room. Shards
+are never evicted (they are what a restore needs); they are released when deleted, or forgotten
+by the sweep once their keys have expired (a dead worker). Decisions are serialized within a
+replica (one lock), so the counters never exceed the budget; replicas can overshoot by what they
+add at the same moment, which the next eviction takes back.
+
+**TTL.** Block bytes expire `kv_ttl_s` after their last use: a write sets it; a lookup renews it
+for the blocks it finds (the check that their bytes exist *is* the renewal: one EXPIRE per key,
+in a script per block and node, the round trips the check costs anyway); a pin, a pinned commit
+and a touch renew the blocks they name. Worker hot-cache hits need no renewal of their own: a
+worker only loads blocks the scheduler's lookup has just found (and renewed), so keeping the
+kvstore the one place that renews costs no extra traffic per hot hit. A pin lasts `kv_ttl_s` from
+the request's first pin and every block it pins is renewed when pinned, so no pinned block's
+bytes expire while the pin holds; the sweep skips pinned blocks too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,6 +60,8 @@ from shared.kv.messages import (
     KVLookupReply,
     KVLookupRequest,
     KVPinRequest,
+    KVShardReply,
+    KVShardRequest,
     KVStats,
     KVTouchRequest,
 )
@@ -46,6 +71,7 @@ from shared.settings import Settings
 
 log = structlog.get_logger("kvstore")
 T = TypeVar("T")
+_UNREACHABLE = object()
 
 META = f"{KEY_NAMESPACE}:kvmeta"
 ACCESS = f"{META}:access"
@@ -54,11 +80,26 @@ LEAVES = f"{META}:leaves"
 BYTES = f"{META}:bytes"
 STATS = f"{META}:stats"
 PINNED_REQUESTS = f"{META}:pinned_requests"
+SHARDS = f"{META}:shards"
+SHARDS_SEEN = f"{META}:shards_seen"
 META_NODE = 0  # index in settings.redis_urls
 # Eviction reads this many lowest-priority leaves at a time.
 EVICTION_WINDOW = 64
 # stats counter that each reason for dropping a block increments
 DROP_COUNTERS = {"budget": "evictions", "ttl": "expired", "lost": "lost"}
+# How long an unpinned request refuses new pins: a worker's commit sent while the request still
+# ran arrives well within this, and must not pin blocks that no unpin would ever release.
+RELEASED_TTL_S = 60
+# A shard's reservation is forgotten this long after its keys expired (kv_shard_ttl_s after its
+# last increment): its worker died without releasing it.
+SHARD_GRACE_S = 60
+# EXPIRE every key (all layers of one block on one node); returns how many existed. A lookup's
+# check that a block's bytes are all there and the renewal of their TTL, in one command.
+RENEW_SCRIPT = """
+local renewed = 0
+for _, key in ipairs(KEYS) do renewed = renewed + redis.call('EXPIRE', key, ARGV[1]) end
+return renewed
+"""
 
 
 def member(quant: str, chain_hash: str) -> str:
@@ -71,6 +112,19 @@ def block_meta_key(block: str) -> str:
 
 def pins_key(request_id: str) -> str:
     return f"{META}:pins:{request_id}"
+
+
+def released_key(request_id: str) -> str:
+    return f"{META}:released:{request_id}"
+
+
+def shard_member(request_id: str, member: int) -> str:
+    return f"{request_id}:{member}"
+
+
+def block_keys(model_id: str, quant: str, chain_hash: str, num_layers: int) -> list[str]:
+    """The Redis keys of every layer of one block."""
+    return [KVBlockKey(model_id, layer, chain_hash, quant).redis_key() for layer in range(num_layers)]
 
 
 def eviction_priority(last_access: float, importance: float, weight_s: float) -> float:
@@ -90,6 +144,10 @@ class KVStoreService:
         self.nodes = RedisNodes.from_settings(settings, decode_responses=True)
         self.metrics = IndexMetrics(meter)
         self.clock = clock
+        self._renew_script = [client.register_script(RENEW_SCRIPT) for client in self.nodes.clients]
+        # Whatever adds bytes (commit, shard reservation) or evicts runs under this lock: a
+        # decision on room is not undone by another one of this replica in between.
+        self._budget = asyncio.Lock()
 
     def _priority(self, last_access: float, importance: float) -> float:
         return eviction_priority(last_access, importance, self.settings.kv_importance_weight_s)
@@ -119,7 +177,9 @@ class KVStoreService:
                 break
             indexed += 1
 
-        present = await self._bytes_present(req.model_id, req.quant, req.hashes[:indexed], req.num_layers)
+        # Their bytes must all be there; checking renews their TTL (blocks in use stay alive).
+        present = await self._renew_keys(
+            [block_keys(req.model_id, req.quant, h, req.num_layers) for h in req.hashes[:indexed]])
         hits = next((i for i, ok in enumerate(present) if not ok), indexed)
         if hits < indexed:
             # The index must stop claiming a block whose bytes are gone (Redis restarted, key expired).
@@ -138,14 +198,28 @@ class KVStoreService:
         return KVLookupReply(blocks=hits)
 
     async def commit(self, req: KVCommitRequest) -> KVCommitReply:
-        """The worker has written all layers of these blocks: index them, then enforce the budget."""
+        """The worker has written all layers of these blocks: make room for them in the budget,
+        index the leading ones that fit, and pin them to `request_id` if given."""
         if not req.blocks:
             return KVCommitReply()
-        now = self.clock()
         blocks = sorted(req.blocks, key=lambda b: b.index)  # parents before children
         members = [member(req.quant, b.chain_hash) for b in blocks]
         sizes = split_bytes(req.nbytes, len(blocks))
+        async with self._budget:
+            reply, kept = await self._commit(req, blocks, members, sizes)
+            # Pinned before the lock is let go: no other commit or shard may evict them first.
+            pinned = bool(req.request_id and kept) and await self._pin(req.request_id, kept)
+        if pinned:
+            # Written moments ago, but the pin may outlast that: renewed after pinning, no pinned
+            # block expires before its pin does.
+            await self._renew_keys([block_keys(req.model_id, req.quant, b.chain_hash, req.num_layers)
+                                    for b, m in zip(blocks, members) if m in kept])
+        return reply
 
+    async def _commit(
+        self, req: KVCommitRequest, blocks: list, members: list[str], sizes: list[int]
+    ) -> tuple[KVCommitReply, list[str]]:
+        """(the reply, the members now stored: new ones kept and ones stored before)."""
         async def claim(r: Redis):
             # HSETNX claims a block exactly once, even when two workers (or replicas) commit it together.
             pipe = r.pipeline(transaction=False)
@@ -155,10 +229,25 @@ class KVStoreService:
 
         claimed = await self._meta(claim)
         if claimed is None:
-            return KVCommitReply(error="kv metadata store unavailable")
+            return KVCommitReply(error="kv metadata store unavailable"), []
         new = [(b, m, size) for b, m, size, c in zip(blocks, members, sizes, claimed) if c]
         parents = {member(req.quant, b.parent_hash) for b, _, _ in new if b.parent_hash}
+        # Room first; the blocks of this commit and their parents stay (evicting a parent would
+        # strand its new child).
+        evicted, _ = await self._evict(sum(size for _, _, size in new), protect=set(members) | parents)
+        used = await self._used()
+        if used is None:
+            await self._reject(req, new, count=False)
+            return KVCommitReply(error="kv metadata store unavailable"), []
+        room, fit = self.settings.kv_budget_bytes - used, 0
+        for _, _, size in new:  # chain order: a block whose parent did not fit could never be reached
+            if size > room:
+                break
+            room -= size
+            fit += 1
+        new, rejected = new[:fit], new[fit:]
         parent_exists = await self._meta(lambda r: _exists_in_hash(r, BYTES, parents), {})
+        now = self.clock()
 
         async def index(r: Redis):
             pipe = r.pipeline(transaction=True)
@@ -182,11 +271,13 @@ class KVStoreService:
             await pipe.execute()
 
         await self._meta(index)
-        await self._mark_accessed([m for m, c in zip(members, claimed) if not c])
-        if req.request_id:
-            await self._pin(req.request_id, members)
-        evicted = await self.evict_to_budget()
-        return KVCommitReply(stored=len(new), evicted=evicted)
+        if rejected:
+            log.warning("kv_commit_rejected", blocks=len(rejected), budget=self.settings.kv_budget_bytes, used=used)
+            await self._reject(req, rejected)
+        stored_before = [m for m, c in zip(members, claimed) if not c]
+        await self._mark_accessed(stored_before)
+        kept = [m for _, m, _ in new] + stored_before
+        return KVCommitReply(stored=len(new), evicted=evicted, rejected=len(rejected)), kept
 
     async def touch(self, req: KVTouchRequest) -> KVAck:
         """Blocks were attended to: refresh their access time and add their attention mass."""
@@ -212,21 +303,60 @@ class KVStoreService:
             return True
 
         ok = await self._meta(add_importance, False) if known else True
+        await self._renew_members([m for m, _ in known])  # used: alive for the TTL from now, like the index says
         return KVAck(ok=bool(ok))
 
     async def pin(self, req: KVPinRequest) -> KVAck:
         if req.action == "unpin":
-            ok = await self._meta(lambda r: r.delete(pins_key(req.request_id)), None)
-            await self._meta(lambda r: r.zrem(PINNED_REQUESTS, req.request_id))
+
+            async def unpin(r: Redis):
+                pipe = r.pipeline(transaction=True)
+                # Remembered a while: a worker's commit still on its way must not pin again.
+                pipe.set(released_key(req.request_id), 1, ex=RELEASED_TTL_S)
+                pipe.delete(pins_key(req.request_id))
+                pipe.zrem(PINNED_REQUESTS, req.request_id)
+                return await pipe.execute()
+
+            ok = await self._meta(unpin)
             await self.evict_to_budget()  # what the request held may have kept the store over budget
             return KVAck(ok=ok is not None)
-        ok = await self._pin(req.request_id, [member(req.quant, h) for h in req.hashes])
+        members = [member(req.quant, h) for h in req.hashes]
+        ok = await self._pin(req.request_id, members)
+        if ok:
+            await self._renew_members(members)  # after pinning: the bytes outlive the pin
         return KVAck(ok=ok)
+
+    async def shard(self, req: KVShardRequest) -> KVShardReply:
+        """Room in the budget for a decode shard's next increment, or the shard's release."""
+        key = shard_member(req.request_id, req.member)
+        if req.action == "release":
+            released = await self._release_shard(key)
+            return KVShardReply(granted=True) if released is not None else KVShardReply(
+                error="kv metadata store unavailable")
+        async with self._budget:
+            _, fits = await self._evict(req.nbytes)
+            if not fits:
+                await self._meta(lambda r: r.hincrby(STATS, "shard_refusals", 1))
+                return KVShardReply(granted=False)
+            now = self.clock()
+
+            async def reserve(r: Redis):
+                pipe = r.pipeline(transaction=True)
+                pipe.hincrby(SHARDS, key, req.nbytes)
+                pipe.zadd(SHARDS_SEEN, {key: now})
+                pipe.hincrby(STATS, "shard_bytes", req.nbytes)
+                await pipe.execute()
+                return True
+
+            if not await self._meta(reserve, False):
+                return KVShardReply(error="kv metadata store unavailable")
+        return KVShardReply(granted=True)
 
     async def stats(self) -> KVStats:
         counters = await self._meta(lambda r: r.hgetall(STATS))
+        shards = await self._meta(lambda r: r.hlen(SHARDS))
         pinned = await self._pinned()
-        if counters is None or pinned is None:
+        if counters is None or shards is None or pinned is None:
             return KVStats(error="kv metadata store unavailable", budget_bytes=self.settings.kv_budget_bytes)
         requests, blocks = pinned
         c = {k: int(v) for k, v in counters.items()}
@@ -245,75 +375,162 @@ class KVStoreService:
             misses=misses,
             hit_rate=hit_rate or 0.0,
             evictions=c.get("evictions", 0),
+            rejected=c.get("rejected", 0),
             expired=c.get("expired", 0),
             lost=c.get("lost", 0),
             pinned_blocks=len(blocks),
             pinned_requests=requests,
+            shard_bytes=c.get("shard_bytes", 0),
+            shards=shards,
+            shard_refusals=c.get("shard_refusals", 0),
         )
 
     # ---- budget and TTL ---------------------------------------------------------------------
 
     async def evict_to_budget(self) -> int:
-        """Drop unpinned leaves, lowest priority first, until the stored bytes fit the budget."""
-        pinned = await self._pinned()
-        if pinned is None:
-            return 0
-        _, pinned_blocks = pinned
-        evicted, offset = 0, 0
-        while True:
-            total = await self._meta(lambda r: r.hget(STATS, "bytes"))
-            if total is None or int(total) <= self.settings.kv_budget_bytes:
-                return evicted
-            window = await self._meta(lambda r: r.zrange(LEAVES, offset, offset + EVICTION_WINDOW - 1), [])
-            if not window:
-                log.warning("kv_over_budget_all_pinned", bytes=int(total), budget=self.settings.kv_budget_bytes)
-                return evicted
-            victim = next((m for m in window if m not in pinned_blocks), None)
-            if victim is None:
-                offset += len(window)
-                continue
-            if await self._drop(victim, "budget") is None:
-                return evicted
-            evicted, offset = evicted + 1, 0
+        """Drop unpinned leaves, lowest priority first, until blocks and shards fit the budget."""
+        async with self._budget:
+            evicted, fits = await self._evict()
+        if not fits:
+            log.warning("kv_over_budget_all_pinned", budget=self.settings.kv_budget_bytes)
+        return evicted
 
     async def sweep_expired(self) -> int:
         """Drop every unpinned block not accessed within the TTL; the bytes carry the same TTL in Redis."""
         cutoff = self.clock() - self.settings.kv_ttl_s
         old = await self._meta(lambda r: r.zrangebyscore(ACCESS, "-inf", cutoff), [])
-        pinned = await self._pinned()
+        pinned = await self._pinned()  # read after `old`: a block pinned since is in it
         if not old or pinned is None:
             return 0
         dropped = 0
         for m in old:
-            if m not in pinned[1] and await self._drop(m, "ttl") is not None:
+            if m in pinned[1]:
+                continue
+            # Still unused? A lookup may have hit it since (and a pin may follow).
+            access = await self._meta(lambda r, m=m: r.zscore(ACCESS, m))
+            if access is not None and access <= cutoff and await self._drop(m, "ttl") is not None:
                 dropped += 1
         return dropped
 
+    async def forget_stale_shards(self) -> int:
+        """Release the reservations of shards whose keys have expired (their worker never released them)."""
+        cutoff = self.clock() - self.settings.kv_shard_ttl_s - SHARD_GRACE_S
+        stale = await self._meta(lambda r: r.zrangebyscore(SHARDS_SEEN, "-inf", cutoff), [])
+        forgotten = 0
+        for key in stale or []:
+            forgotten += bool(await self._release_shard(key))
+        return forgotten
+
     # ---- internals --------------------------------------------------------------------------
 
-    async def _bytes_present(self, model_id: str, quant: str, hashes: Sequence[str], num_layers: int) -> list[bool]:
-        """Whether every layer's bytes of each block exist (one EXISTS per block and node)."""
+    async def _renew_keys(self, blocks: Sequence[list[str]]) -> list[bool]:
+        """Renew the TTL of every key of each block (its layers' keys); whether all of them existed.
+        One script call per block and node: the same round trips and commands an EXISTS check takes."""
+        ttl = self.settings.kv_ttl_s
         per_node: dict[int, list[tuple[int, list[str]]]] = defaultdict(list)
-        for i, h in enumerate(hashes):
+        for i, keys in enumerate(blocks):
             keys_by_node: dict[int, list[str]] = defaultdict(list)
-            for layer in range(num_layers):
-                key = KVBlockKey(model_id, layer, h, quant).redis_key()
+            for key in keys:
                 keys_by_node[self.nodes.node_for(key)].append(key)
-            for node, keys in keys_by_node.items():
-                per_node[node].append((i, keys))
-        present = [True] * len(hashes)
+            for node, node_keys in keys_by_node.items():
+                per_node[node].append((i, node_keys))
+        present = [True] * len(blocks)
         for node, checks in per_node.items():
+            script = self._renew_script[node]
 
-            async def exists(r: Redis, checks=checks):
+            async def renew(r: Redis, checks=checks, script=script):
                 pipe = r.pipeline(transaction=False)
                 for _, keys in checks:
-                    pipe.exists(*keys)
+                    await script(keys=keys, args=[ttl], client=pipe)
                 return await pipe.execute()
 
-            counts = await self.nodes.call(node, exists, None)
+            counts = await self.nodes.call(node, renew, None)
             for (i, keys), count in zip(checks, counts or [0] * len(checks)):
                 present[i] = present[i] and count == len(keys)
         return present
+
+    async def _renew_members(self, members: Sequence[str]) -> None:
+        """Renew the bytes' TTL of these indexed blocks (unknown ones are left alone)."""
+        if not members:
+            return
+
+        async def read(r: Redis):
+            pipe = r.pipeline(transaction=False)
+            for m in members:
+                pipe.hmget(block_meta_key(m), "model", "quant", "hash", "layers")
+            return await pipe.execute()
+
+        infos = await self._meta(read, [])
+        await self._renew_keys([block_keys(model, quant, h, int(layers))
+                                for model, quant, h, layers in infos or [] if model is not None])
+
+    async def _used(self) -> int | None:
+        """Bytes counted against the budget: prefix blocks and shards."""
+        counters = await self._meta(lambda r: r.hmget(STATS, "bytes", "shard_bytes"))
+        return None if counters is None else sum(int(c or 0) for c in counters)
+
+    async def _evict(self, need: int = 0, protect: set[str] = frozenset()) -> tuple[int, bool]:
+        """Drop unpinned, unprotected leaves, lowest priority first, until what is stored plus
+        `need` fits the budget; (blocks evicted, whether it fits). Call under the budget lock."""
+        used = await self._used()
+        if used is None:
+            return 0, False
+        if used + need <= self.settings.kv_budget_bytes:
+            return 0, True  # the common case: no need to read the pins
+        pinned = await self._pinned()
+        if pinned is None:
+            return 0, False
+        keep = pinned[1] | protect
+        evicted, offset = 0, 0
+        while True:
+            used = await self._used()
+            if used is None:
+                return evicted, False
+            if used + need <= self.settings.kv_budget_bytes:
+                return evicted, True
+            window = await self._meta(lambda r: r.zrange(LEAVES, offset, offset + EVICTION_WINDOW - 1), [])
+            if not window:
+                return evicted, False
+            victim = next((m for m in window if m not in keep), None)
+            if victim is None:
+                offset += len(window)
+                continue
+            if await self._drop(victim, "budget") is None:
+                return evicted, False
+            evicted, offset = evicted + 1, 0
+
+    async def _reject(self, req: KVCommitRequest, rejected: list, count: bool = True) -> None:
+        """Committed blocks that are not kept: give their claims back and delete their bytes."""
+        if not rejected:
+            return
+        for b, _, _ in rejected:
+            await self._delete_bytes(req.model_id, req.quant, b.chain_hash, req.num_layers)
+
+        async def unclaim(r: Redis):
+            pipe = r.pipeline(transaction=True)
+            pipe.hdel(BYTES, *[m for _, m, _ in rejected])
+            if count:
+                pipe.hincrby(STATS, "rejected", len(rejected))
+            await pipe.execute()
+
+        await self._meta(unclaim)
+        if count:
+            self.metrics.evictions.add(len(rejected), {"reason": "rejected"})
+
+    async def _release_shard(self, key: str) -> int | None:
+        """Forget one shard's reservation; the bytes it held, None if Redis is unreachable."""
+
+        async def release(r: Redis):
+            pipe = r.pipeline(transaction=True)
+            pipe.hget(SHARDS, key)
+            pipe.hdel(SHARDS, key)
+            pipe.zrem(SHARDS_SEEN, key)
+            size, removed, _ = await pipe.execute()
+            if removed:  # exactly one of several releases (a worker's and the sweep's) counts it
+                await r.hincrby(STATS, "shard_bytes", -int(size or 0))
+            return int(size or 0) if removed else 0
+
+        return await self._meta(release)
 
     async def _mark_accessed(self, members: list[str]) -> None:
         if not members:
@@ -331,14 +548,27 @@ class KVStoreService:
         await self._meta(mark)
 
     async def _pin(self, request_id: str, members: list[str]) -> bool:
+        """Pin `members` for the request; False if it has unpinned already (or Redis is unreachable)."""
+        ttl = self.settings.kv_ttl_s
+        now = self.clock()
+
         async def pin(r: Redis):
             pipe = r.pipeline(transaction=True)
             if members:
                 pipe.sadd(pins_key(request_id), *members)
-            # A request that never unpins (its worker died) stops pinning after the TTL.
-            pipe.expire(pins_key(request_id), self.settings.kv_ttl_s)
-            pipe.zadd(PINNED_REQUESTS, {request_id: self.clock()})
-            await pipe.execute()
+            # A request that never unpins (its worker died) stops pinning after the TTL, counted from
+            # its first pin (NX): each block it pins is renewed when pinned, so outlives the pin.
+            pipe.expire(pins_key(request_id), ttl, nx=True)
+            pipe.zremrangebyscore(PINNED_REQUESTS, "-inf", now - ttl)
+            pipe.zadd(PINNED_REQUESTS, {request_id: now}, nx=True)
+            pipe.exists(released_key(request_id))
+            *_, released = await pipe.execute()
+            if released:  # the request ended before this pin arrived: take it back
+                pipe = r.pipeline(transaction=True)
+                pipe.delete(pins_key(request_id))
+                pipe.zrem(PINNED_REQUESTS, request_id)
+                await pipe.execute()
+                return False
             return True
 
         return bool(await self._meta(pin, False))
@@ -372,7 +602,7 @@ class KVStoreService:
             pipe.zrem(LEAVES, block)
             size, removed, *_ = await pipe.execute()
             if not removed:
-                return 0
+                return None  # another drop (a replica's, the sweep's) got it
             size, quant = int(size or 0), block.split(":", 1)[0]
             pipe = r.pipeline(transaction=True)
             for field, amount in (("bytes", -size), (f"bytes:{quant}", -size), ("blocks", -1),
@@ -382,11 +612,13 @@ class KVStoreService:
             self.metrics.evictions.add(1, {"reason": reason})
             return size
 
-        freed = await self._meta(forget)
+        gone = await self._meta(forget, _UNREACHABLE)
+        if gone is _UNREACHABLE:
+            return None
         parent = info.get("parent") if info else None
-        if freed is not None and parent:
+        if gone is not None and parent:  # only the drop that removed it tells the parent
             await self._meta(lambda r: self._child_gone(r, parent))
-        return freed
+        return gone or 0
 
     async def _child_gone(self, r: Redis, parent: str) -> None:
         """A parent whose last stored child went becomes a leaf: evictable again."""

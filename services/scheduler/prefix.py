@@ -3,7 +3,8 @@
 The prompt's full blocks are named by their chain hashes (shared/kv/keys.py); the kvstore service
 answers how many leading ones are stored for every layer under the request's quant mode. Those
 blocks are pinned (kept from eviction) until the request ends, and each ring member is told the
-blocks overlapping its segments: it loads the cached ones and stores the ones it computes.
+blocks overlapping its segments: it loads the cached ones and stores the ones it computes, pinned
+to the request too (the worker's commit carries its id), so the unpin at the end covers both.
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ class PrefixIndex:
     async def hold(
         self, request_id: str, model: ModelInfo, prompt_ids: list[int], quant: str
     ) -> AsyncIterator[PrefixHit]:
-        """Look the prompt up and keep its cached blocks pinned for the body of the `async with`."""
+        """Look the prompt up and keep its cached blocks pinned for the body of the `async with`;
+        the blocks its workers compute and commit meanwhile are pinned to it as well."""
         hit = await self.lookup(request_id, model, prompt_ids, quant)
         try:
             yield hit
         finally:
-            if hit.cached_tokens:
+            if hit.blocks:  # cached or not: the workers may have pinned the blocks they stored
                 await self.index.unpin(request_id)
 
     async def lookup(self, request_id: str, model: ModelInfo, prompt_ids: list[int], quant: str) -> PrefixHit:

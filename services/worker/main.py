@@ -116,7 +116,8 @@ class WorkerApp(ServiceApp):
             self.engine.kv_reusable,
         )
         persist = self.settings.kv_store_enabled and self.settings.kv_shard_persist
-        self.shards = ShardPersister(ShardStore(self.settings), self.settings.kv_block_tokens) if persist else None
+        self.shards = ShardPersister(ShardStore(self.settings), self.settings.kv_block_tokens,
+                                     budget=self.prefix.index) if persist else None
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "prefill"), self._on_prefill)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "decode"), self._on_decode)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "release"), self._on_release)
@@ -276,7 +277,9 @@ class WorkerApp(ServiceApp):
             "request_id": cmd.plan.request_id, "kv.quant": cmd.plan.kv_quant.value,
         }) as span:
             try:
-                stored = await self.prefix.store_computed(cmd, kv, cached)
+                rid = cmd.plan.request_id
+                stored = await self.prefix.store_computed(cmd, kv, cached,
+                                                          running=lambda: rid in self.engine.requests)
             except Exception as exc:  # a cache write failing must never reach the request
                 log.warning("kv_prefix_store_failed", request_id=cmd.plan.request_id, error=str(exc)[:300])
                 span.record_exception(exc)

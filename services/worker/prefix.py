@@ -140,11 +140,14 @@ class PrefixCache:
             return None
         return CachedRows(cmd.cached_tokens, keys, values)
 
-    async def store_computed(self, cmd: PrefillCommand, kv: RequestKV, cached: CachedRows | None) -> int:
+    async def store_computed(self, cmd: PrefillCommand, kv: RequestKV, cached: CachedRows | None,
+                             running: Callable[[], bool] = lambda: False) -> int:
         """Store the blocks inside this member's segments that it computed; returns the blocks stored.
 
         Blocks below `cmd.cached_tokens` are already stored. A member whose load missed stores
-        those too: the store had lost them."""
+        those too: the store had lost them. While `running()` (the request is still held here)
+        each commit pins its blocks to the request, so they outlive it at least: the scheduler
+        unpins at its end. Once it has ended, a commit pins nothing (no unpin would follow)."""
         if not self.enabled(cmd):
             return 0
         runs = member_runs(cmd)
@@ -165,7 +168,8 @@ class PrefixCache:
             written = await self.store.put_blocks(batch_items, self.model_id, quant)
             if not written:
                 break  # Redis is unreachable: the rest would fail the same way
-            await self.index.commit(self.model_id, batch, quant, self.num_layers, written)
+            request_id = cmd.plan.request_id if running() else None
+            await self.index.commit(self.model_id, batch, quant, self.num_layers, written, request_id)
             stored += len(batch)
         return stored
 

@@ -3,8 +3,13 @@ at most `every_tokens` decode tokens behind, so that another worker could load i
 
 Nothing here blocks compute: a save is an asyncio task on the worker's event loop that copies rows
 the compute thread no longer writes (a cache only appends). One save per request runs at a time;
-rows whose save failed (Redis down) are retried with the next ones. On release the shard is
-deleted once any save in flight has ended, so a late save never resurrects it.
+rows whose save failed (Redis down, or no room in the KV budget) are retried with the next ones.
+On release the shard is deleted once any save in flight has ended, so a late save never
+resurrects it.
+
+Shards count against the KV budget: with a `budget` (the kvstore client), each increment is
+written only once the kvstore has granted room for its bytes, and the shard's bytes are released
+after it is deleted. Without a kvstore answering, nothing is written (it could not be accounted).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from shared.kv.client import KVIndexClient
 from shared.kv.shards import ShardStore
 from services.worker.kv_cache import RequestKV
 
@@ -31,12 +37,14 @@ class _Progress:
     next_seq: int = 0
     saving: asyncio.Task | None = None
     released: bool = False  # a save in flight stops at its next increment
+    reserved: bool = False  # some room in the budget was granted: release it with the shard
 
 
 class ShardPersister:
-    def __init__(self, shards: ShardStore, every_tokens: int):
+    def __init__(self, shards: ShardStore, every_tokens: int, budget: KVIndexClient | None = None):
         self.shards = shards
         self.every_tokens = every_tokens
+        self.budget = budget
         self._requests: dict[str, _Progress] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -69,21 +77,33 @@ class ShardPersister:
 
     async def _save(self, request_id: str, progress: _Progress, end: int) -> None:
         kv = progress.kv
+        reserve = None
+        if self.budget is not None:
+            budget = self.budget
+
+            async def reserve(nbytes: int) -> bool:
+                granted = await budget.reserve_shard(request_id, progress.member, nbytes)
+                progress.reserved = progress.reserved or granted
+                return granted
+
         while progress.saved_rows < end and not progress.released:
             first = progress.saved_rows
             stop = min(end, first + MAX_INCREMENT_ROWS)
             ok = await self.shards.save_increment(
                 request_id, progress.member, progress.next_seq, kv.runs_of_rows(first, stop),
                 [layer.keys()[first:stop] for layer in kv.layers], [layer.values()[first:stop] for layer in kv.layers],
+                reserve=reserve,
             )
             if not ok:
-                return  # Redis unreachable: these rows go with the next save
+                return  # Redis unreachable or no room: these rows go with the next save
             progress.saved_rows, progress.next_seq = stop, progress.next_seq + 1
 
     async def _delete(self, request_id: str, progress: _Progress) -> None:
         if progress.saving is not None:
             await asyncio.gather(progress.saving, return_exceptions=True)
         await self.shards.delete(request_id, progress.member)
+        if self.budget is not None and progress.reserved:
+            await self.budget.release_shard(request_id, progress.member)
 
     def _spawn(self, coro: Coroutine) -> asyncio.Task:
         task = asyncio.create_task(_logged(coro))

@@ -24,6 +24,8 @@ from shared.kv.messages import (
     KVLookupReply,
     KVLookupRequest,
     KVPinRequest,
+    KVShardReply,
+    KVShardRequest,
     KVStats,
     KVStatsRequest,
     KVTouch,
@@ -59,7 +61,8 @@ class KVIndexClient:
         nbytes: int,
         request_id: str | None = None,
     ) -> None:
-        """All `num_layers` layers of these blocks are in Redis (`nbytes` in total); pins them for `request_id`."""
+        """All `num_layers` layers of these blocks are in Redis (`nbytes` in total); pins them for `request_id`
+        (until its unpin: the scheduler's, when the request ends)."""
         if not refs:
             return
         blocks = [KVCommitBlock(index=r.index, chain_hash=r.chain_hash, parent_hash=r.parent_hash) for r in refs]
@@ -82,6 +85,18 @@ class KVIndexClient:
 
     async def unpin(self, request_id: str) -> None:
         await self._call(subjects.KV_PIN, KVPinRequest(request_id=request_id, action="unpin"), KVAck)
+
+    async def reserve_shard(self, request_id: str, member: int, nbytes: int) -> bool:
+        """Room in the KV budget for `nbytes` more of this member's shard; False (do not write them)
+        when there is none, or no kvstore answers: an unaccounted shard could overrun the budget."""
+        request = KVShardRequest(request_id=request_id, member=member, action="reserve", nbytes=nbytes)
+        reply = await self._call(subjects.KV_SHARD, request, KVShardReply)
+        return bool(reply is not None and reply.granted and not reply.error)
+
+    async def release_shard(self, request_id: str, member: int) -> None:
+        """This member's shard was deleted: its bytes no longer count against the budget."""
+        await self._call(subjects.KV_SHARD, KVShardRequest(request_id=request_id, member=member, action="release"),
+                         KVShardReply)
 
     async def stats(self) -> KVStats:
         reply = await self._call(subjects.KV_STATS, KVStatsRequest(), KVStats)

@@ -55,12 +55,14 @@ class KVCommitRequest(_KVMessage):
     num_layers: BlockCount
     blocks: list[KVCommitBlock] = Field(max_length=MAX_BLOCKS_PER_MESSAGE)
     nbytes: int = Field(ge=0)  # of all listed blocks, all layers
-    request_id: RequestId | None = None  # pins the blocks for this request
+    # pins the blocks for this request (the one that computed them) until it is unpinned
+    request_id: RequestId | None = None
 
 
 class KVCommitReply(_KVReply):
     stored: int = 0  # blocks new to the index
     evicted: int = 0
+    rejected: int = 0  # new blocks not kept: no room left in the budget (the rest pinned or shards)
 
 
 class KVTouch(_KVMessage):
@@ -87,6 +89,20 @@ class KVAck(_KVReply):
     ok: bool = False
 
 
+class KVShardRequest(_KVMessage):
+    """A ring member's decode shard (shared/kv/shards.py) counts against the KV budget: each
+    increment reserves its bytes before it is written; deleting the shard releases them all."""
+
+    request_id: RequestId
+    member: int = Field(ge=0)
+    action: Literal["reserve", "release"] = "reserve"
+    nbytes: int = Field(default=0, ge=0)
+
+
+class KVShardReply(_KVReply):
+    granted: bool = False  # reserve: the increment may be written
+
+
 class KVStatsRequest(_KVMessage):
     pass
 
@@ -101,10 +117,20 @@ class KVStats(_KVReply):
     misses: int = 0  # lookup blocks not found
     hit_rate: float = 0.0
     evictions: int = 0  # for the budget
+    rejected: int = 0  # committed blocks not kept for want of room
     expired: int = 0  # past their TTL
     lost: int = 0  # indexed but their bytes were gone from Redis
     pinned_blocks: int = 0
     pinned_requests: int = 0
+    # decode shards of requests in flight: counted in the same budget, never evicted
+    shard_bytes: int = 0
+    shards: int = 0
+    shard_refusals: int = 0  # increments not written for want of room
+
+    @property
+    def total_bytes(self) -> int:
+        """What counts against `budget_bytes`: prefix blocks and shards."""
+        return self.bytes_stored + self.shard_bytes
 
 
 class KVErrorReply(_KVReply):

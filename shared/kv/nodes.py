@@ -5,6 +5,9 @@ call goes through `RedisNodes.call`, which turns a connection error or timeout i
 value (a miss, a no-op). The first failure of an outage is logged once; later calls skip the node
 without waiting until `retry_s` has passed, then try again, and the first success logs the
 recovery. redis-py reconnects by itself, so a restarted Redis is picked up on the next try.
+
+The health of a server is shared by every client of it in the process (a worker has two: the
+block store and the shard store), so an outage is logged once per process, not once per client.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ STALE_CONNECTION_RETRIES = 1
 class _Health:
     down: bool = False
     retry_at: float = 0.0
+    outages: int = 0  # outages begun so far: each client drops its pooled connections once per outage
+
+
+# server ("host:port") -> its health, shared by all RedisNodes of this process. Only ever touched
+# from event-loop code, and a process's Redis clients live on one loop.
+_HEALTH: dict[str, _Health] = {}
+
+
+def _server(url: str) -> str:
+    """What identifies a Redis server in a URL: its address (two databases of one server fail together)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else url
 
 
 def redact(url: str) -> str:
@@ -75,7 +90,9 @@ class RedisNodes:
             )
             for url in urls
         ]
-        self._health = [_Health() for _ in urls]
+        self._health = [_HEALTH.setdefault(_server(url), _Health()) for url in urls]
+        # per node: the outage whose stale connections this client has already dropped
+        self._dropped = [0] * len(urls)
 
     @classmethod
     def from_settings(cls, settings: Settings, decode_responses: bool = False) -> "RedisNodes":
@@ -102,11 +119,13 @@ class RedisNodes:
         try:
             result = await fn(self.clients[node])
         except UNAVAILABLE_ERRORS as exc:
-            outage_starts = not health.down
-            health.down = True
-            health.retry_at = time.monotonic() + self.retry_s
-            if outage_starts:
+            if not health.down:  # the outage starts (for every client of this server in the process)
+                health.down = True
+                health.outages += 1
                 log.warning("kv_redis_unavailable", node=redact(self.urls[node]), error=str(exc) or type(exc).__name__)
+            health.retry_at = time.monotonic() + self.retry_s
+            if self._dropped[node] != health.outages:
+                self._dropped[node] = health.outages
                 # Every pooled connection is to the old server: drop them all, the next try connects afresh.
                 await self.clients[node].connection_pool.disconnect()
             return default

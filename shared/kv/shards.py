@@ -14,13 +14,16 @@ An increment's blobs and its positions entry are written in one MULTI/EXEC, so a
 positions whose rows are missing. Every key expires after `kv_shard_ttl_s`: the shard of a request
 whose worker died without cleaning up goes away by itself. An unreachable Redis turns writes into
 False and loads into None (see nodes.py); a shard is only ever a spare copy.
+
+Shards count against the KV budget (`kv_budget_bytes`, with the prefix blocks): the worker asks
+the kvstore for room before writing an increment (`reserve`) and skips it when refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -81,14 +84,17 @@ class ShardStore:
 
     async def save_increment(
         self, request_id: str, member: int, seq: int, runs: Sequence[Run], keys: Sequence[Tensor],
-        values: Sequence[Tensor],
+        values: Sequence[Tensor], reserve: Callable[[int], Awaitable[bool]] | None = None,
     ) -> bool:
         """Store rows of every layer (keys/values[layer]: [rows, kv_heads, head_dim]) at positions
-        `runs` as increment `seq`; True once they are in Redis."""
+        `runs` as increment `seq`; True once they are in Redis. `reserve(nbytes)`, when given, is
+        asked first for room for the increment's bytes: False leaves it unwritten (returns False)."""
         rows = sum(end - start for start, end in runs)
         if any(k.shape[0] != rows for k in keys) or len(keys) != len(values):
             raise ValueError(f"increment {seq}: every layer needs {rows} rows, one k and one v")
         blobs = await asyncio.to_thread(_encode_layers, keys, values, self.settings.kv_group_size)
+        if reserve is not None and not await reserve(sum(len(blob) for blob in blobs)):
+            return False
         entry = json.dumps({"seq": seq, "layers": len(blobs), "runs": [list(run) for run in runs]})
         ttl = self.settings.kv_shard_ttl_s
 

@@ -4,7 +4,10 @@ Writes quantize and encode blocks off the event loop, then send them in pipeline
 Redis node (consistent hashing of the key), at most `kv_io_concurrency` pipelines in flight.
 Reads check the in-process hot cache first, fetch the rest the same way (GETEX also renews each
 block's TTL), and drop any block that fails to decode: a corrupt block is deleted and reported as
-a miss. An unreachable Redis turns into misses and zero bytes written (see nodes.py).
+a miss. A hot-cache hit sends nothing to Redis, and need not: blocks are only read for a request
+whose lookup has just found them, and the kvstore renews the TTL of every block a lookup or pin
+finds (services/kvstore/service.py), so one place renews, with no traffic per hot hit. An
+unreachable Redis turns into misses and zero bytes written (see nodes.py).
 
 The kvstore service owns the metadata; after writing all layers of some blocks the worker tells
 it with `KVIndexClient.commit` (client.py).

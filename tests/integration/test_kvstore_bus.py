@@ -1,5 +1,6 @@
 """The kvstore service's `run()` in-process against real NATS and Redis, driven through the
-KVIndexClient that workers and the scheduler use."""
+KVIndexClient that workers and the scheduler use (and the scheduler's PrefixIndex and the
+worker's ShardPersister on top of it)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 import torch
+from opentelemetry import trace
 
 from services.kvstore.main import run
+from services.scheduler.prefix import PrefixIndex
+from services.worker.kv_cache import RequestKV
+from services.worker.shard_persist import ShardPersister
 from shared import codec, subjects
 from shared.bus import Bus, connect
 from shared.kv.client import KVIndexClient
 from shared.kv.keys import block_chain
+from shared.kv.shards import ShardStore, blob_key
 from shared.kv.store import KVBlockStore
+from shared.messages import ModelInfo
 from shared.settings import Settings
 from tests.integration.stack import Servers
 
@@ -37,12 +44,12 @@ def servers(tmp_path_factory):
 
 
 @pytest.fixture
-async def kvstore(servers):
+async def kvstore(servers, request):
     meta = aioredis.Redis(port=servers.redis_port, db=DB)
     await meta.flushdb()
     settings = Settings(nats_url=servers.nats_url, redis_url=f"redis://127.0.0.1:{servers.redis_port}/{DB}",
                         kv_block_tokens=BLOCK, kv_group_size=BLOCK, heartbeat_interval_s=0.2,
-                        kv_index_timeout_s=1.0, drain_timeout_s=2.0)
+                        kv_index_timeout_s=1.0, drain_timeout_s=2.0, **getattr(request, "param", {}))
     started = asyncio.Event()
     runtime = {}
 
@@ -123,5 +130,93 @@ async def test_client_without_a_kvstore_finds_nothing_and_does_not_raise(servers
     assert await client.lookup(MODEL, refs, QUANT, LAYERS) == 0
     await client.commit(MODEL, refs, QUANT, LAYERS, 10, "r")
     await client.touch(MODEL, [(refs[0].chain_hash, 1.0)], QUANT)
+    assert not await client.reserve_shard("r", 0, 10)  # no shard is written that nobody accounts for
     assert (await client.stats()).error
     await nc.close()
+
+
+async def test_a_request_unpins_the_blocks_its_workers_committed_even_when_nothing_was_cached(kvstore):
+    settings, nc, _ = kvstore
+    client = KVIndexClient(Bus(nc, "test"), settings)
+    store = KVBlockStore(settings)
+    index = PrefixIndex(client, settings, trace.get_tracer("test"))
+    model = ModelInfo(name=MODEL, vocab_size=1000, num_layers=LAYERS, num_kv_heads=2, head_dim=8,
+                      max_position_embeddings=1024, dtype="float32")
+    ids = list(range(3 * BLOCK + 1))
+    async with index.hold("req-new", model, ids, QUANT) as hit:
+        assert hit.cached_tokens == 0 and len(hit.blocks) == 3
+        # what a worker does after the prefill, while the request runs
+        items = [(layer, ref, torch.randn(BLOCK, 2, 8), torch.randn(BLOCK, 2, 8))
+                 for layer in range(LAYERS) for ref in hit.blocks]
+        nbytes = await store.put_blocks(items, MODEL, QUANT)
+        await client.commit(MODEL, hit.blocks, QUANT, LAYERS, nbytes, request_id="req-new")
+        stats = await client.stats()
+        assert (stats.pinned_requests, stats.pinned_blocks) == (1, 3)
+    stats = await client.stats()
+    assert (stats.pinned_requests, stats.pinned_blocks, stats.blocks) == (0, 0, 3)
+    await store.close()
+
+
+def _request_kv(rows: int) -> RequestKV:
+    kv = RequestKV.empty("req-s", 0, num_layers=LAYERS, kv_heads=2, head_dim=8, dtype=torch.float32,
+                         device=torch.device("cpu"), capacity=rows)
+    for layer in kv.layers:
+        layer.append(torch.randn(rows, 2, 8), torch.randn(rows, 2, 8))
+    kv.note_positions(0, rows)
+    return kv
+
+
+async def _until(predicate, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_a_shard_is_written_into_room_reserved_in_the_budget_and_gives_it_back(kvstore, servers):
+    settings, nc, _ = kvstore
+    client = KVIndexClient(Bus(nc, "test"), settings)
+    persister = ShardPersister(ShardStore(settings), every_tokens=BLOCK, budget=client)
+    shards = ShardStore(settings)
+    meta = aioredis.Redis(port=servers.redis_port, db=DB)
+    try:
+        persister.track("req-s", 0, _request_kv(10))
+
+        async def saved() -> bool:
+            return await shards.load_shard("req-s", 0) is not None
+
+        await _until(saved)
+        written = sum([await meta.strlen(blob_key("req-s", 0, layer, 0)) for layer in range(LAYERS)])
+        assert (await client.stats()).shard_bytes == written > 0
+        persister.forget("req-s")
+        await _until(lambda: _shard_bytes(client, lambda n: n == 0))
+        assert await meta.keys("ringserve:shard:*") == []
+    finally:
+        await persister.close()
+        await shards.close()
+        await meta.aclose()
+
+
+@pytest.mark.parametrize("kvstore", [{"kv_budget_bytes": 100}], indirect=True)
+async def test_a_shard_increment_without_room_in_the_budget_is_not_written(kvstore, servers):
+    settings, nc, _ = kvstore
+    client = KVIndexClient(Bus(nc, "test"), settings)
+    persister = ShardPersister(ShardStore(settings), every_tokens=BLOCK, budget=client)
+    meta = aioredis.Redis(port=servers.redis_port, db=DB)
+    try:
+        persister.track("req-s", 0, _request_kv(10))  # 10 rows of 2 layers: well over 100 bytes
+        await _until(lambda: _refusals(client))
+        stats = await client.stats()
+        assert (stats.shards, stats.shard_bytes) == (0, 0)
+        assert await meta.keys("ringserve:shard:*") == []
+    finally:
+        await persister.close()
+        await meta.aclose()
+
+
+async def _shard_bytes(client, ok) -> bool:
+    return ok((await client.stats()).shard_bytes)
+
+
+async def _refusals(client) -> bool:
+    return (await client.stats()).shard_refusals > 0

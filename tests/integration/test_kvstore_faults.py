@@ -1,5 +1,5 @@
 """A Redis restart mid-run: the store and the service answer misses and no-ops while it is down,
-log the outage once, and work again when it is back."""
+log the outage once per process, and work again when it is back."""
 
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ async def test_redis_restart_mid_run():
                 assert (await _commit(service, refs, nbytes)).error  # a reply saying so, not an exception
                 assert (await service.stats()).error
                 await asyncio.sleep(RETRY_S / 2)
-        # One line per outage per client (the store's and the service's), however many calls failed.
-        assert [e["event"] for e in down_logs if e["log_level"] == "warning"] == ["kv_redis_unavailable"] * 2
+        # One line per outage per process, however many calls of however many clients (the store's
+        # and the service's, as a worker's block and shard stores) failed.
+        assert [e["event"] for e in down_logs if e["log_level"] == "warning"] == ["kv_redis_unavailable"]
 
         redis_proc = _start_redis(port)  # back, empty (no persistence)
         await asyncio.sleep(RETRY_S)
@@ -81,7 +82,7 @@ async def test_redis_restart_mid_run():
             assert await _lookup(service, refs) == 3
             got = await store.get_blocks(MODEL, refs, range(LAYERS), QUANT, torch.float32, "cpu")
             assert len(got) == LAYERS * len(refs)
-        assert [e["event"] for e in up_logs] == ["kv_redis_recovered"] * 2
+        assert [e["event"] for e in up_logs] == ["kv_redis_recovered"]
     finally:
         await store.close()
         await service.close()

@@ -1,5 +1,6 @@
 """The kvstore service's logic against a real Redis, called directly (no NATS): prefix lookup,
-commits, the budget under a stream of commits, pins, importance, tail-first eviction, TTLs."""
+commits, the budget under a stream of commits, pins, importance, tail-first eviction, TTLs and
+their renewal, pins of committed blocks, decode shards in the budget."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from services.kvstore.service import BYTES, KVStoreService, member
+from services.kvstore.service import ACCESS, BYTES, PINNED_REQUESTS, SHARD_GRACE_S, KVStoreService, member, pins_key
 from shared.kv.keys import BlockRef, block_chain
-from shared.kv.messages import KVCommitBlock, KVCommitRequest, KVLookupRequest, KVPinRequest, KVTouch, KVTouchRequest
+from shared.kv.messages import (
+    KVCommitBlock,
+    KVCommitRequest,
+    KVLookupRequest,
+    KVPinRequest,
+    KVShardRequest,
+    KVTouch,
+    KVTouchRequest,
+)
 from shared.kv.store import KVBlockStore
 from shared.settings import Settings
 from tests.integration.stack import Servers
@@ -221,3 +230,122 @@ async def test_metrics_report_lookups_evictions_and_what_is_stored(env):
     assert [p.value for p in points["ringserve_kv_hit_ratio"]] == [0.75]
     await service.close()
     provider.shutdown()
+
+
+# ---- TTL renewal, pins of committed blocks, shards in the budget ----------------------------------
+
+
+def layer_keys(store, refs) -> list[str]:
+    return [store.key(MODEL, layer, ref, QUANT) for ref in refs for layer in range(LAYERS)]
+
+
+async def ttls(meta, keys) -> list[int]:
+    return [await meta.ttl(k) for k in keys]
+
+
+async def shorten_ttls(meta, keys, seconds=5) -> None:
+    for k in keys:
+        await meta.expire(k, seconds)
+
+
+async def test_a_lookup_renews_the_ttl_of_every_layer_of_the_blocks_it_finds(env):
+    service, store, _, meta = env
+    a = chain(1, 3)
+    await put_and_commit(service, store, a)
+    await shorten_ttls(meta, layer_keys(store, a))  # as if stored long ago and only ever served hot since
+    assert await lookup(service, a[:2]) == 2
+    assert all(t > TTL_S - 5 for t in await ttls(meta, layer_keys(store, a[:2])))
+    assert all(0 < t <= 5 for t in await ttls(meta, layer_keys(store, a[2:])))  # not looked up: not renewed
+
+
+async def test_a_pin_and_a_touch_renew_the_blocks_they_name_and_pins_never_outlive_the_bytes(env):
+    service, store, clock, meta = env
+    a, b = chain(1, 2), chain(2, 2)
+    await put_and_commit(service, store, a + b)
+    await shorten_ttls(meta, layer_keys(store, a + b))
+    clock.now += 10
+    await service.pin(KVPinRequest(request_id="r", model_id=MODEL, quant=QUANT, hashes=[r.chain_hash for r in a]))
+    assert all(t > TTL_S - 5 for t in await ttls(meta, layer_keys(store, a)))
+    await service.touch(KVTouchRequest(model_id=MODEL, quant=QUANT, touches=[KVTouch(chain_hash=b[0].chain_hash)]))
+    assert all(t > TTL_S - 5 for t in await ttls(meta, layer_keys(store, b[:1])))
+    assert all(0 < t <= 5 for t in await ttls(meta, layer_keys(store, b[1:])))
+
+    # A later pin of the same request does not stretch the pin past the bytes it renewed before.
+    pin_ttl = await meta.ttl(pins_key("r"))
+    first_pinned = await meta.zscore(PINNED_REQUESTS, "r")
+    clock.now += 50
+    await service.pin(KVPinRequest(request_id="r", model_id=MODEL, quant=QUANT, hashes=[b[0].chain_hash]))
+    assert await meta.zscore(PINNED_REQUESTS, "r") == first_pinned
+    assert 0 < await meta.ttl(pins_key("r")) <= pin_ttl <= min(await ttls(meta, layer_keys(store, a + b[:1])))
+
+
+async def test_committed_blocks_are_pinned_to_their_request_until_it_unpins_and_never_after(env):
+    service, store, clock, meta = env
+    block_bytes = await put_and_commit(service, store, chain(0, 1))
+    service.settings = service.settings.model_copy(update={"kv_budget_bytes": 3 * block_bytes})
+    mine = chain(1, 2)
+    await put_and_commit(service, store, mine, request_id="running")  # computed by a running request
+    stats = await service.stats()
+    assert (stats.pinned_requests, stats.pinned_blocks) == (1, 2)
+    for seed in range(2, 6):  # newer blocks push everything else out, but not what is pinned
+        clock.now += 1
+        await put_and_commit(service, store, chain(seed, 1))
+        assert await stored(meta, mine) == [True, True]
+    await meta.zadd(ACCESS, {member(QUANT, r.chain_hash): 0 for r in mine})  # as if unused for long
+    assert await service.sweep_expired() == 0  # pinned blocks are never swept
+    assert await stored(meta, mine) == [True, True]
+
+    await service.pin(KVPinRequest(request_id="running", action="unpin"))
+    assert await service.sweep_expired() == 2
+    # A commit of the request that was sent before its end but arrives after the unpin pins nothing.
+    await put_and_commit(service, store, chain(9, 1), request_id="running")
+    stats = await service.stats()
+    assert (stats.pinned_requests, stats.pinned_blocks) == (0, 0)
+    assert not await meta.exists(pins_key("running"))
+
+
+async def test_shards_count_against_the_budget_evict_blocks_and_are_refused_when_nothing_can_go(env):
+    service, store, clock, meta = env
+    block_bytes = await put_and_commit(service, store, chain(0, 1))
+    budget = 4 * block_bytes
+    service.settings = service.settings.model_copy(update={"kv_budget_bytes": budget})
+
+    async def total() -> int:
+        stats = await service.stats()
+        assert stats.total_bytes == stats.bytes_stored + stats.shard_bytes <= budget
+        return stats.total_bytes
+
+    clock.now += 1
+    await put_and_commit(service, store, chain(1, 2))
+    pinned = chain(2, 1)
+    await put_and_commit(service, store, pinned, request_id="in-flight")
+    assert await total() == 4 * block_bytes
+
+    # Room for a shard increment is made by evicting the least recently used unpinned blocks.
+    reply = await service.shard(KVShardRequest(request_id="in-flight", member=0, nbytes=block_bytes + 1))
+    assert reply.granted and await total() <= budget
+    assert await stored(meta, chain(0, 1) + chain(1, 2)) == [False, True, False]  # chain(1) loses its tail
+    stats = await service.stats()
+    assert (stats.shards, stats.shard_bytes, stats.evictions) == (1, block_bytes + 1, 2)
+
+    # Shards are never evicted: once only pinned blocks and shards are left, more is refused...
+    assert (await service.shard(KVShardRequest(request_id="other", member=1, nbytes=2 * block_bytes - 1))).granted
+    assert not (await service.shard(KVShardRequest(request_id="other", member=1, nbytes=block_bytes))).granted
+    assert await stored(meta, pinned) == [True]
+    # ... and so are committed blocks that do not fit: their bytes are deleted, nothing is claimed.
+    late = chain(3, 2)
+    await put_and_commit(service, store, late)
+    assert await stored(meta, late) == [False, False] and not await meta.exists(store.key(MODEL, 0, late[0], QUANT))
+    assert await lookup(service, late) == 0
+    stats = await service.stats()
+    assert (stats.shard_refusals, stats.rejected) == (1, 2) and await total() <= budget
+
+    # Released shards give their room back; a dead worker's are forgotten after their keys expired.
+    await service.shard(KVShardRequest(request_id="other", member=1, action="release"))
+    assert (await service.stats()).shard_bytes == block_bytes + 1
+    clock.now += service.settings.kv_shard_ttl_s + SHARD_GRACE_S + 1
+    assert await service.forget_stale_shards() == 1
+    stats = await service.stats()
+    assert (stats.shards, stats.shard_bytes) == (0, 0)
+    await put_and_commit(service, store, late)
+    assert await stored(meta, late) == [True, True] and await total() <= budget

@@ -208,6 +208,8 @@ class WorkerApp(ServiceApp):
         with self.tracer.start_as_current_span("worker.prefill", attributes={
             "request_id": rid, "ring.size": cmd.plan.size, "ring.member": cmd.member, "tokens": len(cmd.input_ids),
         }) as span:
+            log.info("prefill_started", request_id=rid, member=cmd.member, ring_size=cmd.plan.size,
+                     tokens=len(cmd.input_ids), cached_tokens=cmd.cached_tokens)
             t0 = time.perf_counter()
             cached = None
             try:

@@ -109,7 +109,8 @@ class WorkerApp(ServiceApp):
         self.metrics.watch_queue("worker_decode", self._decode_queue.qsize)
         bus = rt.bus
         self.prefix = PrefixCache(
-            KVBlockStore(self.settings, rt.telemetry.meter), KVIndexClient(bus, self.settings), self.settings,
+            KVBlockStore(self.settings, rt.telemetry.meter, hot_node=f"hot:{self.worker_id}"),
+            KVIndexClient(bus, self.settings), self.settings,
             self.model_info.name, self.model_info.num_layers, self.engine.dtype, self.engine.device,
             self.engine.kv_reusable,
         )

@@ -57,6 +57,9 @@ _HEADERS_MAX = 4096
 _MARKER = os.urandom(16)
 _PLACEHOLDER_EXT = msgpack.ExtType(TENSOR_EXT, _MARKER)
 _PLACEHOLDER_LEN = 2 + len(_MARKER)  # fixext 16: 0xd8, the type, the payload
+# msgpack's fixext formats by payload length, and the type byte that follows an ext header.
+_FIXEXT = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}
+_TENSOR_CODE = TENSOR_EXT.to_bytes(1, "big")
 
 
 def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -96,9 +99,6 @@ def _ext_head(n: int) -> bytes:
         head = b"\xc9" + n.to_bytes(4, "big")
     return head + _TENSOR_CODE
 
-
-_FIXEXT = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}
-_TENSOR_CODE = TENSOR_EXT.to_bytes(1, "big")
 
 
 def _encode_tensor(t: torch.Tensor) -> msgpack.ExtType:

@@ -3,11 +3,20 @@ JSON or msgpack for the public API, chosen by the request's Content-Type.
 
 A tensor travels as msgpack ext type 1 whose payload is msgpack([dtype, shape]) followed by the
 raw little-endian bytes. Decoding wraps the received buffer with torch.frombuffer: no copy.
+
+Encoding copies a tensor's bytes once, from its CPU memory straight into the message's bytes:
+msgpack packs the message with a 16-byte placeholder ext per tensor (a random per-process marker),
+then one `bytes.join` assembles the packed pieces, each tensor's ext header and the tensor's own
+memory (a uint8 view, not a copy). A tensor on a GPU, or not contiguous, is first made a
+contiguous CPU tensor, which is one more copy. The bytes are the ones msgpack would write for an
+ExtType holding the whole payload (if a packed string ever contained the marker, the message is
+packed that way instead).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from typing import Any, TypeVar
 
@@ -40,15 +49,63 @@ class CodecError(ValueError):
     """The bytes are not a valid message."""
 
 
-def _encode_tensor(t: torch.Tensor) -> msgpack.ExtType:
-    t = t.detach()
-    if t.device.type != "cpu":
+# Tensor headers by (dtype, shape): a decode step sends the same few shapes over and over.
+_HEADERS: dict[tuple[torch.dtype, torch.Size], bytes] = {}
+_HEADERS_MAX = 4096
+# The payload of the placeholder ext a tensor is packed as before its bytes are spliced in: 16
+# bytes (msgpack fixext 16), random per process, so no packed value carries it by chance.
+_MARKER = os.urandom(16)
+_PLACEHOLDER_EXT = msgpack.ExtType(TENSOR_EXT, _MARKER)
+_PLACEHOLDER_LEN = 2 + len(_MARKER)  # fixext 16: 0xd8, the type, the payload
+# msgpack's fixext formats by payload length, and the type byte that follows an ext header.
+_FIXEXT = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}
+_TENSOR_CODE = TENSOR_EXT.to_bytes(1, "big")
+
+
+def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_cpu:
         t = t.cpu()
-    t = t.contiguous()
-    header = msgpack.packb([_NAMES[t.dtype], list(t.shape)])
-    # A uint8 view of the storage: memoryview without copying the tensor's bytes again.
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return msgpack.ExtType(TENSOR_EXT, header + raw)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+def _header(t: torch.Tensor) -> bytes:
+    key = (t.dtype, t.shape)
+    header = _HEADERS.get(key)
+    if header is None:
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        header = _HEADERS[key] = msgpack.packb([_NAMES[t.dtype], list(t.shape)])
+    return header
+
+
+def _raw(t: torch.Tensor):
+    """The tensor's bytes as a uint8 numpy view of its storage (no copy); `t` is CPU-contiguous."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _ext_head(n: int) -> bytes:
+    """msgpack's ext header (format, length) for a payload of `n` bytes, then the type code."""
+    if n in _FIXEXT:
+        head = _FIXEXT[n]
+    elif n < 0x100:
+        head = b"\xc7" + n.to_bytes(1, "big")
+    elif n < 0x10000:
+        head = b"\xc8" + n.to_bytes(2, "big")
+    else:
+        head = b"\xc9" + n.to_bytes(4, "big")
+    return head + _TENSOR_CODE
+
+
+
+def _encode_tensor(t: torch.Tensor) -> msgpack.ExtType:
+    """The tensor as one ExtType (payload built with one copy); `pack` uses it only as a fallback."""
+    t = _cpu_contiguous(t)
+    header = _header(t)
+    return msgpack.ExtType(TENSOR_EXT, b"".join((header, _raw(t))) if t.numel() else header)
 
 
 def _decode_tensor(data: bytes) -> torch.Tensor:
@@ -95,7 +152,33 @@ def _dump(model: BaseModel) -> dict[str, Any]:
 
 def pack(obj: BaseModel | dict[str, Any]) -> bytes:
     data = _dump(obj) if isinstance(obj, BaseModel) else obj
-    return msgpack.packb(data, default=_default, use_bin_type=True)
+    tensors: list[torch.Tensor] = []
+
+    def default(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            tensors.append(_cpu_contiguous(o))
+            return _PLACEHOLDER_EXT
+        return _default(o)
+
+    packed = msgpack.packb(data, default=default, use_bin_type=True)
+    if not tensors:
+        return packed
+    if packed.count(_MARKER) != len(tensors):  # a value held the marker: no splicing
+        return msgpack.packb(data, default=_default, use_bin_type=True)
+    # The placeholders appear in the order `default` was called: splice each tensor into its own.
+    view = memoryview(packed)
+    pieces: list[Any] = []
+    at = 0
+    for t in tensors:
+        placeholder = packed.find(_MARKER, at) - 2
+        header = _header(t)
+        nbytes = t.numel() * t.element_size()
+        pieces += (view[at:placeholder], _ext_head(len(header) + nbytes), header)
+        if nbytes:
+            pieces.append(_raw(t))
+        at = placeholder + _PLACEHOLDER_LEN
+    pieces.append(view[at:])
+    return b"".join(pieces)
 
 
 def unpack(data: bytes) -> Any:

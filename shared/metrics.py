@@ -61,6 +61,24 @@ def device_memory_bytes() -> dict[str, int]:
     return {"cpu": process_rss_bytes()}
 
 
+def kv_cache_lookups_counter(meter: Meter):
+    """`ringserve_kv_cache_lookups`: one definition, shared by RingserveMetrics and the KV store's
+    own instruments (shared/kv/metrics.py), so both record into the same series on one meter."""
+    return meter.create_counter(
+        "ringserve_kv_cache_lookups",
+        unit="{block}",
+        description="KV cache block lookups by result (hit|miss) and node (kvstore index, Redis node host:port, "
+                    "worker hot cache); hit rate = hit / (hit + miss)",
+    )
+
+
+def record_kv_lookup(counter, hits: int, misses: int, node: str) -> None:
+    if hits:
+        counter.add(hits, {"result": "hit", "node": node})
+    if misses:
+        counter.add(misses, {"result": "miss", "node": node})
+
+
 def _code_name(code: str | enum.Enum) -> str:
     return code.value if isinstance(code, enum.Enum) else str(code)
 
@@ -72,11 +90,7 @@ class RingserveMetrics:
         self._queues: dict[str, Callable[[], int]] = {}
         self._queues_lock = threading.Lock()
 
-        self.kv_cache_lookups = meter.create_counter(
-            "ringserve_kv_cache_lookups",
-            unit="{block}",
-            description="KV cache block lookups by result (hit|miss) and node; hit rate = hit / (hit + miss)",
-        )
+        self.kv_cache_lookups = kv_cache_lookups_counter(meter)
         self.ring_comm_latency = meter.create_histogram(
             "ringserve_ring_comm_latency_milliseconds",
             unit="ms",
@@ -143,11 +157,9 @@ class RingserveMetrics:
 
     # ------------------------------------------------------------------------------ recording
     def record_kv_lookup(self, hits: int, misses: int, node: str) -> None:
-        """`node`: the KV node (Redis shard) the blocks were looked up on."""
-        if hits:
-            self.kv_cache_lookups.add(hits, {"result": "hit", "node": node})
-        if misses:
-            self.kv_cache_lookups.add(misses, {"result": "miss", "node": node})
+        """`node`: where the blocks were looked up: `index` (the kvstore), a Redis node's `host:port`
+        (shared/kv/nodes.py `node_label`), or a worker's hot cache (`hot:<worker id>`)."""
+        record_kv_lookup(self.kv_cache_lookups, hits, misses, node)
 
     def record_ring_comm(self, ms: float, op: str = "ring_step") -> None:
         """`op`: ring_step (prefill K/V block) or fusion (decode partial-attention exchange)."""

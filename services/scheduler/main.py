@@ -242,7 +242,8 @@ class SchedulerApp(ServiceApp):
             await self._respond(msg, CancelReply(request_id=req.request_id, cancelled=False), content_type)
             return
         runner.s.cancelled = True
-        log.info("request_cancelled", request_id=req.request_id)
+        with trace.use_span(runner.span, end_on_exit=False):
+            log.info("request_cancelled", request_id=req.request_id)
         await self._respond(msg, CancelReply(request_id=req.request_id, cancelled=True), content_type)
 
     # ------------------------------------------------------------------------------ generate
@@ -262,6 +263,8 @@ class SchedulerApp(ServiceApp):
                 request_id = new_request_id(req)
                 span.set_attribute("request_id", request_id)
                 structlog.contextvars.bind_contextvars(request_id=request_id)
+                log.info("request_received", stream=req.stream, max_new_tokens=req.max_new_tokens,
+                         input="input_ids" if req.input_ids is not None else "prompt")
                 if request_id in self.runners:
                     raise ApiError(ErrorCode.INVALID_REQUEST, f"request_id {request_id!r} is already running", request_id)
                 reply = await asyncio.wait_for(self._run(req, request_id, msg, content_type),
@@ -275,7 +278,9 @@ class SchedulerApp(ServiceApp):
             except ApiError as err:
                 outcome = err.code.value
                 err.request_id = err.request_id or request_id
-                log.info("request_failed", code=err.code.value, message=err.message)
+                # refused before its id was bound (a malformed body): name the client's id, if any
+                unbound = {"request_id": err.request_id} if request_id is None and err.request_id else {}
+                log.info("request_failed", code=err.code.value, message=err.message, **unbound)
                 await self._respond(msg, err.reply(), content_type)
             except asyncio.TimeoutError:
                 outcome = ErrorCode.TIMEOUT.value
@@ -313,6 +318,7 @@ class SchedulerApp(ServiceApp):
         check_limits(req, prompt_ids, model, self.settings, request_id)
         if req.stop and self.tokenizer is None:
             raise ApiError(ErrorCode.UNSUPPORTED, "stop strings need a tokenizer", request_id)
+        log.info("request_admitted", prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens)
 
         state = RequestState(request_id=request_id, request=req, prompt_ids=prompt_ids)
         quant = (req.kv_quant or KVQuant(self.settings.kv_quant)).value
@@ -321,6 +327,7 @@ class SchedulerApp(ServiceApp):
             emit = (lambda event: self._respond(msg, event, content_type)) if req.stream else None
             runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop), set(model.eos_token_ids),
                                    emit, cached_tokens=hit.cached_tokens, kv_blocks=hit.blocks)
+            runner.span = trace.get_current_span()  # scheduler.generate: a cancel is logged in its trace
             self.runners[request_id] = runner
             progress_sub = None
             try:
@@ -368,6 +375,8 @@ class SchedulerApp(ServiceApp):
         if self.waiting >= self.settings.max_queued_requests:
             raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
         self.waiting += 1
+        log.info("request_waiting", reason="no_worker", waiting=self.waiting,
+                 timeout_s=self.settings.heartbeat_timeout_s)
         try:
             deadline = time.monotonic() + self.settings.heartbeat_timeout_s
             while time.monotonic() < deadline:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import structlog
 from opentelemetry import trace
 from pydantic import BaseModel
 
@@ -46,6 +47,7 @@ class WorkerPort(Protocol):
     async def release(self, worker_id: str, request_id: str) -> None: ...
 
 
+log = structlog.get_logger("scheduler")
 Emit = Callable[[BaseModel], Awaitable[None]]
 # The global provider's tracer (set up by the service); a no-op until then.
 tracer = trace.get_tracer("ringserve.scheduler.runner")
@@ -88,6 +90,7 @@ class RequestRunner:
         self.logprobs: list[float] = []
         self.task: asyncio.Task | None = None  # set by the scheduler; cancelled when a ring member dies
         self.lost_workers: list[str] = []
+        self.span: trace.Span = trace.INVALID_SPAN  # the request's root span, set by the scheduler
 
     async def run(self, plan: RingPlan) -> GenerateReply:
         s = self.s
@@ -130,6 +133,8 @@ class RequestRunner:
         ]
         with tracer.start_as_current_span("scheduler.prefill", attributes={
                 "request_id": s.request_id, "ring.size": plan.size, "prompt_tokens": len(s.prompt_ids)}):
+            log.info("prefill_started", request_id=s.request_id, workers=len(plan.workers),
+                     prompt_tokens=len(s.prompt_ids), cached_tokens=self.cached_tokens)
             results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
         self._check(results)
         self.cached_tokens = sum(r.cached_tokens for r in results)
@@ -158,6 +163,9 @@ class RequestRunner:
         s = self.s
         if s.first_token_at is None:
             s.first_token_at = time.perf_counter()
+            # Prefill is over and decode begins (unless this token already ends the request).
+            log.info("first_token", request_id=s.request_id, cached_tokens=self.cached_tokens,
+                     ttft_ms=round((s.first_token_at - s.arrival) * 1000, 3))
         self.output_ids.append(token)
         self.logprobs.append(float(logprob) if logprob is not None else 0.0)
         delta, hit_stop = self.stops.push(token)

@@ -111,7 +111,8 @@ class WorkerApp(ServiceApp):
         self.metrics.watch_queue("worker_decode", self._decode_queue.qsize)
         bus = rt.bus
         self.prefix = PrefixCache(
-            KVBlockStore(self.settings, rt.telemetry.meter), KVIndexClient(bus, self.settings), self.settings,
+            KVBlockStore(self.settings, rt.telemetry.meter, hot_node=f"hot:{self.worker_id}"),
+            KVIndexClient(bus, self.settings), self.settings,
             self.model_info.name, self.model_info.num_layers, self.engine.dtype, self.engine.device,
             self.engine.kv_reusable,
         )
@@ -212,6 +213,8 @@ class WorkerApp(ServiceApp):
         with self.tracer.start_as_current_span("worker.prefill", attributes={
             "request_id": rid, "ring.size": cmd.plan.size, "ring.member": cmd.member, "tokens": len(cmd.input_ids),
         }) as span:
+            log.info("prefill_started", request_id=rid, member=cmd.member, ring_size=cmd.plan.size,
+                     tokens=len(cmd.input_ids), cached_tokens=cmd.cached_tokens)
             t0 = time.perf_counter()
             cached = None
             try:

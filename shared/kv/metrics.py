@@ -1,7 +1,9 @@
 """OpenTelemetry instruments of the KV store: the worker-side block store and the kvstore service.
 
 Names follow shared/metrics.py (Prometheus family names). Lookup hits and misses go into its
-`ringserve_kv_cache_lookups` counter, which the dashboards' hit rate reads; what is stored now
+`ringserve_kv_cache_lookups` counter, which the dashboards' hit rate per `node` reads: the
+kvstore's index lookups as node `index`, a worker's block reads per Redis node (`host:port`,
+shared/kv/nodes.py `node_label`) and per worker hot cache (`hot:<worker id>`); what is stored now
 is an observable gauge fed from the service's latest statistics, so it never drifts. Without a
 meter (tests, tools) the global provider's is used, a no-op until telemetry is set up.
 """
@@ -13,7 +15,7 @@ from collections.abc import Iterable
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from shared.metrics import RingserveMetrics
+from shared.metrics import RingserveMetrics, kv_cache_lookups_counter, record_kv_lookup
 
 _METER_NAME = "ringserve.kv"
 # Bytes per second of one put_blocks/get_blocks call: from a slow CPU box to NVLink-class links.
@@ -23,10 +25,11 @@ INDEX_NODE = "index"
 
 
 class StoreMetrics:
-    """Block store (worker side): bytes moved, block outcomes, load/store throughput."""
+    """Block store (worker side): bytes moved, block outcomes and lookups per node, load/store throughput."""
 
     def __init__(self, meter: Meter | None = None):
         meter = meter or metrics.get_meter(_METER_NAME)
+        self.lookups = kv_cache_lookups_counter(meter)
         self.bytes_written = meter.create_counter(
             "ringserve_kv_store_written_bytes", unit="By", description="KV block bytes written to Redis, by quant mode"
         )
@@ -36,7 +39,8 @@ class StoreMetrics:
         self.blocks_read = meter.create_counter(
             "ringserve_kv_store_blocks_read",
             unit="{block}",
-            description="blocks asked of the block store by result: hit (Redis), hot (in-process), miss, corrupt",
+            description="blocks asked of the block store by result: hit (Redis), hot (in-process), miss, corrupt; "
+                        "and node (Redis host:port, or hot:<worker id>)",
         )
         self.throughput = meter.create_histogram(
             "ringserve_kv_store_throughput_bytes_per_second",
@@ -44,6 +48,13 @@ class StoreMetrics:
             description="bytes per second of one store (op=store) or load (op=load) call",
             explicit_bucket_boundaries_advisory=THROUGHPUT_BUCKETS_BPS,
         )
+
+    def lookup(self, hits: int, misses: int, node: str) -> None:
+        """Blocks found / not found on one node (a Redis node's label, or a hot cache's)."""
+        record_kv_lookup(self.lookups, hits, misses, node)
+
+    def blocks(self, result: str, count: int, node: str) -> None:
+        self.blocks_read.add(count, {"result": result, "node": node})
 
 
 class IndexMetrics:

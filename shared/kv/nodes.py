@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -34,6 +34,7 @@ T = TypeVar("T")
 # Errors that mean "the node is unreachable", as opposed to a bug in the command.
 UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 STALE_CONNECTION_RETRIES = 1
+DEFAULT_REDIS_PORT = 6379
 
 
 @dataclass
@@ -62,6 +63,25 @@ def redact(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname}:{parts.port}").geturl()
 
 
+def node_label(url: str) -> str:
+    """A node's name in metrics: `host:port` of its URL (`/db` appended when the database is not 0,
+    so two databases of one server stay apart); a unix socket's path. Never a user or password."""
+    parts = urlsplit(url)
+    query_db = parse_qs(parts.query).get("db", ["0"])[0]
+    if parts.scheme == "unix":
+        return parts.path if query_db in ("", "0") else f"{parts.path}/{query_db}"
+    host = parts.hostname or "localhost"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        port = parts.port or DEFAULT_REDIS_PORT
+    except ValueError:
+        port = DEFAULT_REDIS_PORT
+    db = parts.path.strip("/") or query_db
+    where = f"{host}:{port}"
+    return where if db in ("", "0") else f"{where}/{db}"
+
+
 class RedisNodes:
     """One asyncio Redis client per node URL, the hash ring over them, and outage handling."""
 
@@ -72,6 +92,8 @@ class RedisNodes:
             raise ValueError("at least one Redis URL is needed")
         self.urls = urls
         self.ring = HashRing(urls)
+        # Node i's metric label (its URL, which the ring hashes, may carry a password).
+        self.labels = [node_label(url) for url in urls]
         self.retry_s = retry_s
         # A blocking pool: callers beyond `max_connections` wait for a free connection instead of failing.
         self.clients = [

@@ -49,10 +49,12 @@ PutItem = tuple[int, BlockRef, Tensor, Tensor]  # (layer, ref, k [b, kv_heads, d
 
 
 class KVBlockStore:
-    def __init__(self, settings: Settings, meter: Meter | None = None):
+    def __init__(self, settings: Settings, meter: Meter | None = None, hot_node: str = "hot"):
+        """`hot_node`: the metrics' `node` label of this process's hot cache (a worker: `hot:<its id>`)."""
         self.settings = settings
         self.nodes = RedisNodes.from_settings(settings)
         self.hot = HotCache(settings.kv_hot_cache_bytes)
+        self.hot_node = hot_node
         self.metrics = StoreMetrics(meter)
         self._io = asyncio.Semaphore(settings.kv_io_concurrency)
 
@@ -152,23 +154,40 @@ class KVBlockStore:
         if corrupt:
             await self._drop(corrupt)
 
+        self._record_reads(len(hot), len(remote), [(node, batch) for (node, _), batch in zip(batches, loaded)])
         read_bytes = sum(batch.nbytes for batch in loaded)
-        hits = len(out) - len(hot)
-        self.metrics.blocks_read.add(len(hot), {"result": "hot"})
-        self.metrics.blocks_read.add(hits, {"result": "hit"})
-        self.metrics.blocks_read.add(len(remote) - hits - len(corrupt), {"result": "miss"})
-        self.metrics.blocks_read.add(len(corrupt), {"result": "corrupt"})
         if read_bytes:
             self.metrics.bytes_read.add(read_bytes, {"quant": quant})
             rate = read_bytes / max(time.perf_counter() - started, MIN_SECONDS)
             self.metrics.throughput.record(rate, {"op": "load", "quant": quant})
         return out
 
+    def _record_reads(self, hot: int, remote: int, loaded: list[tuple[int, "_LoadedBatch"]]) -> None:
+        """Block outcomes and hits/misses per node: the hot cache (when it is on: every block asked
+        of it), then each Redis node (the blocks it was asked for; corrupt ones count as misses)."""
+        if self.hot.max_bytes > 0:
+            self.metrics.lookup(hot, remote, self.hot_node)
+            self.metrics.blocks("hot", hot, self.hot_node)
+        per_node: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # asked, hit, corrupt
+        for node, batch in loaded:
+            counts = per_node[node]
+            counts[0] += batch.asked
+            counts[1] += len(batch.tensors)
+            counts[2] += len(batch.corrupt)
+        for node, (asked, hit, corrupt) in per_node.items():
+            label = self.nodes.labels[node]
+            self.metrics.lookup(hit, asked - hit, label)
+            self.metrics.blocks("hit", hit, label)
+            self.metrics.blocks("miss", asked - hit - corrupt, label)
+            self.metrics.blocks("corrupt", corrupt, label)
+
     async def _load(
         self, node: int, batch: list[tuple[Slot, str]], dtype: torch.dtype, device: torch.device | str
     ) -> "_LoadedBatch":
         fetched = await self._read(node, batch)
-        return await asyncio.to_thread(_decode_batch, fetched, dtype, device)
+        loaded = await asyncio.to_thread(_decode_batch, fetched, dtype, device)
+        loaded.asked = len(batch)  # fetched is empty when the node is unreachable: all misses
+        return loaded
 
     async def _read(self, node: int, batch: list[tuple[Slot, str]]) -> list[tuple[Slot, str, bytes | None]]:
         ttl = self.settings.kv_ttl_s
@@ -225,6 +244,7 @@ class _LoadedBatch:
     blocks: dict[str, QuantizedKV]  # by key, for the hot cache
     corrupt: list[str]  # keys of blocks that failed to decode
     nbytes: int  # bytes received
+    asked: int = 0  # blocks asked of the node
 
 
 def _decode_batch(

@@ -185,7 +185,46 @@ async def test_metrics_report_bytes_blocks_and_throughput(servers, dbs):
     assert [p.value for p in points["ringserve_kv_store_read_bytes"]] == [written * 2 // 3]  # int8 blocks: equal sizes
     blocks = {p.attributes["result"]: p.value for p in points["ringserve_kv_store_blocks_read"]}
     assert blocks["hit"] == 2 and blocks["miss"] == 1 and blocks.get("corrupt", 0) == 0
+    node = f"127.0.0.1:{servers.redis_port}/{FIRST_DB}"  # the URL's host:port (and database), no scheme
+    assert {p.attributes["node"] for p in points["ringserve_kv_store_blocks_read"]} == {node}
+    lookups = {(p.attributes["node"], p.attributes["result"]): p.value for p in points["ringserve_kv_cache_lookups"]}
+    assert lookups == {(node, "hit"): 2, (node, "miss"): 1}  # the hot cache is off: not counted
     assert {p.attributes["op"]: p.count for p in points["ringserve_kv_store_throughput_bytes_per_second"]} == {
         "store": 1, "load": 1}
     await store.close()
+    provider.shutdown()
+
+
+async def test_block_reads_count_hits_and_misses_per_redis_node_and_hot_cache(servers, dbs):
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meter = provider.get_meter("test")
+    urls = [_url(servers, FIRST_DB), _url(servers, SECOND_DB)]
+    settings = _settings(",".join(urls)).model_copy(update={"kv_hot_cache_bytes": 1 << 20})
+    warm = KVBlockStore(settings, meter=meter, hot_node="hot:w-warm")
+    refs = block_chain(MODEL, list(range(10 * BLOCK)), BLOCK)
+    await warm.put_blocks(_items(refs, layers=1), MODEL, "int8")
+    assert len(await warm.get_blocks(MODEL, refs, [0], "int8", torch.float32, "cpu")) == 10  # all hot
+    keys = [warm.key(MODEL, 0, ref, "int8") for ref in refs]
+    ring = HashRing(urls)
+    await dbs[ring.node_for(keys[3])].delete(keys[3])
+    cold = KVBlockStore(settings, meter=meter, hot_node="hot:w-cold")  # an empty hot cache: all from Redis
+    assert len(await cold.get_blocks(MODEL, refs, [0], "int8", torch.float32, "cpu")) == 9
+
+    points = {m.name: list(m.data.data_points) for rm in reader.get_metrics_data().resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics}
+    lookups = {(p.attributes["node"], p.attributes["result"]): p.value for p in points["ringserve_kv_cache_lookups"]}
+    labels = [f"127.0.0.1:{servers.redis_port}/{db}" for db in (FIRST_DB, SECOND_DB)]
+    want = {("hot:w-warm", "hit"): 10, ("hot:w-cold", "miss"): 10}
+    for node, label in enumerate(labels):
+        asked = sum(ring.node_for(k) == node for k in keys)
+        missed = int(ring.node_for(keys[3]) == node)
+        want.update({(label, "hit"): asked - missed, (label, "miss"): missed})
+    assert lookups == {k: v for k, v in want.items() if v}
+    hot = {p.attributes["node"]: p.value for p in points["ringserve_kv_store_blocks_read"]
+           if p.attributes["result"] == "hot"}
+    assert hot == {"hot:w-warm": 10, "hot:w-cold": 0}
+    assert not any("redis://" in node for node, _ in lookups)
+    await warm.close()
+    await cold.close()
     provider.shutdown()

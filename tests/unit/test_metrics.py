@@ -19,10 +19,10 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def recorded():
+def meter_points():
+    """A meter and a reader of the points recorded through it."""
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    metrics = RingserveMetrics(provider.get_meter("test"))
 
     def points(name: str) -> list:
         """Data points of metric `name` at this moment (each call collects anew)."""
@@ -34,8 +34,14 @@ def recorded():
                         return list(metric.data.data_points)
         return []
 
-    yield metrics, points
+    yield provider.get_meter("test"), points
     provider.shutdown()
+
+
+@pytest.fixture
+def recorded(meter_points):
+    meter, points = meter_points
+    return RingserveMetrics(meter), points
 
 
 def by_attrs(points: list, key: str) -> dict:
@@ -137,3 +143,39 @@ def test_process_rss_follows_allocations():
     grown = process_rss_bytes() - before
     del block
     assert grown > 48 * MIB
+
+
+def test_block_store_lookups_share_the_series_per_node(meter_points):
+    """The worker's block reads land in ringserve_kv_cache_lookups next to the kvstore's `index`
+    lookups, one `node` per Redis node and per hot cache; block outcomes carry the node too."""
+    from shared.kv.metrics import StoreMetrics
+
+    meter, points = meter_points
+    metrics, store = RingserveMetrics(meter), StoreMetrics(meter)  # as in a worker: both on one meter
+    metrics.record_kv_lookup(hits=2, misses=1, node="index")
+    store.lookup(hits=3, misses=0, node="10.0.0.1:6379")
+    store.lookup(hits=0, misses=4, node="10.0.0.2:6380/1")
+    store.lookup(hits=5, misses=7, node="hot:w-1")
+    store.blocks("hit", 3, "10.0.0.1:6379")
+    store.blocks("hot", 5, "hot:w-1")
+    counts = {(p.attributes["node"], p.attributes["result"]): p.value for p in points("ringserve_kv_cache_lookups")}
+    assert counts == {("index", "hit"): 2, ("index", "miss"): 1, ("10.0.0.1:6379", "hit"): 3,
+                      ("10.0.0.2:6380/1", "miss"): 4, ("hot:w-1", "hit"): 5, ("hot:w-1", "miss"): 7}
+    blocks = {(p.attributes["node"], p.attributes["result"]): p.value for p in points("ringserve_kv_store_blocks_read")}
+    assert blocks == {("10.0.0.1:6379", "hit"): 3, ("hot:w-1", "hot"): 5}
+
+
+@pytest.mark.parametrize("url, label", [
+    ("redis://127.0.0.1:6379/0", "127.0.0.1:6379"),
+    ("redis://redis-a", "redis-a:6379"),
+    ("redis://:s3cret@redis-b:7000/0", "redis-b:7000"),
+    ("rediss://user:s3cret@redis-c:6380/2", "redis-c:6380/2"),
+    ("redis://[::1]:6379", "[::1]:6379"),
+    ("unix:///run/redis.sock?db=3", "/run/redis.sock/3"),
+])
+def test_redis_node_label_is_host_port_without_credentials(url, label):
+    from shared.kv.nodes import RedisNodes, node_label
+
+    assert node_label(url) == label
+    nodes = RedisNodes([url], timeout_s=1.0, retry_s=1.0, max_connections=1)
+    assert nodes.labels == [label] and "s3cret" not in nodes.labels[0]

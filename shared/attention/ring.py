@@ -114,6 +114,19 @@ def ring_attention(
     return acc_out, acc_lse
 
 
+def ring_any(flag: bool, group: dist.ProcessGroup, device: torch.device | str = "cpu") -> bool:
+    """Whether `flag` is set on any member of `group`: one all_reduce(MAX) of a one-element tensor.
+
+    Every member of the group must call it at the same point of its work (a collective); it is
+    how a ring agrees to stop together (prefill abort at a layer boundary) instead of leaving the
+    members that did not see the flag blocked in a transfer. `group` must hold exactly the ring's
+    ranks (other world ranks may be busy elsewhere); `device` is where the backend reduces
+    (CUDA for NCCL, CPU for gloo)."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
 def _fold_block(
     acc_out: torch.Tensor,
     acc_lse: torch.Tensor,

@@ -71,9 +71,14 @@ class RingGroups:
 
     gloo does point-to-point on the world group; NCCL needs a group whose first operation
     involves all of its ranks, so each ring gets its own (cached for the world's generation).
+
     Collectives (the prefill abort agreement) need a group of exactly the ring's ranks on either
-    backend: NCCL's ring group, or on gloo one more group made for them (with `timeout`, the
-    world's distributed timeout, so a dead peer ends the wait as it ends a transfer)."""
+    backend: NCCL's ring group, or on gloo a ProcessGroupGloo made directly over the world's
+    store, outside c10d's registry. Not `dist.new_group(..., use_local_synchronization=True)`:
+    it names the group by its ranks *and the number of groups this process already has*, so
+    members that were in different earlier rings would wait under different names until the
+    timeout. It gets `timeout` (the world's distributed timeout): a dead peer ends the wait as
+    it ends a transfer."""
 
     def __init__(self, timeout: datetime.timedelta | None = None) -> None:
         self.timeout = timeout
@@ -83,22 +88,30 @@ class RingGroups:
     def get(self, plan: RingPlan) -> dist.ProcessGroup | None:
         if plan.size == 1 or dist.get_backend() != "nccl":
             return None
-        return self._group(plan, "ring", None)
+        return self._cached(plan, "ring", lambda ranks: dist.new_group(list(ranks), use_local_synchronization=True))
 
     def agreement(self, plan: RingPlan) -> dist.ProcessGroup:
         """The group the ring's members run collectives on (a ring of more than one member)."""
         if plan.size == 1:
             raise ValueError("a ring of one agrees with itself")
         if dist.get_backend() == "nccl":
-            return self._group(plan, "ring", None)
-        return self._group(plan, "agree", self.timeout)
+            return self.get(plan)
+        return self._cached(plan, "agree", self._gloo_group)
 
-    def _group(self, plan: RingPlan, kind: str, timeout: datetime.timedelta | None) -> dist.ProcessGroup:
+    def _gloo_group(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
+        # The default store is this generation's (world.py prefixes it per generation), so one
+        # ring's key is unique for as long as its group is cached.
+        store = dist.PrefixStore(f"ringserve/agree/{'-'.join(map(str, ranks))}",
+                                 dist.distributed_c10d._get_default_store())
+        timeout = self.timeout or datetime.timedelta(minutes=30)  # torch's gloo default
+        return dist.ProcessGroupGloo(store, ranks.index(dist.get_rank()), len(ranks), timeout)
+
+    def _cached(self, plan: RingPlan, kind: str, make) -> dist.ProcessGroup:
         if plan.world_generation != self._generation:
             self._generation, self._groups = plan.world_generation, {}
         key = (kind, tuple(plan.world_ranks))
         if key not in self._groups:
-            self._groups[key] = dist.new_group(list(key[1]), use_local_synchronization=True, timeout=timeout)
+            self._groups[key] = make(key[1])
         return self._groups[key]
 
 

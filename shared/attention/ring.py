@@ -119,11 +119,14 @@ def ring_any(flag: bool, group: dist.ProcessGroup, device: torch.device | str = 
 
     Every member of the group must call it at the same point of its work (a collective); it is
     how a ring agrees to stop together (prefill abort at a layer boundary) instead of leaving the
-    members that did not see the flag blocked in a transfer. `group` must hold exactly the ring's
-    ranks (other world ranks may be busy elsewhere); `device` is where the backend reduces
-    (CUDA for NCCL, CPU for gloo)."""
+    members that did not see the flag blocked in a transfer. `group` is a process group of
+    exactly the ring's ranks (other world ranks may be busy elsewhere), registered with c10d or
+    not: the backend's own allreduce is called. `device` is where the backend reduces (CUDA for
+    NCCL, CPU for gloo)."""
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX
+    group.allreduce([value], opts).wait()
     return bool(value.item())
 
 

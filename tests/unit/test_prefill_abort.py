@@ -219,8 +219,9 @@ def test_a_single_worker_prefill_stops_at_the_layer_boundary_and_keeps_nothing(l
     assert again.ok and (again.token_id, again.logprob) == (fresh.token_id, fresh.logprob)
 
 
-# A world of 3 ranks; the ring is ranks [2, 0] (rank 1 is busy elsewhere and takes no part).
-RING = [2, 0]
+# A world of 3 ranks. First the ring [2, 0] (rank 1 is busy elsewhere and takes no part), then
+# all three in another order: members that were in different earlier rings must still meet.
+RINGS = [[2, 0], [1, 2, 0]]
 
 
 def run_ring_rank(rank: int, world_size: int, store_path: str) -> None:
@@ -229,35 +230,39 @@ def run_ring_rank(rank: int, world_size: int, store_path: str) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=DIST_TIMEOUT_S))
     try:
-        if rank in RING:
-            check_ring_abort(rank)
-        dist.barrier()
+        engine = WorkerEngine(tiny_model("default"), torch.device("cpu"), torch.float32,
+                              dist_timeout_s=DIST_TIMEOUT_S)
+        for n, ring in enumerate(RINGS):
+            if rank in ring:
+                check_ring_abort(engine, ring, rank, f"r{n}")
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def check_ring_abort(rank: int) -> None:
-    engine = WorkerEngine(tiny_model("default"), torch.device("cpu"), torch.float32, dist_timeout_s=DIST_TIMEOUT_S)
-    member = RING.index(rank)
-    plan = ring_plan(2).model_copy(update={"world_ranks": RING})
-    # Only member 1 is told, before layer 1 (its abort raced the other's): both stop there.
-    should_abort, _ = abort_before(1, here=member == 1)
+def check_ring_abort(engine: WorkerEngine, ring: list[int], rank: int, rid: str) -> None:
+    member = ring.index(rank)
+    plan = ring_plan(len(ring), request_id=rid).model_copy(update={"world_ranks": ring})
+    # Only the last member is told, before layer 1 (its abort raced the others'): all stop there.
+    told = member == len(ring) - 1
+    should_abort, _ = abort_before(1, here=told)
     try:
         engine.prefill(prefill_cmd(plan, member), should_abort=should_abort)
     except PrefillAborted as exc:
-        assert (exc.layer, exc.layers, exc.requested_here) == (1, LAYERS, member == 1), (rank, exc)
+        assert (exc.layer, exc.layers, exc.requested_here) == (1, LAYERS, told), (rank, exc)
     else:
         raise AssertionError(f"rank {rank}: the prefill was not aborted")
-    assert engine.requests == {}
+    assert rid not in engine.requests
     # The ring is usable at once: the same prompt again, nobody aborting, equals a ring of one.
-    again = plan.model_copy(update={"request_id": "r2"})
+    again = plan.model_copy(update={"request_id": f"{rid}-again"})
     result = engine.prefill(prefill_cmd(again, member), should_abort=lambda: False)
-    assert result.ok and engine.requests["r2"].kv.tokens == len(prefill_cmd(plan, member).input_ids)
+    assert result.ok and engine.requests[again.request_id].kv.tokens == len(prefill_cmd(plan, member).input_ids)
     if member == plan.leader():
         alone = WorkerEngine(tiny_model("default"), torch.device("cpu"), torch.float32)
         reference = alone.prefill(prefill_cmd(ring_plan(1), 0))
         assert result.token_id == reference.token_id, (result, reference)
         assert result.logprob == pytest.approx(reference.logprob, abs=1e-5)
+    engine.release(again.request_id)
 
 
 def test_ring_members_agree_to_stop_at_the_same_layer_and_stay_usable(tmp_path):

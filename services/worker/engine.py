@@ -77,7 +77,8 @@ class RingGroups:
     store, outside c10d's registry. Not `dist.new_group(..., use_local_synchronization=True)`:
     it names the group by its ranks *and the number of groups this process already has*, so
     members that were in different earlier rings would wait under different names until the
-    timeout. It gets `timeout` (the world's distributed timeout): a dead peer ends the wait as
+    timeout (NCCL's ring group is still made that way, and untested across rings of different
+    members on GPUs). It gets `timeout` (the world's distributed timeout): a dead peer ends the wait as
     it ends a transfer."""
 
     def __init__(self, timeout: datetime.timedelta | None = None) -> None:

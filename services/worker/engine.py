@@ -67,53 +67,43 @@ def causal_block_sparsity(q_segments: list[tuple[int, int]], kv_segments: list[l
 
 
 class RingGroups:
-    """Process groups of exactly a ring's ranks, made on first use by the ring's members alone.
+    """The process groups a ring uses.
 
-    gloo does point-to-point on the world group; NCCL needs a group whose first operation
-    involves all of its ranks, so each ring gets its own (cached for the world's generation).
+    Point-to-point transfers (ring attention, collective decode fusion) run on the world group:
+    on NCCL its communicator is made eagerly when the world forms (world.py), with every member
+    taking part, so any subset of ranks may then exchange blocks while the others are busy
+    elsewhere. No per-ring NCCL group is made: c10d names a new group by its ranks *and the
+    number of groups the process already has*, so members whose earlier rings differed would
+    wait under different names until the timeout.
 
-    Collectives (the prefill abort agreement) need a group of exactly the ring's ranks on either
-    backend: NCCL's ring group, or on gloo a ProcessGroupGloo made directly over the world's
-    store, outside c10d's registry. Not `dist.new_group(..., use_local_synchronization=True)`:
-    it names the group by its ranks *and the number of groups this process already has*, so
-    members that were in different earlier rings would wait under different names until the
-    timeout (NCCL's ring group is still made that way, and untested across rings of different
-    members on GPUs). It gets `timeout` (the world's distributed timeout): a dead peer ends the wait as
-    it ends a transfer."""
+    Collectives over the ring alone (the prefill abort agreement) run on a gloo group of
+    exactly the ring's ranks, made directly over the world's store outside c10d's registry,
+    on CPU flags, whatever the world's backend; cached for the world's generation (the store
+    is the generation's, so its keys are never reused). It gets `timeout` (the world's
+    distributed timeout): a dead peer ends the wait as it ends a transfer."""
 
     def __init__(self, timeout: datetime.timedelta | None = None) -> None:
         self.timeout = timeout
         self._generation = -1
-        self._groups: dict[tuple[str, tuple[int, ...]], dist.ProcessGroup] = {}
+        self._agreement: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
     def get(self, plan: RingPlan) -> dist.ProcessGroup | None:
-        if plan.size == 1 or dist.get_backend() != "nccl":
-            return None
-        return self._cached(plan, "ring", lambda ranks: dist.new_group(list(ranks), use_local_synchronization=True))
+        """The group of the ring's point-to-point transfers: the world's (None)."""
+        return None
 
     def agreement(self, plan: RingPlan) -> dist.ProcessGroup:
-        """The group the ring's members run collectives on (a ring of more than one member)."""
+        """The gloo group the ring's members run collectives on (a ring of more than one member)."""
         if plan.size == 1:
             raise ValueError("a ring of one agrees with itself")
-        if dist.get_backend() == "nccl":
-            return self.get(plan)
-        return self._cached(plan, "agree", self._gloo_group)
-
-    def _gloo_group(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
-        # The default store is this generation's (world.py prefixes it per generation), so one
-        # ring's key is unique for as long as its group is cached.
-        store = dist.PrefixStore(f"ringserve/agree/{'-'.join(map(str, ranks))}",
-                                 dist.distributed_c10d._get_default_store())
-        timeout = self.timeout or datetime.timedelta(minutes=30)  # torch's gloo default
-        return dist.ProcessGroupGloo(store, ranks.index(dist.get_rank()), len(ranks), timeout)
-
-    def _cached(self, plan: RingPlan, kind: str, make) -> dist.ProcessGroup:
         if plan.world_generation != self._generation:
-            self._generation, self._groups = plan.world_generation, {}
-        key = (kind, tuple(plan.world_ranks))
-        if key not in self._groups:
-            self._groups[key] = make(key[1])
-        return self._groups[key]
+            self._generation, self._agreement = plan.world_generation, {}
+        ranks = tuple(plan.world_ranks)
+        if ranks not in self._agreement:
+            store = dist.PrefixStore(f"ringserve/agree/{'-'.join(map(str, ranks))}",
+                                     dist.distributed_c10d._get_default_store())
+            timeout = self.timeout or datetime.timedelta(minutes=30)  # torch's gloo default
+            self._agreement[ranks] = dist.ProcessGroupGloo(store, ranks.index(dist.get_rank()), len(ranks), timeout)
+        return self._agreement[ranks]
 
 
 def ring_ranks(plan: RingPlan) -> list[int]:
@@ -208,8 +198,7 @@ class WorkerEngine:
 
     def _ring_aborts(self, plan: RingPlan, here: bool) -> bool:
         """Whether any member of the ring was told to abort (every member asks at the same layer)."""
-        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        return ring_any(here, self.groups.agreement(plan), device)
+        return ring_any(here, self.groups.agreement(plan), torch.device("cpu"))
 
     def kv_reusable(self, seq_len: int) -> bool:
         """Whether K/V computed in a sequence of `seq_len` tokens hold in any other sequence: true

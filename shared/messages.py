@@ -330,6 +330,9 @@ class PrefillResult(_Internal):
     kv_tokens: int = 0
     # prompt positions of this member whose K/V came from the KV store (0 when its load missed)
     cached_tokens: int = 0
+    # ok=False because the prefill was aborted (`AbortCommand`: the client cancelled the request),
+    # not because it failed; the scheduler ends the request with finish_reason `cancelled`
+    cancelled: bool = False
 
 
 class DecodeStep(_Internal):
@@ -354,6 +357,13 @@ class DecodeResult(_Internal):
 
 
 class ReleaseCommand(_Internal):
+    request_id: str
+
+
+class AbortCommand(_Internal):
+    """Scheduler -> every ring member of a request being prefilled: the client cancelled it. The
+    members stop together at a layer boundary and answer the prefill with `cancelled`."""
+
     request_id: str
 
 

@@ -18,7 +18,7 @@ def heartbeat(service: str, instance: str) -> str:
 
 
 def worker_inbox(worker_id: str, verb: str) -> str:
-    """Commands addressed to one worker: prefill, decode, release, cancel."""
+    """Commands addressed to one worker: prefill, decode, release, abort (a prefill cancelled)."""
     return f"{_INTERNAL}.worker.{worker_id}.{verb}"
 
 

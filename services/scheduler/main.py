@@ -17,6 +17,7 @@ from shared.bus import BusError, PayloadTooLarge
 from shared.checkpoint import resolve_checkpoint
 from shared.kv.client import KVIndexClient
 from shared.messages import (
+    AbortCommand,
     CancelReply,
     CancelRequest,
     DecodeResult,
@@ -90,6 +91,9 @@ class BusWorkerPort:
 
     async def release(self, worker_id: str, request_id: str) -> None:
         await self.bus.publish(subjects.worker_inbox(worker_id, "release"), ReleaseCommand(request_id=request_id))
+
+    async def abort(self, worker_id: str, request_id: str) -> None:
+        await self.bus.publish(subjects.worker_inbox(worker_id, "abort"), AbortCommand(request_id=request_id))
 
 
 class SchedulerApp(ServiceApp):
@@ -241,9 +245,10 @@ class SchedulerApp(ServiceApp):
             await asyncio.sleep(CANCEL_NOT_OWNER_DELAY_S)
             await self._respond(msg, CancelReply(request_id=req.request_id, cancelled=False), content_type)
             return
-        runner.s.cancelled = True
+        # Decode stops before its next step; a prefill under way is aborted on its ring members.
+        aborting = await runner.cancel()
         with trace.use_span(runner.span, end_on_exit=False):
-            log.info("request_cancelled", request_id=req.request_id)
+            log.info("request_cancelled", request_id=req.request_id, prefill_aborted=aborting)
         await self._respond(msg, CancelReply(request_id=req.request_id, cancelled=True), content_type)
 
     # ------------------------------------------------------------------------------ generate
@@ -356,7 +361,8 @@ class SchedulerApp(ServiceApp):
                 self.runners.pop(request_id, None)
                 if progress_sub is not None:
                     await progress_sub.unsubscribe()
-        self.metrics.record_ttft(reply.timings.ttft_ms)
+        if reply.output_ids:  # a request cancelled during its prefill has no first token
+            self.metrics.record_ttft(reply.timings.ttft_ms)
         if len(reply.output_ids) > 1:
             self.metrics.record_time_per_output_token(
                 (reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))

@@ -45,6 +45,7 @@ class WorkerPort(Protocol):
     async def prefill(self, worker_id: str, cmd: PrefillCommand) -> PrefillResult: ...
     async def decode(self, worker_id: str, step: DecodeStep) -> DecodeResult: ...
     async def release(self, worker_id: str, request_id: str) -> None: ...
+    async def abort(self, worker_id: str, request_id: str) -> None: ...
 
 
 log = structlog.get_logger("scheduler")
@@ -91,6 +92,18 @@ class RequestRunner:
         self.task: asyncio.Task | None = None  # set by the scheduler; cancelled when a ring member dies
         self.lost_workers: list[str] = []
         self.span: trace.Span = trace.INVALID_SPAN  # the request's root span, set by the scheduler
+        self.prefilling = False  # the prefill commands are out and not all answered
+
+    async def cancel(self) -> bool:
+        """The client cancelled the request. Decode stops before its next step; a prefill under
+        way is aborted on every ring member (they stop together at a layer boundary and answer
+        `cancelled`). True when the prefill was told to abort."""
+        s = self.s
+        s.cancelled = True
+        if not self.prefilling or s.plan is None:
+            return False
+        await asyncio.gather(*(self.port.abort(w, s.request_id) for w in s.plan.workers), return_exceptions=True)
+        return True
 
     async def run(self, plan: RingPlan) -> GenerateReply:
         s = self.s
@@ -131,13 +144,23 @@ class RequestRunner:
                            cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]))
             for m in range(plan.size)
         ]
-        with tracer.start_as_current_span("scheduler.prefill", attributes={
-                "request_id": s.request_id, "ring.size": plan.size, "prompt_tokens": len(s.prompt_ids)}):
-            log.info("prefill_started", request_id=s.request_id, workers=len(plan.workers),
-                     prompt_tokens=len(s.prompt_ids), cached_tokens=self.cached_tokens)
-            results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
-        self._check(results)
+        if s.cancelled:  # before its prefill was sent: no worker has heard of it
+            return "cancelled"
+        self.prefilling = True
+        try:
+            with tracer.start_as_current_span("scheduler.prefill", attributes={
+                    "request_id": s.request_id, "ring.size": plan.size, "prompt_tokens": len(s.prompt_ids)}) as span:
+                log.info("prefill_started", request_id=s.request_id, workers=len(plan.workers),
+                         prompt_tokens=len(s.prompt_ids), cached_tokens=self.cached_tokens)
+                results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
+                aborted = prefill_aborted(results, s.cancelled)
+                span.set_attribute("prefill.aborted", aborted)
+        finally:
+            self.prefilling = False
         self.cached_tokens = sum(r.cached_tokens for r in results)
+        if aborted:  # the members stopped together and kept nothing: no token, nothing to decode
+            return "cancelled"
+        self._check(results)
         leader = plan.leader()
         token, logprob = results[leader].token_id, results[leader].logprob
         held = member_tokens(plan)
@@ -184,6 +207,13 @@ class RequestRunner:
             if not r.ok:
                 code = r.error_code or ErrorCode.INTERNAL
                 raise ApiError(code, f"worker failed: {r.error}", self.s.request_id)
+
+
+def prefill_aborted(results: list[PrefillResult], cancelled: bool) -> bool:
+    """Whether a prefill ended because the client cancelled it: some member answered `cancelled`
+    (on a ring all do, at the same layer) and the request was indeed cancelled. A `cancelled`
+    answer the client never asked for is an error like any other failed member."""
+    return cancelled and any(r.cancelled for r in results)
 
 
 def done_event(reply: GenerateReply) -> DoneEvent:

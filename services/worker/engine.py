@@ -9,6 +9,7 @@ math stays the real one:
 
 from __future__ import annotations
 
+import datetime
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from shared.attention.decode import collective_merge, decode_partial, key_attention_mass
-from shared.attention.ring import RingStep, ring_attention
+from shared.attention.ring import RingStep, ring_any, ring_attention
 from shared.messages import (
     DecodeResult,
     DecodeStep,
@@ -37,6 +38,18 @@ from services.worker.prefix import CachedRows, clip_runs, row_of
 FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
 ProgressFn = Callable[[int], None]  # layers done
 RingStepFn = Callable[[int, RingStep], None]  # (layer, what the ring step did)
+AbortFn = Callable[[], bool]  # whether this member was told to abort the prefill (thread-safe)
+
+
+class PrefillAborted(Exception):
+    """A prefill stopped at a layer boundary because it was aborted; on a ring every member
+    stops at the same `layer` (`layers` done), its partial K/V dropped."""
+
+    def __init__(self, layer: int, layers: int, requested_here: bool):
+        super().__init__(f"prefill cancelled before layer {layer} of {layers}")
+        self.layer = layer
+        self.layers = layers
+        self.requested_here = requested_here  # this member saw the abort (else a peer did)
 
 
 def segment_positions(segments: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
@@ -54,24 +67,43 @@ def causal_block_sparsity(q_segments: list[tuple[int, int]], kv_segments: list[l
 
 
 class RingGroups:
-    """Process groups of exactly a ring's ranks, made on first use by the ring's members alone.
+    """The process groups a ring uses.
 
-    gloo does point-to-point on the world group; NCCL needs a group whose first operation
-    involves all of its ranks, so each ring gets its own (cached for the world's generation)."""
+    Point-to-point transfers (ring attention, collective decode fusion) run on the world group:
+    on NCCL its communicator is made eagerly when the world forms (world.py), with every member
+    taking part, so any subset of ranks may then exchange blocks while the others are busy
+    elsewhere. No per-ring NCCL group is made: c10d names a new group by its ranks *and the
+    number of groups the process already has*, so members whose earlier rings differed would
+    wait under different names until the timeout.
 
-    def __init__(self) -> None:
+    Collectives over the ring alone (the prefill abort agreement) run on a gloo group of
+    exactly the ring's ranks, made directly over the world's store outside c10d's registry,
+    on CPU flags, whatever the world's backend; cached for the world's generation (the store
+    is the generation's, so its keys are never reused). It gets `timeout` (the world's
+    distributed timeout): a dead peer ends the wait as it ends a transfer."""
+
+    def __init__(self, timeout: datetime.timedelta | None = None) -> None:
+        self.timeout = timeout
         self._generation = -1
-        self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        self._agreement: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
     def get(self, plan: RingPlan) -> dist.ProcessGroup | None:
-        if plan.size == 1 or dist.get_backend() != "nccl":
-            return None
+        """The group of the ring's point-to-point transfers: the world's (None)."""
+        return None
+
+    def agreement(self, plan: RingPlan) -> dist.ProcessGroup:
+        """The gloo group the ring's members run collectives on (a ring of more than one member)."""
+        if plan.size == 1:
+            raise ValueError("a ring of one agrees with itself")
         if plan.world_generation != self._generation:
-            self._generation, self._groups = plan.world_generation, {}
-        key = tuple(plan.world_ranks)
-        if key not in self._groups:
-            self._groups[key] = dist.new_group(list(key), use_local_synchronization=True)
-        return self._groups[key]
+            self._generation, self._agreement = plan.world_generation, {}
+        ranks = tuple(plan.world_ranks)
+        if ranks not in self._agreement:
+            store = dist.PrefixStore(f"ringserve/agree/{'-'.join(map(str, ranks))}",
+                                     dist.distributed_c10d._get_default_store())
+            timeout = self.timeout or datetime.timedelta(minutes=30)  # torch's gloo default
+            self._agreement[ranks] = dist.ProcessGroupGloo(store, ranks.index(dist.get_rank()), len(ranks), timeout)
+        return self._agreement[ranks]
 
 
 def ring_ranks(plan: RingPlan) -> list[int]:
@@ -92,21 +124,26 @@ class ActiveRequest:
 
 
 class WorkerEngine:
-    def __init__(self, model, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, dist_timeout_s: float | None = None):
         self.model = model
         self.config = model.config
         self.device = device
         self.dtype = dtype
         self.requests: dict[str, ActiveRequest] = {}
-        self.groups = RingGroups()
+        self.groups = RingGroups(None if dist_timeout_s is None else datetime.timedelta(seconds=dist_timeout_s))
 
     # ------------------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, cmd: PrefillCommand, progress: ProgressFn | None = None,
-                cached: CachedRows | None = None, on_ring_step: RingStepFn | None = None) -> PrefillResult:
+                cached: CachedRows | None = None, on_ring_step: RingStepFn | None = None,
+                should_abort: AbortFn | None = None) -> PrefillResult:
         """This member's share of a ring prefill. With `cached`, its positions below `cached.upto`
         are not computed: their K/V rows are the loaded ones, and only the rest go through the
-        layers (as queries; every member still sends all its K/V around the ring)."""
+        layers (as queries; every member still sends all its K/V around the ring).
+
+        With `should_abort`, it is asked before every layer; a ring's members agree on it there
+        (`ring_any`: one tiny all_reduce per layer, so every member must pass it or none) and
+        all raise PrefillAborted before the same layer, nothing kept."""
         plan, member = cmd.plan, cmd.member
         segments = [[(s.start, s.end) for s in member_segments] for member_segments in plan.segments]
         mine = segments[member]
@@ -127,7 +164,14 @@ class WorkerEngine:
 
         h = self.model.embed(ids)  # [t, hidden], computed rows only
         cos, sin = self.model.rope(positions, seq_len=plan.prompt_tokens)
+        layers = len(self.model.layers)
         for i, layer in enumerate(self.model.layers):
+            if should_abort is not None:
+                here = bool(should_abort())
+                # On a ring every member takes part in the agreement, whatever it saw itself.
+                if self._ring_aborts(plan, here) if plan.size > 1 else here:
+                    del kv, h  # the partial K/V go now (the rest with the exception's traceback)
+                    raise PrefillAborted(i, layers, here)
             q, k, v = layer.qkv(h, cos, sin)  # q [t, H, d], k/v [t, KVH, d]
             if cached is not None:
                 kv.layers[i].append(cached.keys[i], cached.values[i])
@@ -151,6 +195,10 @@ class WorkerEngine:
             logits = self.model.logits(h[last_row : last_row + 1])[0]
             result.token_id, result.logprob = sample(logits, cmd.sampling, active.generator)
         return result
+
+    def _ring_aborts(self, plan: RingPlan, here: bool) -> bool:
+        """Whether any member of the ring was told to abort (every member asks at the same layer)."""
+        return ring_any(here, self.groups.agreement(plan), torch.device("cpu"))
 
     def kv_reusable(self, seq_len: int) -> bool:
         """Whether K/V computed in a sequence of `seq_len` tokens hold in any other sequence: true

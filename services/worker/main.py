@@ -31,6 +31,7 @@ from shared.kv.client import KVIndexClient
 from shared.kv.shards import ShardStore
 from shared.kv.store import KVBlockStore
 from shared.messages import (
+    AbortCommand,
     DecodeResult,
     DecodeStep,
     ErrorCode,
@@ -50,8 +51,9 @@ from shared.messages import (
 from shared.metrics import RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
 from shared.settings import Settings
+from services.worker.aborts import AbortFlags
 from services.worker.capacity import free_device_bytes, kv_capacity_tokens
-from services.worker.engine import WorkerEngine, causal_block_sparsity
+from services.worker.engine import PrefillAborted, WorkerEngine, causal_block_sparsity
 from services.worker.kv_cache import RequestKV
 from services.worker.prefix import CachedRows, PrefixCache, block_masses
 from services.worker.shard_persist import ShardPersister
@@ -80,7 +82,7 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo]:
         dtype=settings.torch_dtype_name,
         sliding_window=cfg.sliding_window,
     )
-    return WorkerEngine(model, device, dtype), info
+    return WorkerEngine(model, device, dtype, dist_timeout_s=settings.dist_timeout_s), info
 
 
 class WorkerApp(ServiceApp):
@@ -99,6 +101,9 @@ class WorkerApp(ServiceApp):
         self._busy = 0
         self._newest_world = 0
         self._background: set[asyncio.Task] = set()  # prefix stores, kept referenced until done
+        # Prefills the scheduler told this worker to abort (set on the loop, read in the compute
+        # thread); no prefill outlives the scheduler's request timeout, nor needs an abort longer.
+        self.aborts = AbortFlags(ttl_s=settings.request_timeout_s * 2)
         # H2O importance of stored blocks is measured on every N-th decode step (0: off)
         self._importance_every = settings.kv_importance_every if settings.kv_store_enabled else 0
 
@@ -122,6 +127,7 @@ class WorkerApp(ServiceApp):
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "prefill"), self._on_prefill)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "decode"), self._on_decode)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "release"), self._on_release)
+        await bus.subscribe(subjects.worker_inbox(self.worker_id, "abort"), self._on_abort)
         await bus.subscribe(subjects.WORLD_FORM, self._on_world_form)
         self._decoder = asyncio.create_task(self._decode_loop())
         log.info("worker_ready", worker_id=self.worker_id, model=self.model_info.name, store=self.world.store_addr)
@@ -217,14 +223,28 @@ class WorkerApp(ServiceApp):
                      tokens=len(cmd.input_ids), cached_tokens=cmd.cached_tokens)
             t0 = time.perf_counter()
             cached = None
+            ring_steps: list[tuple[int, RingStep]] = []
             try:
                 if cmd.plan.size > 1 and cmd.plan.world_generation != self.world.generation:
                     raise RuntimeError(f"ring formed for world generation {cmd.plan.world_generation}, worker is in {self.world.generation}")
                 cached = await self._load_prefix(cmd)
-                ring_steps: list[tuple[int, RingStep]] = []
+                # Asked before every layer; on a ring the members agree there, so every member
+                # stops at the same layer (or none does) and nobody is left in a transfer.
                 result = await self._run(self.engine.prefill, cmd, progress, cached,
-                                         lambda layer, step: ring_steps.append((layer, step)))
+                                         lambda layer, step: ring_steps.append((layer, step)),
+                                         functools.partial(self.aborts.is_set, rid))
                 self._report_ring_steps(span, ring_steps)
+            except PrefillAborted as exc:
+                self._report_ring_steps(span, ring_steps)
+                self.engine.release(rid)
+                ms = round((time.perf_counter() - t0) * 1000, 2)
+                span.set_attribute("prefill.aborted", True)
+                span.add_event("prefill.aborted", {"layer": exc.layer, "layers": exc.layers,
+                                                   "requested_here": exc.requested_here})
+                log.info("prefill_aborted", request_id=rid, member=cmd.member, ring_size=cmd.plan.size,
+                         layer=exc.layer, layers=exc.layers, requested_here=exc.requested_here, ms=ms)
+                result = PrefillResult(request_id=rid, member=cmd.member, ok=False, cancelled=True, error=str(exc),
+                                       cached_tokens=cached.tokens if cached is not None else 0)
             except Exception as exc:
                 log.exception("prefill_failed", request_id=rid)
                 span.record_exception(exc)
@@ -238,6 +258,7 @@ class WorkerApp(ServiceApp):
                     mine, [[(x.start, x.end) for x in segs] for segs in cmd.plan.segments]))
             log.info("prefill_done", request_id=rid, member=cmd.member, tokens=len(cmd.input_ids),
                      cached=result.cached_tokens, ms=round((time.perf_counter() - t0) * 1000, 2), ok=result.ok)
+        self.aborts.clear(rid)  # whatever the outcome: an abort only ever concerns a running prefill
         await self.rt.bus.reply(msg, result)
         active = self.engine.requests.get(rid) if result.ok else None
         if active is not None:  # absent when a failed ring peer got the request released already
@@ -393,12 +414,24 @@ class WorkerApp(ServiceApp):
                 merged[(item.request_id, item.step, item.layer)] = item
         return [merged[(p.request_id, p.step, p.layer)] for p in partials]
 
+    # ------------------------------------------------------------------------------ abort
+    async def _on_abort(self, msg: Msg) -> None:
+        """The client cancelled a request being prefilled: its prefill stops at the next layer
+        boundary (an abort arriving before the prefill stops it before its first layer)."""
+        try:
+            cmd = codec.decode(msg.data, AbortCommand)
+        except (codec.CodecError, ValidationError):
+            return
+        self.aborts.request(cmd.request_id)
+        log.info("prefill_abort_requested", request_id=cmd.request_id)
+
     # ------------------------------------------------------------------------------ release
     async def _on_release(self, msg: Msg) -> None:
         try:
             cmd = codec.decode(msg.data, ReleaseCommand)
         except (codec.CodecError, ValidationError):
             return
+        self.aborts.clear(cmd.request_id)
         # Released in the compute thread, after any step of this request already queued there.
         released = await self._run(self.engine.release, cmd.request_id)
         if released is not None:

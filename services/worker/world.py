@@ -12,6 +12,7 @@ import datetime
 import threading
 
 import structlog
+import torch
 import torch.distributed as dist
 
 from shared.messages import WorldForm
@@ -52,8 +53,12 @@ class World:
             # destroy resets; after a failed join the counters of the members would differ and
             # they could never meet again. Every generation starts from the same name.
             dist.distributed_c10d._world.group_count = 0
+            # On NCCL the world's communicator is made now, by every member at once (device_id:
+            # eager init), so rings of any subset of ranks can later use it point-to-point.
+            device_id = torch.device("cuda", torch.cuda.current_device()) if msg.backend == "nccl" else None
             dist.init_process_group(
-                msg.backend, store=prefixed, rank=rank, world_size=len(msg.members), timeout=self.timeout
+                msg.backend, store=prefixed, rank=rank, world_size=len(msg.members), timeout=self.timeout,
+                device_id=device_id,
             )
             self.rank = rank
             log.info("world_joined", generation=msg.generation, rank=rank, size=len(msg.members))

@@ -12,9 +12,10 @@ after the queries are skipped, keys entirely before are attended in full, overla
 causally. So queries for only part of a member's tokens (prefix caching) need nothing special.
 
 ring_ranks are world ranks, in ring order. Only point-to-point operations between ring members
-are used: other ranks may be busy with other requests. With NCCL, pass `group`, a process
-group of exactly the ring's ranks (e.g. dist.new_group(ring_ranks, use_local_synchronization=True)),
-because a group's first batch_isend_irecv must involve all of that group's ranks.
+are used: other ranks may be busy with other requests. With NCCL the group's communicator
+must exist before a subset of its ranks uses it (a group's first batch_isend_irecv must
+otherwise involve all of its ranks): make the world with `device_id` (eager init), as the
+worker does, or pass `group`, a process group of exactly the ring's ranks.
 """
 
 from __future__ import annotations
@@ -112,6 +113,22 @@ def ring_attention(
         if on_step is not None:
             on_step(RingStep(step=step, bytes_sent=sent, wait_ms=wait_ms))
     return acc_out, acc_lse
+
+
+def ring_any(flag: bool, group: dist.ProcessGroup, device: torch.device | str = "cpu") -> bool:
+    """Whether `flag` is set on any member of `group`: one all_reduce(MAX) of a one-element tensor.
+
+    Every member of the group must call it at the same point of its work (a collective); it is
+    how a ring agrees to stop together (prefill abort at a layer boundary) instead of leaving the
+    members that did not see the flag blocked in a transfer. `group` is a process group of
+    exactly the ring's ranks (other world ranks may be busy elsewhere), registered with c10d or
+    not: the backend's own allreduce is called. `device` is where the backend reduces (CPU for
+    gloo, as the worker's agreement group is on every backend)."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX
+    group.allreduce([value], opts).wait()
+    return bool(value.item())
 
 
 def _fold_block(

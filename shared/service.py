@@ -69,6 +69,15 @@ class ServiceApp:
 
 
 DRAIN_POLL_S = 0.05
+# Of the drain timeout, kept for what a service does once its work is finished or given up
+# (replies to cut-off requests, closing stores, leaving the world): run_service cancels stop()
+# at the timeout itself.
+DRAIN_CLEANUP_MARGIN_S = 1.0
+
+
+def drain_budget_s(settings: Settings) -> float:
+    """How long a draining service may wait for its work to finish."""
+    return max(0.0, settings.drain_timeout_s - DRAIN_CLEANUP_MARGIN_S)
 
 
 async def wait_until(done: Callable[[], bool], timeout_s: float) -> bool:

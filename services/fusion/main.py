@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from shared import codec, subjects
 from shared.messages import FusionDrop, FusionReply, FusionRequest, ServiceHeartbeat, WorkerHeartbeat
-from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
+from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
 from shared.settings import Settings
 from services.fusion.table import FusionError, FusionTable, PartitionUsers
 
@@ -68,10 +68,10 @@ class FusionApp(ServiceApp):
         # draining), but requests already placed here keep sending partials, prefilling ones
         # included. Serve until no live worker lists this partition; a grace of two heartbeats
         # first lets a request placed just before the scheduler heard of the drain show up.
-        grace_s = min(2 * self.settings.heartbeat_interval_s, self.settings.drain_timeout_s)
+        budget = drain_budget_s(self.settings)
+        grace_s = min(2 * self.settings.heartbeat_interval_s, budget)
         await asyncio.sleep(grace_s)
-        await wait_until(lambda: not self.users.using(rt.instance) and not self.table.pending_groups,
-                         self.settings.drain_timeout_s - grace_s)
+        await wait_until(lambda: not self.users.using(rt.instance) and not self.table.pending_groups, budget - grace_s)
         if self._reaper:
             self._reaper.cancel()
 

@@ -138,6 +138,10 @@ def split_bytes(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+# EXPIRE ... NX (set a TTL only on a key that has none) for Redis before 7.0, which lacks NX.
+EXPIRE_IF_PERSISTENT = "if redis.call('TTL', KEYS[1]) == -1 then return redis.call('EXPIRE', KEYS[1], ARGV[1]) end return 0"
+
+
 class KVStoreService:
     def __init__(self, settings: Settings, meter: Meter | None = None, clock: Callable[[], float] = time.time):
         self.settings = settings
@@ -557,8 +561,8 @@ class KVStoreService:
             if members:
                 pipe.sadd(pins_key(request_id), *members)
             # A request that never unpins (its worker died) stops pinning after the TTL, counted from
-            # its first pin (NX): each block it pins is renewed when pinned, so outlives the pin.
-            pipe.expire(pins_key(request_id), ttl, nx=True)
+            # its first pin: each block it pins is renewed when pinned, so outlives the pin.
+            pipe.eval(EXPIRE_IF_PERSISTENT, 1, pins_key(request_id), ttl)
             pipe.zremrangebyscore(PINNED_REQUESTS, "-inf", now - ttl)
             pipe.zadd(PINNED_REQUESTS, {request_id: now}, nx=True)
             pipe.exists(released_key(request_id))

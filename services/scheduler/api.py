@@ -85,6 +85,24 @@ def check_limits(req: GenerateRequest, prompt_ids: list[int], model: ModelInfo, 
                        "implemented, so longer sequences are refused)", request_id)
 
 
+# A prefill command beyond its token ids: plan, segments, sampling, headers (generous).
+PREFILL_COMMAND_OVERHEAD_BYTES = 64 * 1024
+# One stored KV block's reference in a command (hash chain digest, layer range).
+KV_BLOCK_REF_BYTES = 128
+
+
+def check_fits_bus(prompt_ids: list[int], max_payload: int, settings: Settings, request_id: str) -> None:
+    """A ring member's prefill command carries (at most) the whole prompt's ids and its block
+    references in one NATS message: refuse what cannot fit before any member is sent one (a
+    member that got its command would otherwise wait on one that did not)."""
+    blocks = -(-len(prompt_ids) // settings.kv_block_tokens)
+    need = len(codec.pack({"ids": prompt_ids})) + PREFILL_COMMAND_OVERHEAD_BYTES + KV_BLOCK_REF_BYTES * blocks
+    if need > max_payload:
+        raise ApiError(ErrorCode.TOO_LONG, f"a prompt of {len(prompt_ids)} tokens needs prefill commands of up to "
+                       f"{need} bytes, over the bus max_payload of {max_payload} (raise the NATS server's "
+                       "max_payload)", request_id)
+
+
 def new_request_id(req: GenerateRequest) -> str:
     return req.request_id or f"req-{uuid.uuid4().hex[:16]}"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 from nats.aio.msg import Msg
@@ -37,10 +38,10 @@ from shared.messages import (
     WorldReady,
 )
 from shared.metrics import OK_CODE, RingserveMetrics
-from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
+from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
 from shared.settings import Settings
-from services.scheduler.api import ApiError, check_limits, encode_reply, new_request_id, parse_generate
-from services.scheduler.placement import WorkerLoad, choose_workers, fits_cluster, plan_ring, share_tokens
+from services.scheduler.api import ApiError, check_fits_bus, check_limits, encode_reply, new_request_id, parse_generate
+from services.scheduler.placement import WorkerLoad, choose_workers, fits_cluster, member_tokens, plan_ring
 from shared.attention.layout import chunk_tokens_for
 from services.scheduler.prefix import PrefixIndex
 from services.scheduler.registry import Registry
@@ -131,9 +132,10 @@ class SchedulerApp(ServiceApp):
         request finds no responder), running ones finish within the drain timeout, and those
         still running then are answered `unavailable` rather than left without a reply."""
         self.draining = True
-        await self._generate_sub.unsubscribe()
+        # drain, not unsubscribe: requests already delivered to this instance are still handled
+        await self._generate_sub.drain()
         log.info("scheduler_draining", requests=len(self.inflight))
-        budget = max(0.0, self.settings.drain_timeout_s - DRAIN_REPLY_MARGIN_S)
+        budget = max(0.0, drain_budget_s(self.settings) - DRAIN_REPLY_MARGIN_S)
         if not await wait_until(lambda: not self.inflight, budget):
             log.warning("drain_cancelling_requests", requests=len(self.inflight))
             for task in list(self.inflight):
@@ -321,6 +323,7 @@ class SchedulerApp(ServiceApp):
         else:
             prompt_ids = self.tokenizer.encode(req.prompt)
         check_limits(req, prompt_ids, model, self.settings, request_id)
+        check_fits_bus(prompt_ids, self.rt.bus.max_payload, self.settings, request_id)
         if req.stop and self.tokenizer is None:
             raise ApiError(ErrorCode.UNSUPPORTED, "stop strings need a tokenizer", request_id)
         log.info("request_admitted", prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens)
@@ -336,7 +339,9 @@ class SchedulerApp(ServiceApp):
             self.runners[request_id] = runner
             progress_sub = None
             try:
-                plan = await self._wait_for_placement(request_id, len(prompt_ids), req)
+                plan = await self._wait_for_placement(request_id, len(prompt_ids), req, lambda: runner.s.cancelled)
+                if plan is None:  # cancelled while it waited for workers: nothing was sent to any
+                    return runner.reply("cancelled", None)
                 with self.tracer.start_as_current_span("scheduler.placement", attributes={
                     "ring.size": plan.size, "chunk_tokens": plan.chunk_tokens, "prompt_tokens": len(prompt_ids)}):
                     log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
@@ -400,11 +405,13 @@ class SchedulerApp(ServiceApp):
         requests: dict[str, int] = {}
         planned: dict[str, int] = {}
         for r in self.runners.values():
-            if r.s.plan is not None:
-                share = share_tokens(r.s.plan.prompt_tokens + r.s.request.max_new_tokens, r.s.plan.size)
-                for w in r.s.plan.workers:
+            plan = r.s.plan
+            if plan is not None:
+                # each member comes to hold its prompt rows, or an even share once decode adds up
+                even = -(-(plan.prompt_tokens + r.s.request.max_new_tokens) // plan.size)
+                for w, rows in zip(plan.workers, member_tokens(plan)):
                     requests[w] = requests.get(w, 0) + 1
-                    planned[w] = planned.get(w, 0) + share
+                    planned[w] = planned.get(w, 0) + max(rows, even)
         return [WorkerLoad(worker_id=b.worker_id, world_rank=self.registry.world_rank(b.worker_id),
                            in_ring=b.worker_id in in_ring, active_requests=requests.get(b.worker_id, 0),
                            kv_tokens=max(b.kv_tokens, planned.get(b.worker_id, 0)), capacity_tokens=b.kv_capacity_tokens)
@@ -419,7 +426,7 @@ class SchedulerApp(ServiceApp):
         if not loads:
             raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
         total = prompt_tokens + req.max_new_tokens
-        if not fits_cluster(prompt_tokens, total, loads, self.settings):
+        if not fits_cluster(prompt_tokens, req.max_new_tokens, loads, self.settings, self.registry.world_ready):
             raise ApiError(ErrorCode.TOO_LONG, f"{total} tokens of KV (prompt + max_new_tokens) do not fit the KV "
                            f"capacity of {len(loads)} workers (max_ring_size {self.settings.max_ring_size or 'all'})",
                            request_id)
@@ -431,9 +438,11 @@ class SchedulerApp(ServiceApp):
         quant = req.kv_quant or KVQuant(self.settings.kv_quant)
         return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation, partition, quant)
 
-    async def _wait_for_placement(self, request_id: str, prompt_tokens: int, req) -> RingPlan:
+    async def _wait_for_placement(self, request_id: str, prompt_tokens: int, req,
+                                  cancelled: Callable[[], bool]) -> RingPlan | None:
         """Place now, or queue until workers with room are free (bounded by the request timeout
-        and max_queued_requests): a long prompt never falls back onto a worker it would overfill."""
+        and max_queued_requests): a long prompt never falls back onto a worker it would overfill.
+        None when the request is cancelled while it waits."""
         plan = self._place(request_id, prompt_tokens, req)
         if plan is not None:
             return plan
@@ -444,6 +453,8 @@ class SchedulerApp(ServiceApp):
         try:
             while plan is None:
                 await asyncio.sleep(PLACEMENT_POLL_S)
+                if cancelled():
+                    return None
                 plan = self._place(request_id, prompt_tokens, req)
         finally:
             self.waiting -= 1

@@ -48,9 +48,27 @@ def merge_runs(runs: list[tuple[int, int]]) -> list[Segment]:
     return segments
 
 
-def share_tokens(total_tokens: int, ring_size: int) -> int:
-    """KV tokens each member of a ring ends up holding, at most (prompt and decode spread evenly)."""
-    return -(-total_tokens // ring_size)
+def deal_units(prompt_tokens: int, ring_size: int, settings: Settings) -> tuple[int, list[tuple[int, int]], list[list[int]]]:
+    """(unit, units, the unit indices each member holds): the prompt in placement units
+    (placement_unit_tokens), dealt zigzag; a ring of one holds them all."""
+    unit = placement_unit_tokens(prompt_tokens, chunk_tokens_for(prompt_tokens, settings), ring_size,
+                                 settings.kv_block_tokens)
+    units = split_chunks(prompt_tokens, unit)
+    if ring_size == 1:
+        return unit, units, [list(range(len(units)))]
+    return unit, units, zigzag_assign(len(units), ring_size)
+
+
+def member_max_tokens(prompt_tokens: int, max_new_tokens: int, ring_size: int, settings: Settings) -> int:
+    """The most KV tokens one member of such a ring comes to hold: its prompt rows, or once
+    decode has evened the members out, an equal share of prompt + new tokens (each new token's
+    K/V goes to the member holding the fewest, see append_member)."""
+    total = prompt_tokens + max_new_tokens
+    if ring_size == 1:
+        return total
+    _, units, assignment = deal_units(prompt_tokens, ring_size, settings)
+    most = max(sum(units[u][1] - units[u][0] for u in held) for held in assignment)
+    return max(most, -(-total // ring_size))
 
 
 def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLoad], settings: Settings,
@@ -63,8 +81,7 @@ def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLo
     [] when the request cannot be placed now: the caller waits or refuses (fits_cluster)."""
     if not workers:
         return []
-    total = prompt_tokens + max_new_tokens
-    single = sorted((w for w in workers if w.has_room(total)),
+    single = sorted((w for w in workers if w.has_room(prompt_tokens + max_new_tokens)),
                     key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))[:1]
     if not world_ready:
         return single
@@ -76,22 +93,27 @@ def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLo
         return single  # one chunk: one worker, the least loaded with room, ring member or not
     # The policy's size first, then larger rings (a smaller share each), then smaller ones.
     for n in [*range(max(size, 2), limit + 1), *range(size - 1, 1, -1)]:
-        roomy = [w for w in free if w.has_room(share_tokens(total, n))]
+        roomy = [w for w in free if w.has_room(member_max_tokens(prompt_tokens, max_new_tokens, n, settings))]
         if len(roomy) >= n:
             return roomy[:n]
     return single
 
 
-def fits_cluster(prompt_tokens: int, total_tokens: int, workers: list[WorkerLoad], settings: Settings) -> bool:
-    """Whether the request could ever be placed on these workers, were they all idle: some ring
-    of at most max_ring_size members (and prompt_tokens) whose capacities each hold the share."""
-    capacities = sorted((w.capacity_tokens for w in workers), key=lambda c: (c is not None, -(c or 0)))
-    if not capacities:
+def fits_cluster(prompt_tokens: int, max_new_tokens: int, workers: list[WorkerLoad], settings: Settings,
+                 world_ready: bool) -> bool:
+    """Whether the request could ever be placed on these workers, were they all idle: one
+    worker, or a ring of at most max_ring_size members in the world (any worker while the world
+    forms), whose capacities each hold what a member comes to hold (member_max_tokens)."""
+    if not workers:
         return False
-    if capacities[0] is None:
+    total = prompt_tokens + max_new_tokens
+    if any(w.capacity_tokens is None or w.capacity_tokens >= total for w in workers):
         return True
+    ring_capable = [w for w in workers if w.world_rank is not None] if world_ready else workers
+    capacities = sorted((w.capacity_tokens for w in ring_capable), key=lambda c: (c is not None, -(c or 0)))
     limit = min(settings.max_ring_size or len(capacities), len(capacities), prompt_tokens)
-    return any(capacities[n - 1] >= share_tokens(total_tokens, n) for n in range(1, limit + 1))
+    return any(capacities[n - 1] is None or capacities[n - 1] >= member_max_tokens(prompt_tokens, max_new_tokens, n, settings)
+               for n in range(2, limit + 1))
 
 
 def plan_ring(request_id: str, prompt_tokens: int, ring: list[WorkerLoad], settings: Settings,
@@ -99,13 +121,7 @@ def plan_ring(request_id: str, prompt_tokens: int, ring: list[WorkerLoad], setti
     """The prompt dealt zigzag over the ring in placement units (placement_unit_tokens: whole
     groups of 2N, never larger than the policy chunk, block-aligned when the chunk is); a ring of
     one holds [0, prompt_tokens) as one segment. The plan's chunk_tokens is the unit used."""
-    unit = placement_unit_tokens(prompt_tokens, chunk_tokens_for(prompt_tokens, settings), len(ring),
-                                 settings.kv_block_tokens)
-    units = split_chunks(prompt_tokens, unit)
-    if len(ring) == 1:
-        assignment = [list(range(len(units)))]
-    else:
-        assignment = zigzag_assign(len(units), len(ring))
+    unit, units, assignment = deal_units(prompt_tokens, len(ring), settings)
     segments = [merge_runs([units[u] for u in held]) for held in assignment]
     return RingPlan(
         request_id=request_id,

@@ -113,7 +113,13 @@ class RequestRunner:
             finish = await self._generate(plan)
         finally:
             await asyncio.gather(*(self.port.release(w, s.request_id) for w in plan.workers), return_exceptions=True)
+        return self.reply(finish, plan)
+
+    def reply(self, finish: str, plan: RingPlan | None) -> GenerateReply:
+        """The reply so far; `plan` None for a request cancelled before it was placed."""
+        s = self.s
         now = time.perf_counter()
+        placed_at = s.placed_at or now
         return GenerateReply(
             request_id=s.request_id,
             output_ids=self.output_ids,
@@ -123,11 +129,12 @@ class RequestRunner:
             usage=Usage(prompt_tokens=len(s.prompt_ids), completion_tokens=len(self.output_ids),
                         cached_tokens=self.cached_tokens),
             timings=Timings(
-                queue_ms=round((s.placed_at - s.arrival) * 1000, 3),
+                queue_ms=round((placed_at - s.arrival) * 1000, 3),
                 ttft_ms=round(((s.first_token_at or now) - s.arrival) * 1000, 3),
                 total_ms=round((now - s.arrival) * 1000, 3),
             ),
-            placement=Placement(workers=plan.workers, chunk_tokens=plan.chunk_tokens, chunks=plan.units),
+            placement=None if plan is None else Placement(workers=plan.workers, chunk_tokens=plan.chunk_tokens,
+                                                          chunks=plan.units),
         )
 
     async def on_progress(self, layers_done: int, layers: int) -> None:
@@ -155,6 +162,11 @@ class RequestRunner:
                 results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
                 aborted = prefill_aborted(results, s.cancelled)
                 span.set_attribute("prefill.aborted", aborted)
+        except BaseException:
+            # Timed out, cut off by a drain, or failed on a member: a prefill still running on the
+            # others stops at its next layer boundary instead of holding the ring for nothing.
+            await asyncio.gather(*(self.port.abort(w, s.request_id) for w in plan.workers), return_exceptions=True)
+            raise
         finally:
             self.prefilling = False
         self.cached_tokens = sum(r.cached_tokens for r in results)

@@ -67,7 +67,7 @@ def causal_block_sparsity(q_segments: list[tuple[int, int]], kv_segments: list[l
 
 
 class RingGroups:
-    """The process groups a ring uses.
+    """The process group a ring agrees on.
 
     Point-to-point transfers (ring attention, collective decode fusion) run on the world group:
     on NCCL its communicator is made eagerly when the world forms (world.py), with every member
@@ -86,10 +86,6 @@ class RingGroups:
         self.timeout = timeout
         self._generation = -1
         self._agreement: dict[tuple[int, ...], dist.ProcessGroup] = {}
-
-    def get(self, plan: RingPlan) -> dist.ProcessGroup | None:
-        """The group of the ring's point-to-point transfers: the world's (None)."""
-        return None
 
     def agreement(self, plan: RingPlan) -> dist.ProcessGroup:
         """The gloo group the ring's members run collectives on (a ring of more than one member)."""
@@ -178,7 +174,7 @@ class WorkerEngine:
             kv.layers[i].append(k, v)
             out, _lse = ring_attention(
                 q, kv.layers[i].keys(), kv.layers[i].values(), scale=self.model.attn_scale, q_segments=todo,
-                kv_segments=segments, ring_ranks=ring_ranks(plan), group=self.groups.get(plan),
+                kv_segments=segments, ring_ranks=ring_ranks(plan),
                 on_step=None if on_ring_step is None else functools.partial(on_ring_step, i),
             )
             h = layer.finish(h, out.to(self.dtype))
@@ -238,7 +234,7 @@ class WorkerEngine:
                 ))
             if collective:
                 merged = [
-                    collective_merge(p.out, p.lse, ring_ranks=ring_ranks(req.plan), group=self.groups.get(req.plan))
+                    collective_merge(p.out, p.lse, ring_ranks=ring_ranks(req.plan))
                     for p, req in zip(partials, reqs)
                 ]
             else:

@@ -44,12 +44,13 @@ from shared.messages import (
     PrefillProgress,
     PrefillResult,
     ReleaseCommand,
+    RingPlan,
     WorkerHeartbeat,
     WorldForm,
     WorldReady,
 )
 from shared.metrics import RingserveMetrics
-from shared.service import ServiceApp, ServiceRuntime, main as service_main, wait_until
+from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
 from shared.settings import Settings
 from services.worker.aborts import AbortFlags
 from services.worker.capacity import free_device_bytes, kv_capacity_tokens
@@ -99,6 +100,7 @@ class WorkerApp(ServiceApp):
         # (step, reply subject, the sender's trace context)
         self._decode_queue: asyncio.Queue[tuple[DecodeStep, str | None, otel_context.Context]] = asyncio.Queue()
         self._busy = 0
+        self._prefilling: dict[str, RingPlan] = {}  # request -> plan, from command to reply
         self._newest_world = 0
         self._background: set[asyncio.Task] = set()  # prefix stores, kept referenced until done
         # Prefills the scheduler told this worker to abort (set on the loop, read in the compute
@@ -145,17 +147,23 @@ class WorkerApp(ServiceApp):
             kv_tokens=self.engine.kv_tokens,
             kv_capacity_tokens=self.kv_capacity,
             draining=rt.stopping.is_set(),
-            fusion_partitions=sorted({r.plan.fusion_partition for r in list(self.engine.requests.values())
-                                      if r.plan.fusion == "bus"}),
+            # prefills in flight too: their decode will need the partition
+            fusion_partitions=sorted({p.fusion_partition for p in [*(r.plan for r in list(self.engine.requests.values())),
+                                                                    *list(self._prefilling.values())]
+                                      if p.fusion == "bus"}),
         )
 
     async def stop(self, rt: ServiceRuntime) -> None:
-        # Draining (heartbeats say so): no new request is placed here; the ones held decode to
-        # their end and are released by the scheduler, within the drain timeout.
-        if self.engine.requests:
-            log.info("worker_draining", requests=len(self.engine.requests))
-            if not await wait_until(lambda: not self.engine.requests, self.settings.drain_timeout_s):
-                log.warning("drain_timeout_requests_left", requests=sorted(self.engine.requests))
+        # Draining (heartbeats say so): no new request is placed here; the ones held (prefilling
+        # or decoding) run to their end and are released by the scheduler, within the drain
+        # budget, which leaves time for the cleanup below.
+        def held() -> int:
+            return len(self.engine.requests) + len(self._prefilling)
+
+        if held():
+            log.info("worker_draining", requests=held())
+            if not await wait_until(lambda: not held(), drain_budget_s(self.settings)):
+                log.warning("drain_timeout_requests_left", requests=sorted({*self.engine.requests, *self._prefilling}))
         self._decoder.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.prefix.store.close()
@@ -203,6 +211,14 @@ class WorkerApp(ServiceApp):
             await self.rt.bus.reply(msg, PrefillResult(request_id="?", member=-1, ok=False,
                                                        error_code=ErrorCode.INVALID_REQUEST, error=str(exc)[:300]))
             return
+        rid = cmd.plan.request_id
+        self._prefilling[rid] = cmd.plan
+        try:
+            await self._prefill(msg, cmd)
+        finally:
+            self._prefilling.pop(rid, None)
+
+    async def _prefill(self, msg: Msg, cmd: PrefillCommand) -> None:
         rid = cmd.plan.request_id
         is_leader = cmd.member == cmd.plan.leader()
         last_sent = [0.0]

@@ -139,5 +139,27 @@ async def test_kv_capacity_spreads_a_prompt_over_a_ring_and_refuses_what_no_ring
         assert len(reply["placement"]["workers"]) == 2, reply
         refused = await stack.generate({"input_ids": list(range(1, 61)), "max_new_tokens": 21})
         assert refused["error"]["code"] == "too_long" and "capacity" in refused["error"]["message"], refused
+        # Both workers full (30 + 50 = 40 each): another request waits in the queue, and a
+        # cancel ends the wait at once, with nothing placed.
+        nc = await nats.connect(stack.servers.nats_url)
+        try:
+            events, sub = await _stream_until_first_token(nc, {"input_ids": list(range(1, 31)), "max_new_tokens": 50})
+            waiting = asyncio.create_task(stack.generate({"input_ids": [5, 6, 7], "max_new_tokens": 4,
+                                                          "request_id": "queued-1"}))
+            for _ in range(100):
+                if (await stack.status(nc))["queued_requests"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+            cancel = json.loads((await nc.request(subjects.CANCEL, b'{"request_id": "queued-1"}', timeout=10)).data)
+            assert cancel["cancelled"] is True
+            queued = await asyncio.wait_for(waiting, 10)
+            assert queued["finish_reason"] == "cancelled" and queued["placement"] is None, queued
+            assert queued["output_ids"] == []
+            while (event := await asyncio.wait_for(events.get(), 60)).get("type") != "done":
+                assert "error" not in event, event
+            await sub.unsubscribe()
+            assert len(event["output_ids"]) == 50
+        finally:
+            await nc.close()
     finally:
         stack.stop()

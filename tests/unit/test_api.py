@@ -73,3 +73,13 @@ def test_sequences_longer_than_a_sliding_window_are_too_long():
     with pytest.raises(ApiError) as exc:
         check_limits(req, req.input_ids, windowed, SETTINGS, "r")
     assert exc.value.code == ErrorCode.TOO_LONG and "sliding_window" in exc.value.message
+
+
+def test_a_prompt_whose_prefill_command_cannot_fit_the_bus_is_too_long():
+    from services.scheduler.api import check_fits_bus
+
+    ids = list(range(70_000, 80_000))  # 5 msgpack bytes each: ~50 KB
+    check_fits_bus(ids, 1024 * 1024, SETTINGS, "r")
+    with pytest.raises(ApiError) as exc:
+        check_fits_bus(ids, 100 * 1024, SETTINGS, "r")
+    assert exc.value.code == ErrorCode.TOO_LONG and "max_payload" in exc.value.message

@@ -212,13 +212,30 @@ def test_workers_without_room_are_skipped_and_a_full_cluster_waits():
 
 
 def test_fits_cluster_is_about_capacity_when_idle_and_the_ring_limit():
+    s = Settings(chunk_tokens=100)
     capped = loads(4, **{f"w{i}": {"capacity_tokens": 100, "kv_tokens": 100} for i in range(4)})
-    assert fits_cluster(300, 400, capped, Settings())  # busy now, but idle they hold 4 x 100
-    assert not fits_cluster(300, 401, capped, Settings())
-    assert not fits_cluster(300, 300, capped, Settings(max_ring_size=2))
-    assert not fits_cluster(2, 300, capped, Settings())  # 2 prompt tokens make a ring of 2 at most
-    assert fits_cluster(1, 10**9, loads(2), Settings())  # no capacity reported: unbounded
-    assert not fits_cluster(1, 1, [], Settings())
+    assert fits_cluster(300, 100, capped, s, world_ready=True)  # busy now, but idle they hold 4 x 100
+    assert not fits_cluster(300, 101, capped, s, world_ready=True)
+    assert not fits_cluster(300, 0, capped, Settings(chunk_tokens=100, max_ring_size=2), world_ready=True)
+    assert not fits_cluster(2, 298, capped, s, world_ready=True)  # 2 prompt tokens make a ring of 2 at most
+    assert fits_cluster(1, 10**9, loads(2), s, world_ready=True)  # no capacity reported: unbounded
+    assert not fits_cluster(1, 0, [], s, world_ready=True)
+    # workers left out of the world (another device kind) hold single-worker requests only
+    outside = loads(4, **{f"w{i}": {"capacity_tokens": 100, "world_rank": None if i > 1 else i} for i in range(4)})
+    assert fits_cluster(100, 0, outside, s, world_ready=True) and not fits_cluster(300, 0, outside, s, world_ready=True)
+    assert fits_cluster(300, 0, outside, s, world_ready=False)  # while the world forms, any may join
+
+
+def test_member_max_tokens_counts_block_rounded_units_and_decode_evening_out():
+    from services.scheduler.placement import member_max_tokens
+
+    s = Settings(chunk_tokens=4096, kv_block_tokens=128)
+    # 10,000 tokens over 4: units rounded to 1280 (1250 unrounded) -> members hold up to 2560
+    assert member_max_tokens(10_000, 0, 4, s) == 2560
+    assert member_max_tokens(10_000, 4000, 4, s) == 3500  # decode evens them out above that
+    assert member_max_tokens(10_000, 5, 1, s) == 10_005
+    plan = plan_ring("r", 10_000, loads(4), s, world_generation=1, fusion_partition="p", kv_quant=KVQuant.NONE)
+    assert max(member_tokens(plan)) == 2560
 
 
 def test_worker_kv_capacity_from_settings_or_device_memory():

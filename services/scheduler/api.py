@@ -89,6 +89,8 @@ def check_limits(req: GenerateRequest, prompt_ids: list[int], model: ModelInfo, 
 PREFILL_COMMAND_OVERHEAD_BYTES = 64 * 1024
 # One stored KV block's reference in a command (hash chain digest, layer range).
 KV_BLOCK_REF_BYTES = 128
+# The most msgpack takes for a token id (uint32): a bound, not an encoding of the prompt.
+MSGPACK_TOKEN_ID_BYTES = 5
 
 
 def check_fits_bus(prompt_ids: list[int], max_payload: int, settings: Settings, request_id: str) -> None:
@@ -96,7 +98,8 @@ def check_fits_bus(prompt_ids: list[int], max_payload: int, settings: Settings, 
     references in one NATS message: refuse what cannot fit before any member is sent one (a
     member that got its command would otherwise wait on one that did not)."""
     blocks = -(-len(prompt_ids) // settings.kv_block_tokens)
-    need = len(codec.pack({"ids": prompt_ids})) + PREFILL_COMMAND_OVERHEAD_BYTES + KV_BLOCK_REF_BYTES * blocks
+    need = (MSGPACK_TOKEN_ID_BYTES * len(prompt_ids) + PREFILL_COMMAND_OVERHEAD_BYTES
+            + KV_BLOCK_REF_BYTES * blocks)
     if need > max_payload:
         raise ApiError(ErrorCode.TOO_LONG, f"a prompt of {len(prompt_ids)} tokens needs prefill commands of up to "
                        f"{need} bytes, over the bus max_payload of {max_payload} (raise the NATS server's "

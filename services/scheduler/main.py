@@ -450,14 +450,18 @@ class SchedulerApp(ServiceApp):
             raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
         log.info("request_queued", reason="no workers with room", prompt_tokens=prompt_tokens)
         self.waiting += 1
-        try:
-            while plan is None:
-                await asyncio.sleep(PLACEMENT_POLL_S)
-                if cancelled():
-                    return None
-                plan = self._place(request_id, prompt_tokens, req)
-        finally:
-            self.waiting -= 1
+        # The wait shows in the request's trace (the queue depth gauge counts it).
+        with self.tracer.start_as_current_span("scheduler.queue", attributes={
+                "request_id": request_id, "reason": "no workers with room"}) as span:
+            try:
+                while plan is None:
+                    await asyncio.sleep(PLACEMENT_POLL_S)
+                    if cancelled():
+                        span.set_attribute("cancelled", True)
+                        return None
+                    plan = self._place(request_id, prompt_tokens, req)
+            finally:
+                self.waiting -= 1
         return plan
 
     async def _respond(self, msg: Msg, message: BaseModel, content_type: str) -> None:

@@ -38,6 +38,9 @@ class _Progress:
     saving: asyncio.Task | None = None
     released: bool = False  # a save in flight stops at its next increment
     reserved: bool = False  # some room in the budget was granted: release it with the shard
+    # Bytes granted for an increment whose write then failed: the retry uses them, not new room.
+    credit: int = 0
+    granting: int = 0  # bytes granted for the increment being written
 
 
 class ShardPersister:
@@ -82,8 +85,12 @@ class ShardPersister:
             budget = self.budget
 
             async def reserve(nbytes: int) -> bool:
-                granted = await budget.reserve_shard(request_id, progress.member, nbytes)
-                progress.reserved = progress.reserved or granted
+                need = max(0, nbytes - progress.credit)
+                granted = need == 0 or await budget.reserve_shard(request_id, progress.member, need)
+                if granted:
+                    progress.reserved = progress.reserved or need > 0
+                    progress.credit = max(0, progress.credit - nbytes)
+                    progress.granting = nbytes
                 return granted
 
         while progress.saved_rows < end and not progress.released:
@@ -94,7 +101,9 @@ class ShardPersister:
                 [layer.keys()[first:stop] for layer in kv.layers], [layer.values()[first:stop] for layer in kv.layers],
                 reserve=reserve,
             )
+            granted, progress.granting = progress.granting, 0
             if not ok:
+                progress.credit += granted  # room granted but nothing written: kept for the retry
                 return  # Redis unreachable or no room: these rows go with the next save
             progress.saved_rows, progress.next_seq = stop, progress.next_seq + 1
 

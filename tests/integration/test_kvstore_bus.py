@@ -197,6 +197,45 @@ async def test_a_shard_is_written_into_room_reserved_in_the_budget_and_gives_it_
         await meta.aclose()
 
 
+class _FirstWriteFails(ShardStore):
+    """Redis takes the first increment's room reservation, then the write itself fails."""
+
+    failed = False
+
+    async def save_increment(self, *args, reserve=None, **kwargs) -> bool:
+        if not self.failed:
+            self.failed = True
+            async def reserve_then_fail(nbytes: int) -> bool:
+                return await reserve(nbytes) and False
+            return await super().save_increment(*args, reserve=reserve_then_fail, **kwargs)
+        return await super().save_increment(*args, reserve=reserve, **kwargs)
+
+
+async def test_room_granted_for_a_failed_write_is_used_by_the_retry_not_reserved_twice(kvstore, servers):
+    settings, nc, _ = kvstore
+    client = KVIndexClient(Bus(nc, "test"), settings)
+    store = _FirstWriteFails(settings)
+    persister = ShardPersister(store, every_tokens=BLOCK, budget=client)
+    shards = ShardStore(settings)
+    meta = aioredis.Redis(port=servers.redis_port, db=DB)
+    try:
+        persister.track("req-s", 0, _request_kv(10))
+        await _until(lambda: _shard_bytes(client, lambda n: n > 0))  # granted, not written
+        assert store.failed and await shards.load_shard("req-s", 0) is None
+        persister.grew("req-s")  # the next save retries the same rows
+
+        async def saved() -> bool:
+            return await shards.load_shard("req-s", 0) is not None
+
+        await _until(saved)
+        written = sum([await meta.strlen(blob_key("req-s", 0, layer, 0)) for layer in range(LAYERS)])
+        assert (await client.stats()).shard_bytes == written
+    finally:
+        await persister.close()
+        await shards.close()
+        await meta.aclose()
+
+
 @pytest.mark.parametrize("kvstore", [{"kv_budget_bytes": 100}], indirect=True)
 async def test_a_shard_increment_without_room_in_the_budget_is_not_written(kvstore, servers):
     settings, nc, _ = kvstore

@@ -18,6 +18,7 @@ from tests.integration.stack import Stack
 pytestmark = pytest.mark.integration
 
 NEW_TOKENS = 48
+LONG_TOKENS = 1000
 
 
 async def _stream_until_first_token(nc, body: dict) -> tuple[asyncio.Queue, object]:
@@ -111,13 +112,14 @@ async def test_requests_over_the_active_limit_are_overloaded_and_the_running_one
         await stack.wait_ready(1)
         nc = await nats.connect(stack.servers.nats_url)
         try:
-            events, sub = await _stream_until_first_token(nc, {"prompt": "first", "max_new_tokens": NEW_TOKENS})
+            # long enough to be running still when the second request arrives, however fast decode is
+            events, sub = await _stream_until_first_token(nc, {"prompt": "first", "max_new_tokens": LONG_TOKENS})
             refused = json.loads((await nc.request(subjects.GENERATE, b'{"prompt": "second"}', timeout=30)).data)
             assert refused["error"]["code"] == "overloaded", refused
             while (event := await asyncio.wait_for(events.get(), 60)).get("type") != "done":
                 assert "error" not in event, event
             await sub.unsubscribe()
-            assert len(event["output_ids"]) == NEW_TOKENS
+            assert event["finish_reason"] in ("length", "stop") and event["output_ids"], event  # the demo may hit eos
             # The slot is free again.
             reply = json.loads((await nc.request(subjects.GENERATE, b'{"prompt": "third", "max_new_tokens": 2}',
                                                  timeout=30)).data)

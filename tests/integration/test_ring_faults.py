@@ -1,7 +1,9 @@
 """Several requests at once on disjoint rings, collective fusion, and a worker killed mid-request."""
 
 import asyncio
+import json
 
+import nats
 import pytest
 
 from tests.integration.stack import Stack
@@ -48,11 +50,21 @@ async def test_killed_worker_fails_its_request_and_the_next_one_succeeds(tmp_pat
                        "RINGSERVE_FUSION_TIMEOUT_S": "8", "RINGSERVE_DIST_TIMEOUT_S": "8"})
     try:
         await stack.wait_ready(3)
-        long_run = asyncio.create_task(stack.generate({"input_ids": _ids(40), "max_new_tokens": 400}))
-        await asyncio.sleep(3.0)
-        stack.kill("worker1")  # SIGKILL: no goodbye
-        failed = await asyncio.wait_for(long_run, 60)
-        assert failed.get("error", {}).get("code") == "unavailable", failed
+        nc = await nats.connect(stack.servers.nats_url)
+        try:
+            # Streamed, so the kill lands mid-decode however fast decode runs on this machine.
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            body = {"input_ids": _ids(40), "max_new_tokens": 400, "stream": True}
+            await nc.publish("ringserve.v1.generate", json.dumps(body).encode(), reply=inbox)
+            while (event := json.loads((await sub.next_msg(timeout=60)).data)).get("type") != "token":
+                assert "error" not in event, event
+            stack.kill("worker1")  # SIGKILL: no goodbye; it holds part of the ring's KV
+            while "error" not in event and event.get("type") != "done":
+                event = json.loads((await sub.next_msg(timeout=60)).data)
+        finally:
+            await nc.close()
+        assert event.get("error", {}).get("code") == "unavailable", event
         await stack.wait_ready(2, timeout=60)
         prompt = _ids(25, 3)
         reply = await stack.generate({"input_ids": prompt, "max_new_tokens": NEW_TOKENS})

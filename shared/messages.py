@@ -299,6 +299,16 @@ class PromptBlock(BaseModel):
     parent_hash: str = ""
 
 
+class DecodePlan(_Internal):
+    """How the ring leader's decode loop runs a request after its prefill: until `max_new_tokens`
+    tokens (the prefill's first one included) or a token of `stop_token_ids` (EOS included),
+    each new token published to `events` (the owning scheduler's token subject)."""
+
+    max_new_tokens: int = Field(ge=1)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    events: str
+
+
 class PrefillCommand(_Internal):
     plan: RingPlan
     member: int  # this worker's index in plan.workers
@@ -310,6 +320,8 @@ class PrefillCommand(_Internal):
     # the prompt's full blocks that overlap this member's segments: what it loads and stores
     # (empty when the KV store is off)
     kv_blocks: list[PromptBlock] = Field(default_factory=list)
+    # the decode that follows on the worker (the leader runs it; the others follow its ticks)
+    decode: DecodePlan | None = None
 
 
 class PrefillProgress(_Internal):
@@ -336,6 +348,9 @@ class PrefillResult(_Internal):
 
 
 class DecodeStep(_Internal):
+    """One decode step of one request. Built by the ring leader's decode loop, and sent by it to
+    the other members of a multi-worker ring (`worker.<id>.decode`) so they run the same step."""
+
     request_id: str
     step: int  # 0-based index of the generated token being fed back
     token_id: int
@@ -343,6 +358,8 @@ class DecodeStep(_Internal):
     # ring member that appends this token's K/V to its shard
     append_member: int
     sampling: SamplingParams
+    # leader -> members: the request ended (no step to run): release it
+    finish: bool = False
 
 
 class DecodeResult(_Internal):
@@ -354,6 +371,26 @@ class DecodeResult(_Internal):
     logprob: float | None = None
     error_code: ErrorCode | None = None
     error: str | None = None
+
+
+class TokenItem(_Internal):
+    """A token the ring leader generated, or the end of its request's decode on error."""
+
+    request_id: str
+    index: int  # in the request's output (0 is the prefill's token, never sent here)
+    token_id: int | None = None
+    logprob: float | None = None
+    finish: Literal["length", "stop"] | None = None  # the worker ended the request with this token
+    error_code: ErrorCode | None = None
+    error: str | None = None
+
+
+class DecodeTokens(_Internal):
+    """Worker -> scheduler (`tokens.<scheduler instance>`): one step's tokens of every request
+    this worker leads for that scheduler."""
+
+    worker_id: str
+    items: list[TokenItem]
 
 
 class ReleaseCommand(_Internal):

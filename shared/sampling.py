@@ -1,4 +1,4 @@
-"""Token sampling from one row of logits: greedy, temperature, top-k, top-p, seeded.
+"""Token sampling from rows of logits: greedy, temperature, top-k, top-p, seeded.
 
 The log-probability reported is the model's (log-softmax of the raw logits), as vLLM reports it,
 so it does not depend on the sampling knobs.
@@ -22,11 +22,31 @@ def request_generator(params: SamplingParams, device: torch.device | str = "cpu"
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> tuple[int, float]:
     """logits: [vocab] -> (token id, its log-probability under the model)."""
+    (token,), (logprob,) = sample_batch(logits[None], [params], [generator])
+    return token, logprob
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
+    """logits: [B, vocab] -> (token ids, their log-probabilities), one host synchronisation.
+
+    Greedy rows are one argmax over the batch; sampled rows each draw from their own generator,
+    with the same operations whatever the batch, so a seeded request gives the same tokens alone
+    or batched."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    if params.temperature == 0.0:
-        token = int(torch.argmax(logits))
-        return token, float(logprobs[token])
+    logprobs = torch.log_softmax(logits, dim=-1)  # [B, vocab]
+    tokens = torch.argmax(logits, dim=-1)  # [B]
+    sampled = [b for b, p in enumerate(params) if p.temperature != 0.0]
+    if sampled:
+        tokens = tokens.clone()
+        for b in sampled:
+            tokens[b] = _draw(logits[b], params[b], generators[b])
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    return tokens.tolist(), chosen.tolist()
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One sampled token (a 1-element tensor, left on the device) from logits [vocab] float32."""
     scores = logits / params.temperature
     if params.top_k > 0 and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
@@ -39,5 +59,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
-    token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(logprobs[token])
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     worker_max_tokens: int = Field(default=0, ge=0)
     kv_memory_fraction: float = Field(default=0.8, gt=0, le=1)
 
+    # --- decode ------------------------------------------------------------------------------
+    # Requests one decode step of a worker holds; more take turns. Also the largest CUDA graph.
+    decode_max_batch: int = Field(default=64, ge=1)
+    # Capture the decode step in CUDA graphs (one per batch-size bucket) on CUDA workers.
+    decode_cuda_graphs: bool = True
+    # The KV pool of a worker without a capacity (CPU) starts this large, in tokens, and grows.
+    kv_pool_initial_tokens: int = Field(default=16384, ge=1)
+
     # --- distributed -------------------------------------------------------------------------
     fusion: Literal["bus", "collective"] = "bus"
     fusion_timeout_s: float = Field(default=30.0, gt=0)

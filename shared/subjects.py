@@ -44,6 +44,11 @@ SERVICE_QUEUE = "ringserve"
 WORLD_READY = f"{_INTERNAL}.world.ready"  # workers -> scheduler
 
 
+def tokens(scheduler_instance: str) -> str:
+    """Ring leaders -> the scheduler instance that owns their requests: each decode step's tokens."""
+    return f"{_INTERNAL}.tokens.{scheduler_instance}"
+
+
 def progress(request_id: str) -> str:
     """Prefill progress of one request, published by its ring leader for the scheduler."""
     return f"{_INTERNAL}.progress.{request_id}"

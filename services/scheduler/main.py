@@ -21,8 +21,7 @@ from shared.messages import (
     AbortCommand,
     CancelReply,
     CancelRequest,
-    DecodeResult,
-    DecodeStep,
+    DecodeTokens,
     ErrorCode,
     FusionDrop,
     KVQuant,
@@ -33,6 +32,7 @@ from shared.messages import (
     ReleaseCommand,
     ServiceHeartbeat,
     StatusReply,
+    TokenItem,
     WorkerHeartbeat,
     WorkerStatus,
     WorldReady,
@@ -66,11 +66,34 @@ def load_tokenizer(settings: Settings):
 
 
 class BusWorkerPort:
-    """RequestRunner's view of the workers, over NATS."""
+    """RequestRunner's view of the workers, over NATS. Ring leaders publish the tokens of this
+    instance's requests on its own subject; each goes to its request's queue."""
 
-    def __init__(self, bus, settings: Settings):
+    def __init__(self, bus, settings: Settings, instance: str):
         self.bus = bus
         self.settings = settings
+        self.events_subject = subjects.tokens(instance)
+        self._queues: dict[str, asyncio.Queue[TokenItem | None]] = {}
+
+    async def start(self) -> None:
+        await self.bus.subscribe(self.events_subject, self._on_tokens)
+
+    def watch(self, request_id: str) -> asyncio.Queue[TokenItem | None]:
+        return self._queues.setdefault(request_id, asyncio.Queue())
+
+    def unwatch(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def _on_tokens(self, msg: Msg) -> None:
+        try:
+            batch = codec.decode(msg.data, DecodeTokens)
+        except (codec.CodecError, ValidationError) as exc:
+            log.warning("bad_token_message", error=str(exc)[:300])
+            return
+        for item in batch.items:
+            queue = self._queues.get(item.request_id)
+            if queue is not None:  # else the request ended here already: late tokens are dropped
+                queue.put_nowait(item)
 
     async def prefill(self, worker_id: str, cmd: PrefillCommand) -> PrefillResult:
         try:
@@ -82,13 +105,6 @@ class BusWorkerPort:
             raise ApiError(ErrorCode.TOO_LONG, f"worker {worker_id}: {exc}", cmd.plan.request_id) from None
         except BusError as exc:
             raise ApiError(ErrorCode.UNAVAILABLE, f"worker {worker_id}: {exc}", cmd.plan.request_id) from None
-
-    async def decode(self, worker_id: str, step: DecodeStep) -> DecodeResult:
-        try:
-            return await self.bus.request(subjects.worker_inbox(worker_id, "decode"), step, DecodeResult,
-                                          timeout=self.settings.fusion_timeout_s + self.settings.dist_timeout_s)
-        except BusError as exc:
-            raise ApiError(ErrorCode.UNAVAILABLE, f"worker {worker_id}: {exc}", step.request_id) from None
 
     async def release(self, worker_id: str, request_id: str) -> None:
         await self.bus.publish(subjects.worker_inbox(worker_id, "release"), ReleaseCommand(request_id=request_id))
@@ -114,7 +130,8 @@ class SchedulerApp(ServiceApp):
     # ------------------------------------------------------------------------------ wiring
     async def start(self, rt: ServiceRuntime) -> None:
         self.rt = rt
-        self.port = BusWorkerPort(rt.bus, self.settings)
+        self.port = BusWorkerPort(rt.bus, self.settings, rt.instance)
+        await self.port.start()
         self.tracer = rt.telemetry.tracer
         self.prefix = PrefixIndex(KVIndexClient(rt.bus, self.settings), self.settings, self.tracer)
         self.metrics = RingserveMetrics(rt.telemetry.meter)
@@ -334,7 +351,8 @@ class SchedulerApp(ServiceApp):
         async with self.prefix.hold(request_id, model, prompt_ids, quant) as hit:
             emit = (lambda event: self._respond(msg, event, content_type)) if req.stream else None
             runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop), set(model.eos_token_ids),
-                                   emit, cached_tokens=hit.cached_tokens, kv_blocks=hit.blocks)
+                                   emit, cached_tokens=hit.cached_tokens, kv_blocks=hit.blocks,
+                                   token_timeout_s=self.settings.fusion_timeout_s + self.settings.dist_timeout_s)
             runner.span = trace.get_current_span()  # scheduler.generate: a cancel is logged in its trace
             self.runners[request_id] = runner
             progress_sub = None

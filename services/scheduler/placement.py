@@ -62,7 +62,7 @@ def deal_units(prompt_tokens: int, ring_size: int, settings: Settings) -> tuple[
 def member_max_tokens(prompt_tokens: int, max_new_tokens: int, ring_size: int, settings: Settings) -> int:
     """The most KV tokens one member of such a ring comes to hold: its prompt rows, or once
     decode has evened the members out, an equal share of prompt + new tokens (each new token's
-    K/V goes to the member holding the fewest, see append_member)."""
+    K/V goes to the member holding the fewest, see layout.append_member)."""
     total = prompt_tokens + max_new_tokens
     if ring_size == 1:
         return total
@@ -139,8 +139,3 @@ def plan_ring(request_id: str, prompt_tokens: int, ring: list[WorkerLoad], setti
 
 def member_tokens(plan: RingPlan) -> list[int]:
     return [sum(s.end - s.start for s in segs) for segs in plan.segments]
-
-
-def append_member(tokens_held: list[int]) -> int:
-    """The ring member that stores the next decode token's K/V: the one holding the fewest."""
-    return min(range(len(tokens_held)), key=lambda m: (tokens_held[m], m))

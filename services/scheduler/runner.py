@@ -1,8 +1,8 @@
-"""One request from admission to reply: place it, prefill on its ring, drive decode step by step,
-stream tokens, stop, release the workers' KV.
+"""One request from admission to reply: place it, prefill on its ring, then follow the tokens the
+ring leader's decode loop publishes: stream them, check stop strings, end the request (release).
 
-The runner talks to workers only through `WorkerPort` (a few awaitables), so its control flow is
-tested without NATS and the scheduler's main wires the port to the bus.
+The runner talks to workers only through `WorkerPort` (a few awaitables and a token queue), so its
+control flow is tested without NATS and the scheduler's main wires the port to the bus.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pydantic import BaseModel
 
 from shared.kv.keys import BlockRef
 from shared.messages import (
-    DecodeResult,
-    DecodeStep,
+    DecodePlan,
     DoneEvent,
     ErrorCode,
     GenerateReply,
@@ -33,19 +32,23 @@ from shared.messages import (
     SamplingParams,
     Timings,
     TokenEvent,
+    TokenItem,
     Usage,
 )
 from services.scheduler.api import ApiError
-from services.scheduler.placement import append_member, member_tokens
 from services.scheduler.prefix import member_blocks
 from services.scheduler.stops import StopChecker
 
 
 class WorkerPort(Protocol):
+    events_subject: str  # where ring leaders publish the tokens of this scheduler's requests
+
     async def prefill(self, worker_id: str, cmd: PrefillCommand) -> PrefillResult: ...
-    async def decode(self, worker_id: str, step: DecodeStep) -> DecodeResult: ...
     async def release(self, worker_id: str, request_id: str) -> None: ...
     async def abort(self, worker_id: str, request_id: str) -> None: ...
+    # The request's tokens as the leader publishes them; None wakes the runner (a cancel).
+    def watch(self, request_id: str) -> asyncio.Queue[TokenItem | None]: ...
+    def unwatch(self, request_id: str) -> None: ...
 
 
 log = structlog.get_logger("scheduler")
@@ -77,7 +80,8 @@ def member_ids(plan: RingPlan, prompt_ids: list[int], member: int) -> list[int]:
 
 class RequestRunner:
     def __init__(self, state: RequestState, port: WorkerPort, stops: StopChecker, eos_ids: set[int],
-                 emit: Emit | None, cached_tokens: int = 0, kv_blocks: list[BlockRef] | None = None):
+                 emit: Emit | None, cached_tokens: int = 0, kv_blocks: list[BlockRef] | None = None,
+                 token_timeout_s: float = 90.0):
         self.s = state
         self.port = port
         self.stops = stops
@@ -93,6 +97,8 @@ class RequestRunner:
         self.lost_workers: list[str] = []
         self.span: trace.Span = trace.INVALID_SPAN  # the request's root span, set by the scheduler
         self.prefilling = False  # the prefill commands are out and not all answered
+        self.token_timeout_s = token_timeout_s  # the leader silent this long: it is gone
+        self._tokens: asyncio.Queue[TokenItem | None] | None = None
 
     async def cancel(self) -> bool:
         """The client cancelled the request. Decode stops before its next step; a prefill under
@@ -100,6 +106,8 @@ class RequestRunner:
         `cancelled`). True when the prefill was told to abort."""
         s = self.s
         s.cancelled = True
+        if self._tokens is not None:
+            self._tokens.put_nowait(None)  # a runner waiting for the next token stops now
         if not self.prefilling or s.plan is None:
             return False
         await asyncio.gather(*(self.port.abort(w, s.request_id) for w in s.plan.workers), return_exceptions=True)
@@ -109,10 +117,17 @@ class RequestRunner:
         s = self.s
         s.plan = plan
         s.placed_at = time.perf_counter()
+        self._tokens = self.port.watch(s.request_id)
+        ended = False
         try:
             finish = await self._generate(plan)
+            ended = True
         finally:
-            await asyncio.gather(*(self.port.release(w, s.request_id) for w in plan.workers), return_exceptions=True)
+            self.port.unwatch(s.request_id)
+            # Ended normally, the leader ends the request on its ring (after the ticks it already
+            # sent, so no member is left waiting in a step); after a failure, each member is told.
+            workers = [plan.workers[plan.leader()]] if ended else plan.workers
+            await asyncio.gather(*(self.port.release(w, s.request_id) for w in workers), return_exceptions=True)
         return self.reply(finish, plan)
 
     def reply(self, finish: str, plan: RingPlan | None) -> GenerateReply:
@@ -146,9 +161,12 @@ class RequestRunner:
     async def _generate(self, plan: RingPlan) -> str:
         s = self.s
         sampling = sampling_of(s.request)
+        decode = DecodePlan(max_new_tokens=s.request.max_new_tokens, stop_token_ids=sorted(self.eos_ids),
+                            events=self.port.events_subject)
         cmds = [
             PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, s.prompt_ids, m), sampling=sampling,
-                           cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]))
+                           cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]),
+                           decode=decode)
             for m in range(plan.size)
         ]
         if s.cancelled:  # before its prefill was sent: no worker has heard of it
@@ -173,23 +191,29 @@ class RequestRunner:
         if aborted:  # the members stopped together and kept nothing: no token, nothing to decode
             return "cancelled"
         self._check(results)
-        leader = plan.leader()
-        token, logprob = results[leader].token_id, results[leader].logprob
-        held = member_tokens(plan)
-        for step in range(s.request.max_new_tokens):
-            finish = await self._accept(token, logprob)
-            if finish is not None:
-                return finish
+        leader = results[plan.leader()]
+        finish = await self._accept(leader.token_id, leader.logprob)
+        # The leader decodes on by itself from here; its tokens come in order, one per step.
+        while finish is None:
             if s.cancelled:
                 return "cancelled"
-            member = append_member(held)
-            held[member] += 1
-            msg = DecodeStep(request_id=s.request_id, step=step, token_id=token,
-                             position=len(s.prompt_ids) + step, append_member=member, sampling=sampling)
-            decoded = await asyncio.gather(*(self.port.decode(w, msg) for w in plan.workers))
-            self._check(decoded)
-            token, logprob = decoded[leader].token_id, decoded[leader].logprob
-        return "length"  # unreachable: _accept ends at max_new_tokens
+            item = await self._next_token()
+            if item is None:
+                continue  # woken by a cancel
+            if item.error_code is not None:
+                raise ApiError(item.error_code, f"worker failed: {item.error}", s.request_id)
+            if item.index != len(self.output_ids):
+                raise ApiError(ErrorCode.INTERNAL, f"token {item.index} came when {len(self.output_ids)} was due",
+                               s.request_id)
+            finish = await self._accept(item.token_id, item.logprob)
+        return finish
+
+    async def _next_token(self) -> TokenItem | None:
+        try:
+            return await asyncio.wait_for(self._tokens.get(), self.token_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(ErrorCode.UNAVAILABLE, f"no token from the ring leader in {self.token_timeout_s:g} s",
+                           self.s.request_id) from None
 
     async def _accept(self, token: int | None, logprob: float | None) -> str | None:
         """Record one generated token; return a finish reason when generation should end."""
@@ -214,7 +238,7 @@ class RequestRunner:
             return "length"
         return None
 
-    def _check(self, results: list[PrefillResult] | list[DecodeResult]) -> None:
+    def _check(self, results: list[PrefillResult]) -> None:
         for r in results:
             if not r.ok:
                 code = r.error_code or ErrorCode.INTERNAL

@@ -30,3 +30,12 @@ def free_device_bytes(device: torch.device) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(device)
     return free
+
+
+def kv_pool_pages(settings: Settings, capacity_tokens: int | None) -> int:
+    """Pages of the worker's KV pool: the capacity in pages, plus a partly filled page for each
+    request a decode step can hold; where there is no capacity (CPU), a start that grows."""
+    page = settings.kv_block_tokens
+    if capacity_tokens is None:
+        return -(-settings.kv_pool_initial_tokens // page)
+    return -(-capacity_tokens // page) + settings.decode_max_batch

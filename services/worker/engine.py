@@ -1,4 +1,5 @@
-"""The worker's compute: ring-attention prefill of its share of a prompt and sequence-parallel decode.
+"""The worker's compute: ring-attention prefill of its share of a prompt into the KV pool, and
+batched decode steps over the pool (sequence-parallel for requests spread over a ring).
 
 No NATS here. The engine runs in one compute thread; the two distributed exchanges it needs are
 passed in as callables, so tests can drive it with in-process fakes of *other workers* while the
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from shared.attention.decode import collective_merge, decode_partial, key_attention_mass
+from shared.attention.decode import collective_merge, key_attention_mass
 from shared.attention.ring import RingStep, ring_any, ring_attention
 from shared.messages import (
     DecodeResult,
@@ -30,8 +31,9 @@ from shared.messages import (
     RingPlan,
     SamplingParams,
 )
-from shared.sampling import request_generator, sample
-from services.worker.kv_cache import RequestKV
+from shared.sampling import request_generator, sample_batch
+from services.worker.kv_cache import SCRATCH_PAGE, KVPool, RequestKV
+from services.worker.step import DecodeInputs, decode_forward, rope_for
 from services.worker.prefix import CachedRows, clip_runs, row_of
 
 # fuse(partials of one layer for a batch of requests) -> merged results in the same order
@@ -120,11 +122,14 @@ class ActiveRequest:
 
 
 class WorkerEngine:
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, dist_timeout_s: float | None = None):
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, pool: KVPool,
+                 dist_timeout_s: float | None = None, graphs=None):
         self.model = model
         self.config = model.config
         self.device = device
         self.dtype = dtype
+        self.pool = pool
+        self.graphs = graphs  # DecodeGraphs (CUDA), or None: every step eager
         self.requests: dict[str, ActiveRequest] = {}
         self.groups = RingGroups(None if dist_timeout_s is None else datetime.timedelta(seconds=dist_timeout_s))
 
@@ -135,7 +140,8 @@ class WorkerEngine:
                 should_abort: AbortFn | None = None) -> PrefillResult:
         """This member's share of a ring prefill. With `cached`, its positions below `cached.upto`
         are not computed: their K/V rows are the loaded ones, and only the rest go through the
-        layers (as queries; every member still sends all its K/V around the ring).
+        layers (as queries; every member still sends all its K/V around the ring). Each layer's
+        K/V rows go into the request's pages of the pool once its attention is done.
 
         With `should_abort`, it is asked before every layer; a ring's members agree on it there
         (`ring_any`: one tiny all_reduce per layer, so every member must pass it or none) and
@@ -152,34 +158,37 @@ class WorkerEngine:
         positions = segment_positions(todo, self.device)
         ids = torch.tensor(cmd.input_ids[n_cached:], dtype=torch.long, device=self.device)
 
-        cfg = self.config
-        kv = RequestKV.empty(plan.request_id, member, cfg.num_hidden_layers, cfg.num_key_value_heads,
-                             cfg.head_dim, self.dtype, self.device, capacity=len(cmd.input_ids))
-        for s, e in mine:
-            kv.note_positions(s, e)
-
-        h = self.model.embed(ids)  # [t, hidden], computed rows only
-        cos, sin = self.model.rope(positions, seq_len=plan.prompt_tokens)
-        layers = len(self.model.layers)
-        for i, layer in enumerate(self.model.layers):
-            if should_abort is not None:
-                here = bool(should_abort())
-                # On a ring every member takes part in the agreement, whatever it saw itself.
-                if self._ring_aborts(plan, here) if plan.size > 1 else here:
-                    del kv, h  # the partial K/V go now (the rest with the exception's traceback)
-                    raise PrefillAborted(i, layers, here)
-            q, k, v = layer.qkv(h, cos, sin)  # q [t, H, d], k/v [t, KVH, d]
-            if cached is not None:
-                kv.layers[i].append(cached.keys[i], cached.values[i])
-            kv.layers[i].append(k, v)
-            out, _lse = ring_attention(
-                q, kv.layers[i].keys(), kv.layers[i].values(), scale=self.model.attn_scale, q_segments=todo,
-                kv_segments=segments, ring_ranks=ring_ranks(plan),
-                on_step=None if on_ring_step is None else functools.partial(on_ring_step, i),
-            )
-            h = layer.finish(h, out.to(self.dtype))
-            if progress is not None:
-                progress(i + 1)
+        kv = RequestKV(plan.request_id, member, self.pool)
+        try:
+            kv.reserve(len(cmd.input_ids))
+            for s, e in mine:
+                kv.note_positions(s, e)
+            h = self.model.embed(ids)  # [t, hidden], computed rows only
+            cos, sin = self.model.rope(positions, seq_len=plan.prompt_tokens)
+            layers = len(self.model.layers)
+            for i, layer in enumerate(self.model.layers):
+                if should_abort is not None:
+                    here = bool(should_abort())
+                    # On a ring every member takes part in the agreement, whatever it saw itself.
+                    if self._ring_aborts(plan, here) if plan.size > 1 else here:
+                        raise PrefillAborted(i, layers, here)
+                q, k, v = layer.qkv(h, cos, sin)  # q [t, H, d], k/v [t, KVH, d]
+                if cached is not None:  # this member's rows: the loaded ones, then the computed
+                    k = torch.cat([cached.keys[i].to(k.dtype), k])
+                    v = torch.cat([cached.values[i].to(v.dtype), v])
+                out, _lse = ring_attention(
+                    q, k, v, scale=self.model.attn_scale, q_segments=todo,
+                    kv_segments=segments, ring_ranks=ring_ranks(plan),
+                    on_step=None if on_ring_step is None else functools.partial(on_ring_step, i),
+                )
+                self.pool.write(i, kv.pages, 0, k, v)
+                h = layer.finish(h, out.to(self.dtype))
+                if progress is not None:
+                    progress(i + 1)
+        except BaseException:
+            kv.free()  # aborted or failed: the pages go back now
+            raise
+        kv.tokens = len(cmd.input_ids)
 
         active = ActiveRequest(plan, member, kv, cmd.sampling, request_generator(cmd.sampling, self.device),
                                blocks=list(cmd.kv_blocks))
@@ -188,8 +197,8 @@ class WorkerEngine:
                                cached_tokens=n_cached)
         if member == plan.leader():
             last_row = row_of(todo, plan.prompt_tokens - 1)  # the last position is never cached
-            logits = self.model.logits(h[last_row : last_row + 1])[0]
-            result.token_id, result.logprob = sample(logits, cmd.sampling, active.generator)
+            logits = self.model.logits(h[last_row : last_row + 1])
+            (result.token_id,), (result.logprob,) = sample_batch(logits, [cmd.sampling], [active.generator])
         return result
 
     def _ring_aborts(self, plan: RingPlan, here: bool) -> bool:
@@ -207,62 +216,104 @@ class WorkerEngine:
                importance_every: int = 0) -> list[DecodeResult]:
         """One decode step for a batch of requests (each fed the token it generated last).
 
-        Every ring member runs the same layers on the same token; the member named by
-        `append_member` appends the token's K/V to its shard; partials are merged by `fuse` (the
-        fusion service) or, with `collective`, by point-to-point exchange inside each ring.
-        Every `importance_every`-th step (0: never) also adds the attention mass each cached key
-        received to the request's H2O importance (one more pass over the shard's keys).
+        Requests held by this worker alone run as one batch: one paged attention call per layer
+        for all of them, a captured CUDA graph where there is one for the batch's size. Requests
+        spread over a ring run as a second batch whose per-layer partials are merged with the
+        peers' by `fuse` (the fusion service) or, with `collective`, by point-to-point exchange
+        inside the ring; the member named by `append_member` appends the token's K/V to its
+        shard. Every `importance_every`-th step (0: never) also adds the attention mass each
+        cached key received to the request's H2O importance (one more pass over its keys).
         """
-        reqs = [self.requests[s.request_id] for s in steps]
-        ids = torch.tensor([s.token_id for s in steps], dtype=torch.long, device=self.device)
-        h = self.model.embed(ids)  # [B, hidden]
-        cos_sin = [self.model.rope(torch.tensor([s.position], device=self.device), seq_len=s.position + 1) for s in steps]
-        cos = torch.cat([c for c, _ in cos_sin])
-        sin = torch.cat([s for _, s in cos_sin])
-
-        for i, layer in enumerate(self.model.layers):
-            q, k, v = layer.qkv(h, cos, sin)  # q [B, H, d]
-            partials: list[PartialItem] = []
-            for b, (step, req) in enumerate(zip(steps, reqs)):
-                cache = req.kv.layers[i]
-                if step.append_member == req.member:
-                    cache.append(k[b : b + 1], v[b : b + 1])
-                out, lse = decode_partial(q[b : b + 1], cache.keys(), cache.values(), self.model.attn_scale)
-                partials.append(PartialItem(
-                    request_id=step.request_id, step=step.step, layer=i, member=req.member,
-                    parts=req.plan.size, out=out, lse=lse,
-                ))
-            if collective:
-                merged = [
-                    collective_merge(p.out, p.lse, ring_ranks=ring_ranks(req.plan))
-                    for p, req in zip(partials, reqs)
-                ]
-            else:
-                assert fuse is not None
-                merged = [(m.out, m.lse) for m in fuse(partials)]
-            for b, (step, req) in enumerate(zip(steps, reqs)):
-                if importance_every and step.step % importance_every == 0:
-                    cache = req.kv.layers[i]
-                    req.kv.add_mass(key_attention_mass(q[b : b + 1], cache.keys(), self.model.attn_scale,
-                                                       merged[b][1].to(self.device)))
-            attn = torch.cat([o.to(device=self.device, dtype=self.dtype) for o, _ in merged])  # [B, H, d]
-            h = layer.finish(h, attn)
-
-        results = []
-        for b, (step, req) in enumerate(zip(steps, reqs)):
-            if step.append_member == req.member:
-                req.kv.note_positions(step.position, step.position + 1)
-            result = DecodeResult(request_id=step.request_id, member=req.member, step=step.step, ok=True)
-            if req.member == req.plan.leader():
-                logits = self.model.logits(h[b : b + 1])[0]
-                result.token_id, result.logprob = sample(logits, req.sampling, req.generator)
-            results.append(result)
+        results: list[DecodeResult | None] = [None] * len(steps)
+        local = [b for b, s in enumerate(steps) if self.requests[s.request_id].plan.size == 1]
+        ring = [b for b, s in enumerate(steps) if self.requests[s.request_id].plan.size > 1]
+        for rows in (local, ring):
+            if rows:
+                for b, result in zip(rows, self._decode_rows([steps[b] for b in rows], fuse, collective,
+                                                             importance_every)):
+                    results[b] = result
         return results
 
+    def _decode_rows(self, steps: list[DecodeStep], fuse: FuseFn | None, collective: bool,
+                     importance_every: int) -> list[DecodeResult]:
+        reqs = [self.requests[s.request_id] for s in steps]
+        appends = [s.append_member == r.member for s, r in zip(steps, reqs)]
+        slots = [r.kv.next_slot() if a else (SCRATCH_PAGE, 0) for r, a in zip(reqs, appends)]
+        seq_lens = [r.kv.tokens + a for r, a in zip(reqs, appends)]
+        leaders = [b for b, r in enumerate(reqs) if r.member == r.plan.leader()]
+        observed = [b for b, s in enumerate(steps) if importance_every and s.step % importance_every == 0]
+        spread = any(r.plan.size > 1 for r in reqs)
+
+        if self.graphs is not None and not spread and not observed and self.graphs.fits(reqs, seq_lens):
+            logits = self.graphs.run(steps, [r.kv.pages for r in reqs], slots, seq_lens)[leaders]
+        else:
+            x = self._inputs(steps, [r.kv.pages for r in reqs], slots, seq_lens)
+            cos, sin = rope_for(self.model, x.positions, [s.position + 1 for s in steps])
+            merge = self._merger(steps, reqs, fuse, collective) if spread else None
+            observe = self._observer(reqs, observed, seq_lens) if observed else None
+            h = decode_forward(self.model, self.pool, x, cos, sin, merge, observe)
+            logits = self.model.logits(h[leaders]) if leaders else None
+
+        for r, s, a in zip(reqs, steps, appends):
+            if a:
+                r.kv.tokens += 1
+                r.kv.note_positions(s.position, s.position + 1)
+        results = [DecodeResult(request_id=s.request_id, member=r.member, step=s.step, ok=True)
+                   for s, r in zip(steps, reqs)]
+        if leaders:
+            tokens, logprobs = sample_batch(logits, [reqs[b].sampling for b in leaders],
+                                            [reqs[b].generator for b in leaders])
+            for b, token, logprob in zip(leaders, tokens, logprobs):
+                results[b].token_id, results[b].logprob = token, logprob
+        return results
+
+    def _inputs(self, steps: list[DecodeStep], pages: list[list[int]], slots: list[tuple[int, int]],
+                seq_lens: list[int]) -> DecodeInputs:
+        width = max(len(p) for p in pages)
+        table = torch.full((len(steps), width), SCRATCH_PAGE, dtype=torch.int32)
+        for b, p in enumerate(pages):
+            table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        dev = self.device
+        return DecodeInputs(
+            ids=torch.tensor([s.token_id for s in steps], dtype=torch.long, device=dev),
+            positions=torch.tensor([s.position for s in steps], dtype=torch.long, device=dev),
+            write_page=torch.tensor([p for p, _ in slots], dtype=torch.long, device=dev),
+            write_slot=torch.tensor([s for _, s in slots], dtype=torch.long, device=dev),
+            block_table=table.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        )
+
+    def _merger(self, steps: list[DecodeStep], reqs: list[ActiveRequest], fuse: FuseFn | None, collective: bool):
+        """The per-layer merge of the rows' partials with their ring peers' (a request held by
+        this worker alone would merge with nobody: it never gets here)."""
+        def merge(layer: int, out: torch.Tensor, lse: torch.Tensor):
+            if collective:
+                merged = [collective_merge(out[b : b + 1], lse[b : b + 1], ring_ranks=ring_ranks(r.plan))
+                          for b, r in enumerate(reqs)]
+            else:
+                assert fuse is not None
+                partials = [PartialItem(request_id=s.request_id, step=s.step, layer=layer, member=r.member,
+                                        parts=r.plan.size, out=out[b : b + 1], lse=lse[b : b + 1])
+                            for b, (s, r) in enumerate(zip(steps, reqs))]
+                merged = [(m.out, m.lse) for m in fuse(partials)]
+            return (torch.cat([o.to(self.device) for o, _ in merged]),
+                    torch.cat([l.to(self.device) for _, l in merged]))
+        return merge
+
+    def _observer(self, reqs: list[ActiveRequest], rows: list[int], seq_lens: list[int]):
+        """H2O: the softmax mass each cached key of these rows received (with the global lse)."""
+        def observe(layer: int, q: torch.Tensor, lse: torch.Tensor) -> None:
+            for b in rows:
+                keys = reqs[b].kv.keys(layer, 0, seq_lens[b])  # this step's new row included
+                reqs[b].kv.add_mass(key_attention_mass(q[b : b + 1], keys, self.model.attn_scale, lse[b : b + 1]))
+        return observe
+
     def release(self, request_id: str) -> ActiveRequest | None:
-        return self.requests.pop(request_id, None)
+        active = self.requests.pop(request_id, None)
+        if active is not None:
+            active.kv.free()
+        return active
 
     @property
     def kv_tokens(self) -> int:
         return sum(r.kv.tokens for r in self.requests.values())
-

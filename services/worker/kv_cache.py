@@ -1,58 +1,155 @@
-"""The KV cache a worker holds for its share of each request: per layer, growable K/V buffers.
+"""The worker's KV cache: one preallocated pool of fixed-size pages per layer, and per request the
+list of pages that hold its rows (PagedAttention's block table).
 
-Rows are in the order the worker received its tokens (its prompt segments, then the decode tokens
-appended to it); decode attention needs no positions because a new token sees every cached key.
+Rows of a request are in the order the worker received its tokens (its prompt segments, then the
+decode tokens appended to it); row r lives in page `pages[r // page_tokens]`, slot
+`r % page_tokens`. Decode attention needs no positions because a new token sees every cached key.
+
+The pool's storage never moves on CUDA (its addresses are baked into the decode step's CUDA
+graphs); on the CPU it may grow. Page 0 is a scratch page that is never handed out: rows of a
+batch that append nothing (padding, a ring member that does not hold the new token) write there.
+
+Threads: the compute thread allocates, writes and frees; the event loop reads finished rows (prefix
+stores, shard copies) while it holds the sequence (`held()`), so its pages are not reused under it.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-GROWTH = 2  # capacity multiplies by this when full: amortised O(1) appends
+SCRATCH_PAGE = 0
+CPU_GROWTH = 2  # a CPU pool that runs out of pages grows by this factor
 
 
-class LayerKV:
-    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, capacity: int):
-        capacity = max(capacity, 1)
-        self.k = torch.empty(capacity, kv_heads, head_dim, dtype=dtype, device=device)  # [cap, KVH, d]
-        self.v = torch.empty_like(self.k)
-        self.length = 0
+class KVPoolFull(RuntimeError):
+    """The pool has no free page left for a request (placement should have prevented it)."""
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [t, KVH, d]"""
-        need = self.length + k.shape[0]
-        if need > self.k.shape[0]:
-            cap = max(need, self.k.shape[0] * GROWTH)
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                new = torch.empty((cap, *old.shape[1:]), dtype=old.dtype, device=old.device)
-                new[: self.length] = old[: self.length]
-                setattr(self, name, new)
-        self.k[self.length : need] = k
-        self.v[self.length : need] = v
-        self.length = need
 
-    def keys(self) -> torch.Tensor:
-        return self.k[: self.length]
+class KVPool:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, page_tokens: int, pages: int,
+                 dtype: torch.dtype, device: torch.device, growable: bool = False):
+        self.page_tokens = page_tokens
+        self.growable = growable
+        shape = (max(pages, 1) + 1, kv_heads, page_tokens, head_dim)  # + the scratch page
+        # k[layer], v[layer]: [pages, KVH, page_tokens, d]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._free = list(range(shape[0] - 1, SCRATCH_PAGE, -1))  # popped from the end: low ids first
+        self._lock = threading.Lock()
 
-    def values(self) -> torch.Tensor:
-        return self.v[: self.length]
+    @classmethod
+    def for_model(cls, config, page_tokens: int, pages: int, dtype: torch.dtype, device: torch.device,
+                  growable: bool = False) -> "KVPool":
+        return cls(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, page_tokens, pages,
+                   dtype, device, growable)
 
     @property
-    def nbytes(self) -> int:
-        return 2 * self.length * self.k[0].numel() * self.k.element_size()
+    def pages(self) -> int:
+        """Pages that can be handed out (the scratch page excluded)."""
+        return self.k[0].shape[0] - 1
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, rows: int) -> int:
+        return -(-rows // self.page_tokens)
+
+    def alloc(self, n: int) -> list[int]:
+        with self._lock:
+            if n > len(self._free):
+                if not self.growable:
+                    raise KVPoolFull(f"KV pool full: {n} pages asked, {len(self._free)} of {self.pages} free")
+                self._grow(self.pages + n - len(self._free))
+            taken = self._free[-n:] if n else []
+            del self._free[len(self._free) - n:]
+            return taken[::-1]
+
+    def free(self, pages: list[int]) -> None:
+        with self._lock:
+            self._free.extend(sorted(pages, reverse=True))
+
+    def _grow(self, at_least: int) -> None:
+        old = self.k[0].shape[0]
+        new = max(old * CPU_GROWTH, at_least + 1)
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                bigger = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                bigger[:old] = t
+                store[i] = bigger
+        self._free = list(range(new - 1, old - 1, -1)) + self._free
+
+    # ---- rows ------------------------------------------------------------------------------
+    def _slots(self, pages: list[int], lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page id, slot) of rows [lo, hi) of a sequence with these pages."""
+        device = self.k[0].device
+        rows = torch.arange(lo, hi, device=device)
+        table = torch.tensor(pages, dtype=torch.long, device=device)
+        return table[rows // self.page_tokens], rows % self.page_tokens
+
+    def write(self, layer: int, pages: list[int], first_row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [n, KVH, d] become rows [first_row, first_row + n)."""
+        if k.shape[0] == 0:
+            return
+        page, slot = self._slots(pages, first_row, first_row + k.shape[0])
+        self.k[layer][page, :, slot] = k.to(self.k[layer].dtype)
+        self.v[layer][page, :, slot] = v.to(self.v[layer].dtype)
+
+    def read(self, layer: int, pages: list[int], lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [lo, hi) as contiguous copies: k, v [hi - lo, KVH, d]."""
+        page, slot = self._slots(pages, lo, hi)
+        return self.k[layer][page, :, slot], self.v[layer][page, :, slot]
+
+    @property
+    def bytes_per_token(self) -> int:
+        k = self.k[0]
+        return 2 * len(self.k) * k.shape[1] * k.shape[3] * k.element_size()
 
 
 @dataclass
 class RequestKV:
+    """One request's rows on this worker: its pages in the pool, and what the rows are."""
+
     request_id: str
     member: int  # this worker's index in the request's ring
-    layers: list[LayerKV]
+    pool: KVPool
+    pages: list[int] = field(default_factory=list)
+    tokens: int = 0  # rows written
     positions: list[tuple[int, int]] = field(default_factory=list)  # [start, end) runs held, in row order
     # attention mass each row received on sampled decode steps, summed over layers (H2O importance)
     mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    _holders: int = 0
+    _freed: bool = False
+
+    # ---- growth (compute thread) ----------------------------------------------------------
+    def reserve(self, rows: int) -> None:
+        """Pages for `rows` rows in all (allocated ahead of the writes)."""
+        need = self.pool.pages_for(rows) - len(self.pages)
+        if need > 0:
+            self.pages.extend(self.pool.alloc(need))
+
+    def next_slot(self) -> tuple[int, int]:
+        """(page, slot) of the next row, its page allocated if needed."""
+        self.reserve(self.tokens + 1)
+        return self.pages[self.tokens // self.pool.page_tokens], self.tokens % self.pool.page_tokens
+
+    def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Append rows to every layer: keys[layer], values[layer]: [n, KVH, d]."""
+        n = keys[0].shape[0]
+        self.reserve(self.tokens + n)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.pool.write(layer, self.pages, self.tokens, k, v)
+        self.tokens += n
+
+    def note_positions(self, start: int, end: int) -> None:
+        if self.positions and self.positions[-1][1] == start:
+            self.positions[-1] = (self.positions[-1][0], end)
+        else:
+            self.positions.append((start, end))
 
     def add_mass(self, mass: torch.Tensor) -> None:
         """mass: [rows] for the first rows (a prefix of the cache, which only grows)."""
@@ -61,29 +158,68 @@ class RequestKV:
             self.mass = torch.cat([self.mass, torch.zeros(mass.shape[0] - self.mass.shape[0])])
         self.mass[: mass.shape[0]] += mass
 
-    @classmethod
-    def empty(cls, request_id: str, member: int, num_layers: int, kv_heads: int, head_dim: int,
-              dtype: torch.dtype, device: torch.device, capacity: int) -> "RequestKV":
-        layers = [LayerKV(kv_heads, head_dim, dtype, device, capacity) for _ in range(num_layers)]
-        return cls(request_id, member, layers)
+    # ---- reads -----------------------------------------------------------------------------
+    def keys(self, layer: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        return self.pool.read(layer, self.pages, lo, self.tokens if hi is None else hi)[0]
+
+    def values(self, layer: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        return self.pool.read(layer, self.pages, lo, self.tokens if hi is None else hi)[1]
+
+    def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.read(layer, self.pages, lo, hi)
 
     @property
-    def tokens(self) -> int:
-        return self.layers[0].length if self.layers else 0
+    def num_layers(self) -> int:
+        return len(self.pool.k)
+
+    def runs_of_rows(self, first: int, end: int) -> list[tuple[int, int]]:
+        """The positions of rows [first, end), as runs."""
+        return runs_of_rows(self.positions, first, end)
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+        return self.tokens * self.pool.bytes_per_token
 
-    def runs_of_rows(self, first: int, end: int) -> list[tuple[int, int]]:
-        """The positions of rows [first, end), as [start, end) runs."""
-        return runs_of_rows(self.positions, first, end)
+    # ---- lifetime --------------------------------------------------------------------------
+    def acquire(self) -> bool:
+        """Hold the rows for a reader on another thread: the pages are not given back to the pool
+        until `unacquire`. False when the request was already freed (nothing to read)."""
+        with self.pool._lock:
+            if self._freed:
+                return False
+            self._holders += 1
+            return True
 
-    def note_positions(self, start: int, end: int) -> None:
-        if self.positions and self.positions[-1][1] == start:
-            self.positions[-1] = (self.positions[-1][0], end)
-        else:
-            self.positions.append((start, end))
+    def unacquire(self) -> None:
+        with self.pool._lock:
+            self._holders -= 1
+            give_back = self._freed and self._holders == 0
+        if give_back:
+            self._give_back()
+
+    @contextmanager
+    def held(self):
+        """`acquire` for the block; raises KeyError when the request was freed already."""
+        if not self.acquire():
+            raise KeyError(f"request {self.request_id} was released")
+        try:
+            yield self
+        finally:
+            self.unacquire()
+
+    def free(self) -> None:
+        """The request is done here: its pages go back to the pool once no reader holds them."""
+        with self.pool._lock:
+            if self._freed:
+                return
+            self._freed = True
+            give_back = self._holders == 0
+        if give_back:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        pages, self.pages = self.pages, []
+        self.pool.free(pages)
 
 
 def runs_of_rows(runs: list[tuple[int, int]], first: int, end: int) -> list[tuple[int, int]]:

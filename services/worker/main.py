@@ -34,6 +34,7 @@ from shared.messages import (
     AbortCommand,
     DecodeResult,
     DecodeStep,
+    DecodeTokens,
     ErrorCode,
     FusionReply,
     FusionRequest,
@@ -45,6 +46,8 @@ from shared.messages import (
     PrefillResult,
     ReleaseCommand,
     RingPlan,
+    SamplingParams,
+    TokenItem,
     WorkerHeartbeat,
     WorldForm,
     WorldReady,
@@ -53,9 +56,10 @@ from shared.metrics import RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
 from shared.settings import Settings
 from services.worker.aborts import AbortFlags
-from services.worker.capacity import free_device_bytes, kv_capacity_tokens
+from services.worker.batcher import DecodeBatcher
+from services.worker.capacity import free_device_bytes, kv_capacity_tokens, kv_pool_pages
 from services.worker.engine import PrefillAborted, WorkerEngine, causal_block_sparsity
-from services.worker.kv_cache import RequestKV
+from services.worker.kv_cache import KVPool, KVPoolFull, RequestKV
 from services.worker.prefix import CachedRows, PrefixCache, block_masses
 from services.worker.shard_persist import ShardPersister
 from services.worker.world import World
@@ -65,7 +69,9 @@ log = structlog.get_logger("worker")
 PROGRESS_MIN_INTERVAL_S = 0.2
 
 
-def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo]:
+def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None]:
+    """The model, its KV pool (sized from the KV capacity) and, on CUDA, the decode step's
+    graphs; with the model's info and the KV tokens this worker can hold (None: no limit)."""
     from shared.model.loader import load_model
 
     device = torch.device(settings.device)
@@ -83,7 +89,16 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo]:
         dtype=settings.torch_dtype_name,
         sliding_window=cfg.sliding_window,
     )
-    return WorkerEngine(model, device, dtype, dist_timeout_s=settings.dist_timeout_s), info
+    capacity = kv_capacity_tokens(settings, info, free_device_bytes(device))
+    pool = KVPool.for_model(cfg, settings.kv_block_tokens, kv_pool_pages(settings, capacity), dtype, device,
+                            growable=capacity is None)
+    graphs = None
+    if device.type == "cuda" and settings.decode_cuda_graphs and model.rope_is_static:
+        from services.worker.graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(model, pool, settings)
+    engine = WorkerEngine(model, device, dtype, pool, dist_timeout_s=settings.dist_timeout_s, graphs=graphs)
+    return engine, info, capacity
 
 
 class WorkerApp(ServiceApp):
@@ -93,12 +108,12 @@ class WorkerApp(ServiceApp):
     def __init__(self, settings: Settings, worker_id: str | None = None):
         self.settings = settings
         self.worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
-        self.engine, self.model_info = load_engine(settings)
-        self.kv_capacity = kv_capacity_tokens(settings, self.model_info, free_device_bytes(self.engine.device))
+        self.engine, self.model_info, self.kv_capacity = load_engine(settings)
         self.world = World(self.worker_id, settings.advertise_host, settings.dist_timeout_s)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        # (step, reply subject, the sender's trace context)
-        self._decode_queue: asyncio.Queue[tuple[DecodeStep, str | None, otel_context.Context]] = asyncio.Queue()
+        self.batcher = DecodeBatcher(settings.decode_max_batch)
+        self._wake = asyncio.Event()  # something for the decode loop: a request joined, a tick came
+        self._trace_context: dict[str, otel_context.Context] = {}  # request -> its prefill's trace
         self._busy = 0
         self._prefilling: dict[str, RingPlan] = {}  # request -> plan, from command to reply
         self._newest_world = 0
@@ -115,7 +130,7 @@ class WorkerApp(ServiceApp):
         self.loop = asyncio.get_running_loop()
         self.tracer = rt.telemetry.tracer
         self.metrics = RingserveMetrics(rt.telemetry.meter)
-        self.metrics.watch_queue("worker_decode", self._decode_queue.qsize)
+        self.metrics.watch_queue("worker_decode", lambda: len(self.batcher.led) + len(self.batcher.followed))
         bus = rt.bus
         self.prefix = PrefixCache(
             KVBlockStore(self.settings, rt.telemetry.meter, hot_node=f"hot:{self.worker_id}"),
@@ -265,8 +280,9 @@ class WorkerApp(ServiceApp):
                 log.exception("prefill_failed", request_id=rid)
                 span.record_exception(exc)
                 self.engine.release(rid)
-                result = PrefillResult(request_id=rid, member=cmd.member, ok=False,
-                                       error_code=ErrorCode.INTERNAL, error=str(exc)[:500])
+                code = ErrorCode.OVERLOADED if isinstance(exc, KVPoolFull) else ErrorCode.INTERNAL
+                result = PrefillResult(request_id=rid, member=cmd.member, ok=False, error_code=code,
+                                       error=str(exc)[:500])
             if result.ok:
                 self.metrics.record_prefill(len(cmd.input_ids), time.perf_counter() - t0)
                 mine = [(x.start, x.end) for x in cmd.plan.segments[cmd.member]]
@@ -275,12 +291,15 @@ class WorkerApp(ServiceApp):
             log.info("prefill_done", request_id=rid, member=cmd.member, tokens=len(cmd.input_ids),
                      cached=result.cached_tokens, ms=round((time.perf_counter() - t0) * 1000, 2), ok=result.ok)
         self.aborts.clear(rid)  # whatever the outcome: an abort only ever concerns a running prefill
-        await self.rt.bus.reply(msg, result)
         active = self.engine.requests.get(rid) if result.ok else None
         if active is not None:  # absent when a failed ring peer got the request released already
-            self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, cached)))
+            if active.kv.acquire():  # its pages stay this request's until the blocks are stored
+                self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, cached)))
             if self.shards is not None:
                 self.shards.track(rid, cmd.member, active.kv)
+            self._join_decode(cmd, result)
+        self._wake.set()  # ticks that came during the prefill can run now
+        await self.rt.bus.reply(msg, result)
 
     def _report_ring_steps(self, span, steps: list[tuple[int, RingStep]]) -> None:
         """One span event per layer (bytes sent around the ring, host wait), and the metric."""
@@ -313,6 +332,13 @@ class WorkerApp(ServiceApp):
             return cached
 
     async def _store_prefix(self, cmd: PrefillCommand, kv: RequestKV, cached: CachedRows | None) -> None:
+        """Store the blocks this prefill computed; `kv` was acquired for it, and is let go here."""
+        try:
+            await self._store_prefix_held(cmd, kv, cached)
+        finally:
+            kv.unacquire()
+
+    async def _store_prefix_held(self, cmd: PrefillCommand, kv: RequestKV, cached: CachedRows | None) -> None:
         with self.tracer.start_as_current_span("worker.kv_store", attributes={
             "request_id": cmd.plan.request_id, "kv.quant": cmd.plan.kv_quant.value,
         }) as span:
@@ -333,73 +359,94 @@ class WorkerApp(ServiceApp):
         task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------------------- decode
-    async def _on_decode(self, msg: Msg) -> None:
-        try:
-            step = codec.decode(msg.data, DecodeStep)
-        except (codec.CodecError, ValidationError) as exc:
-            await self.rt.bus.reply(msg, DecodeResult(request_id="?", member=-1, step=-1, ok=False,
-                                                      error_code=ErrorCode.INVALID_REQUEST, error=str(exc)[:300]))
+    def _join_decode(self, cmd: PrefillCommand, result: PrefillResult) -> None:
+        """After a prefill: the leader decodes the request from now on (its followers wait for its
+        ticks). A first token that already ends the request ends it here and on the followers."""
+        plan = cmd.plan
+        if cmd.member != plan.leader() or cmd.decode is None:
             return
-        await self._decode_queue.put((step, msg.reply, otel_context.get_current()))
+        rows = [sum(s.end - s.start for s in segs) for segs in plan.segments]
+        self._trace_context[plan.request_id] = otel_context.get_current()
+        if self.batcher.lead(plan, cmd.sampling, cmd.decode, result.token_id, rows):
+            self._wake.set()
+        else:
+            self._keep(asyncio.create_task(self._end_request(plan.request_id, self._followers(plan))))
+
+    @staticmethod
+    def _followers(plan: RingPlan) -> list[str]:
+        return [w for m, w in enumerate(plan.workers) if m != plan.leader()]
+
+    async def _on_decode(self, msg: Msg) -> None:
+        """A ring leader's tick: run this step of its request here too (or end it: `finish`)."""
+        try:
+            tick = codec.decode(msg.data, DecodeStep)
+        except (codec.CodecError, ValidationError) as exc:
+            log.warning("bad_decode_tick", error=str(exc)[:300])
+            return
+        rid = tick.request_id
+        if rid in self.engine.requests or rid in self._prefilling:
+            self._trace_context.setdefault(rid, otel_context.get_current())
+            self.batcher.follow(tick)
+            self._wake.set()
+        elif not tick.finish:
+            log.warning("decode_tick_unknown_request", request_id=rid, step=tick.step)
 
     async def _decode_loop(self) -> None:
+        """Continuous batching: one step for every request decoding here, again and again; requests
+        join after their prefill and leave between steps. Prefills and other compute work queue in
+        the same compute thread between steps."""
         while True:
-            batch = [await self._decode_queue.get()]
-            while not self._decode_queue.empty():
-                batch.append(self._decode_queue.get_nowait())
-            known = [item for item in batch if item[0].request_id in self.engine.requests]
-            for step, reply, _ in batch:
-                if step.request_id not in self.engine.requests and reply:
-                    await self._reply_decode(reply, DecodeResult(request_id=step.request_id, member=-1, step=step.step,
-                                                                 ok=False, error_code=ErrorCode.INVALID_REQUEST,
-                                                                 error="unknown request on this worker"))
-            if known:
-                await self._decode_batch(known)
+            self._wake.clear()
+            steps, ticks, ended = self.batcher.next_batch(set(self.engine.requests))
+            for rid in ended:  # followed requests their leader finished
+                await self._end_request(rid, [])
+            if not steps:
+                await self._wake.wait()
+                continue
+            for workers, tick in ticks:  # the ring runs the step together
+                for worker in workers:
+                    await self.rt.bus.publish(subjects.worker_inbox(worker, "decode"), tick)
+            results = await self._decode_batch(steps)
+            items, finished = self.batcher.on_results(steps, results)
+            by_subject: dict[str, list[TokenItem]] = {}
+            for subject, item in items:
+                by_subject.setdefault(subject, []).append(item)
+            for subject, batch in by_subject.items():
+                await self.rt.bus.publish(subject, DecodeTokens(worker_id=self.worker_id, items=batch))
+            for end in finished:
+                await self._end_request(end.request_id, end.followers)
+            if self.shards is not None:
+                for result in results:
+                    if result.ok:
+                        self.shards.grew(result.request_id)
 
-    async def _decode_batch(self, batch: list[tuple[DecodeStep, str | None, otel_context.Context]]) -> None:
-        steps = [s for s, _, _ in batch]
+    async def _decode_batch(self, steps: list[DecodeStep]) -> list[DecodeResult]:
         collective = self.settings.fusion == "collective"
         # Decode is traced by sampled steps (step 0 and every trace_decode_every-th, as in the
         # fusion service): a span per token per worker would cost more than it tells.
-        traced = [(s, ctx) for s, _, ctx in batch if s.step % self.settings.trace_decode_every == 0]
-        parent = traced[0][1] if traced else batch[0][2]
+        traced = [s for s in steps if s.step % self.settings.trace_decode_every == 0]
+        parent = self._trace_context.get(traced[0].request_id if traced else steps[0].request_id)
         span = None
         if traced:
             span = self.tracer.start_span("worker.decode", context=parent, attributes={
-                "batch": len(steps), "request_ids": [s.request_id for s in steps], "step": traced[0][0].step})
+                "batch": len(steps), "request_ids": [s.request_id for s in steps], "step": traced[0].step})
             parent = trace.set_span_in_context(span, parent)
-        fuse = functools.partial(self._fuse_blocking, context=parent)
+        fuse = functools.partial(self._fuse_blocking, context=parent or otel_context.get_current())
         t0 = time.perf_counter()
         try:
-            if collective:
-                # p2p merges inside each ring: one request at a time, in a fixed order
-                results = []
-                for step in sorted(steps, key=lambda s: s.request_id):
-                    results += await self._run(self.engine.decode, [step], None, True, self._importance_every)
-                by_id = {r.request_id: r for r in results}
-                results = [by_id[s.request_id] for s in steps]
-            else:
-                results = await self._run(self.engine.decode, steps, fuse, False, self._importance_every)
+            results = await self._run(self.engine.decode, steps, fuse, collective, self._importance_every)
         except Exception as exc:
             log.warning("decode_failed", requests=[s.request_id for s in steps], error=str(exc)[:300])
             if span is not None:
                 span.record_exception(exc)
+            code = ErrorCode.OVERLOADED if isinstance(exc, KVPoolFull) else ErrorCode.INTERNAL
             results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
-                                    error_code=ErrorCode.INTERNAL, error=str(exc)[:300]) for s in steps]
+                                    error_code=code, error=str(exc)[:300]) for s in steps]
         finally:
             if span is not None:
                 span.end()
-        self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
-        for (_, reply, _), result in zip(batch, results):
-            if reply:
-                await self._reply_decode(reply, result)
-        if self.shards is not None:
-            for result in results:
-                if result.ok:
-                    self.shards.grew(result.request_id)
-
-    async def _reply_decode(self, reply: str, result: DecodeResult) -> None:
-        await self.rt.bus.publish_raw(reply, codec.encode(result))
+        self.metrics.record_decode(sum(r.ok and r.token_id is not None for r in results), time.perf_counter() - t0)
+        return results
 
     def _fuse_blocking(self, partials: list[PartialItem], context: otel_context.Context) -> list[MergedItem]:
         """Called from the compute thread: send this layer's partials, wait for the merges."""
@@ -443,22 +490,35 @@ class WorkerApp(ServiceApp):
 
     # ------------------------------------------------------------------------------ release
     async def _on_release(self, msg: Msg) -> None:
+        """The scheduler ends a request (stop string, cancel, failure): it leaves the decode loop
+        before the next step; a ring it leads is told to end it too."""
         try:
             cmd = codec.decode(msg.data, ReleaseCommand)
         except (codec.CodecError, ValidationError):
             return
         self.aborts.clear(cmd.request_id)
-        # Released in the compute thread, after any step of this request already queued there.
-        released = await self._run(self.engine.release, cmd.request_id)
+        ended = self.batcher.drop(cmd.request_id)
+        await self._end_request(cmd.request_id, ended.followers if ended is not None else [])
+
+    async def _end_request(self, request_id: str, followers: list[str]) -> None:
+        """Drop a request's KV here (after any step of it already queued in the compute thread)
+        and, for a ring led here, tell the members to drop theirs."""
+        self.batcher.drop(request_id)
+        self._trace_context.pop(request_id, None)
+        for worker in followers:  # after this request's last tick, on the same subject: in order
+            await self.rt.bus.publish(subjects.worker_inbox(worker, "decode"), DecodeStep(
+                request_id=request_id, step=-1, token_id=0, position=0, append_member=0,
+                sampling=SamplingParams(), finish=True))
+        released = await self._run(self.engine.release, request_id)
         if released is not None:
-            log.info("request_released", request_id=cmd.request_id)
+            log.info("request_released", request_id=request_id)
             if released.blocks and released.kv.mass.numel():
                 # H2O: the attention mass the stored blocks received feeds the kvstore's eviction
                 masses = block_masses(released.kv.positions, released.kv.mass, released.blocks)
                 self._keep(asyncio.create_task(self.prefix.index.touch(
                     self.model_info.name, masses, released.plan.kv_quant.value)))
         if self.shards is not None:
-            self.shards.forget(cmd.request_id)
+            self.shards.forget(request_id)
 
 
 def main() -> None:

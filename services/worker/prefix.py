@@ -156,15 +156,16 @@ class PrefixCache:
         refs = [r for r in blocks_inside(block_refs(cmd.kv_blocks), runs) if r.start >= done_below]
         refs = refs[: self.settings.kv_store_max_blocks]
         quant = cmd.plan.kv_quant.value
-        # Views of the cache taken now: later decode appends never touch prompt rows.
-        items: list[list[PutItem]] = []
-        for ref in refs:
-            rows = slice(row_of(runs, ref.start), row_of(runs, ref.start) + ref.end - ref.start)
-            items.append([(i, ref, layer.keys()[rows], layer.values()[rows]) for i, layer in enumerate(kv.layers)])
+        # Prompt rows never change once prefilled; the caller holds `kv` so its pages stay ours.
         stored = 0
         for first in range(0, len(refs), STORE_BATCH_BLOCKS):
             batch = refs[first : first + STORE_BATCH_BLOCKS]
-            batch_items = [item for per_block in items[first : first + STORE_BATCH_BLOCKS] for item in per_block]
+            batch_items: list[PutItem] = []
+            for ref in batch:
+                lo = row_of(runs, ref.start)
+                for i in range(kv.num_layers):
+                    k, v = kv.rows(i, lo, lo + ref.end - ref.start)
+                    batch_items.append((i, ref, k, v))
             written = await self.store.put_blocks(batch_items, self.model_id, quant)
             if not written:
                 break  # Redis is unreachable: the rest would fail the same way

@@ -93,19 +93,24 @@ class ShardPersister:
                     progress.granting = nbytes
                 return granted
 
-        while progress.saved_rows < end and not progress.released:
-            first = progress.saved_rows
-            stop = min(end, first + MAX_INCREMENT_ROWS)
-            ok = await self.shards.save_increment(
-                request_id, progress.member, progress.next_seq, kv.runs_of_rows(first, stop),
-                [layer.keys()[first:stop] for layer in kv.layers], [layer.values()[first:stop] for layer in kv.layers],
-                reserve=reserve,
-            )
-            granted, progress.granting = progress.granting, 0
-            if not ok:
-                progress.credit += granted  # room granted but nothing written: kept for the retry
-                return  # Redis unreachable or no room: these rows go with the next save
-            progress.saved_rows, progress.next_seq = stop, progress.next_seq + 1
+        if not kv.acquire():  # released here already: its pages may be another request's now
+            return
+        try:
+            while progress.saved_rows < end and not progress.released:
+                first = progress.saved_rows
+                stop = min(end, first + MAX_INCREMENT_ROWS)
+                rows = [kv.rows(layer, first, stop) for layer in range(kv.num_layers)]
+                ok = await self.shards.save_increment(
+                    request_id, progress.member, progress.next_seq, kv.runs_of_rows(first, stop),
+                    [k for k, _ in rows], [v for _, v in rows], reserve=reserve,
+                )
+                granted, progress.granting = progress.granting, 0
+                if not ok:
+                    progress.credit += granted  # room granted but nothing written: kept for the retry
+                    return  # Redis unreachable or no room: these rows go with the next save
+                progress.saved_rows, progress.next_seq = stop, progress.next_seq + 1
+        finally:
+            kv.unacquire()
 
     async def _delete(self, request_id: str, progress: _Progress) -> None:
         if progress.saving is not None:

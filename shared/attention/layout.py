@@ -126,3 +126,8 @@ def ring_size_for(context_len: int, chunk_tokens: int, free_workers: int, max_ri
 def segment_tokens(segments: list[Segment]) -> int:
     """Number of tokens (rows) in a list of segments."""
     return sum(end - start for start, end in segments)
+
+
+def append_member(tokens_held: list[int]) -> int:
+    """The ring member that stores the next decode token's K/V: the one holding the fewest."""
+    return min(range(len(tokens_held)), key=lambda m: (tokens_held[m], m))

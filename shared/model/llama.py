@@ -141,6 +141,19 @@ class LlamaModel(nn.Module):
             )
         return rope_cos_sin(positions, inv_freq, attention_factor)
 
+    @property
+    def rope_is_static(self) -> bool:
+        """Whether cos/sin depend on positions only (not on each sequence's length)."""
+        return self._static_rope is not None
+
+    def rope_static(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin of a static rope type, tensor ops only (a CUDA graph can hold them):
+        positions [t] int64 -> [t, head_dim] float32."""
+        inv_freq, attention_factor = self._static_rope
+        if inv_freq.device != positions.device:
+            self._static_rope = inv_freq, attention_factor = inv_freq.to(positions.device), attention_factor
+        return rope_cos_sin(positions, inv_freq, attention_factor)
+
     def logits(self, h: Tensor) -> Tensor:
         """h: [t, hidden] -> logits: [t, vocab] float32."""
         return self.lm_head(self.model.norm(h)).float()

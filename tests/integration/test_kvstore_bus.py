@@ -15,7 +15,7 @@ from opentelemetry import trace
 
 from services.kvstore.main import run
 from services.scheduler.prefix import PrefixIndex
-from services.worker.kv_cache import RequestKV
+from services.worker.kv_cache import KVPool, RequestKV
 from services.worker.shard_persist import ShardPersister
 from shared import codec, subjects
 from shared.bus import Bus, connect
@@ -158,10 +158,10 @@ async def test_a_request_unpins_the_blocks_its_workers_committed_even_when_nothi
 
 
 def _request_kv(rows: int) -> RequestKV:
-    kv = RequestKV.empty("req-s", 0, num_layers=LAYERS, kv_heads=2, head_dim=8, dtype=torch.float32,
-                         device=torch.device("cpu"), capacity=rows)
-    for layer in kv.layers:
-        layer.append(torch.randn(rows, 2, 8), torch.randn(rows, 2, 8))
+    pool = KVPool(LAYERS, kv_heads=2, head_dim=8, page_tokens=4, pages=1, dtype=torch.float32,
+                  device=torch.device("cpu"), growable=True)
+    kv = RequestKV("req-s", 0, pool)
+    kv.extend([torch.randn(rows, 2, 8) for _ in range(LAYERS)], [torch.randn(rows, 2, 8) for _ in range(LAYERS)])
     kv.note_positions(0, rows)
     return kv
 

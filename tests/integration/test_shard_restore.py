@@ -12,7 +12,7 @@ import torch
 from shared.kv.shards import ShardStore, members_key
 from shared.model.loader import load_model
 from shared.settings import Settings
-from services.worker.kv_cache import RequestKV
+from services.worker.kv_cache import KVPool, RequestKV
 from services.worker.shard_persist import ShardPersister
 from tests.helpers.checkpoints import causal_attention, save_tiny_checkpoint, tiny_dims
 from tests.integration.stack import Stack
@@ -170,13 +170,13 @@ async def test_the_persister_saves_the_prefill_then_every_block_of_decode_rows(s
     every = 4
     store = ShardStore(Settings(redis_url=servers.redis_url, kv_shard_ttl_s=60))
     persister = ShardPersister(ShardStore(Settings(redis_url=servers.redis_url, kv_shard_ttl_s=60)), every)
-    kv = RequestKV.empty("req-p", 1, num_layers=2, kv_heads=2, head_dim=4, dtype=torch.float32,
-                         device=torch.device("cpu"), capacity=8)
+    pool = KVPool(2, kv_heads=2, head_dim=4, page_tokens=4, pages=2, dtype=torch.float32,
+                  device=torch.device("cpu"), growable=True)
+    kv = RequestKV("req-p", 1, pool)
 
     def append(start, end):  # rows whose values are their positions
         rows = torch.arange(start, end, dtype=torch.float32)[:, None, None].expand(-1, 2, 4)
-        for layer in kv.layers:
-            layer.append(rows, -rows)
+        kv.extend([rows, rows], [-rows, -rows])
         kv.note_positions(start, end)
 
     async def saved(tokens):

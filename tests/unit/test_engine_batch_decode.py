@@ -1,23 +1,20 @@
 """Batched decode computes what per-request decode computes.
 
-The worker's decode loop hands the engine every step queued at once; the engine runs them as one
-batch through the layers. Here the same requests are prefilled on two engines with single-worker
-plans, then decoded batched on one and one request per call on the other. The fusion service is
-the real one without NATS: its FusionTable merges each layer's partials in process (for a ring
-of one, the degenerate merge the fusion service does)."""
+The worker's decode loop hands the engine every request decoding there at once; the engine runs
+them as one batch through the layers (one paged attention call per layer). Here the same requests
+are prefilled on two engines with single-worker plans, then decoded batched on one and one
+request per call on the other. A request held by one worker has nothing to merge with: the
+fusion service is never asked."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from services.fusion.table import FusionTable
+from tests.helpers.engines import make_engine
 from services.worker.engine import WorkerEngine
 from shared.messages import (
     DecodeStep,
-    FusionRequest,
-    MergedItem,
-    PartialItem,
     PrefillCommand,
     RingPlan,
     SamplingParams,
@@ -64,21 +61,8 @@ class RecordingModel:
         return out
 
 
-class InProcessFusion:
-    """fuse() for the engine: the fusion service's table, every merge recorded by (request, step, layer)."""
-
-    def __init__(self):
-        self.table = FusionTable(timeout_s=60)
-        self.merged: dict[tuple[str, int, int], MergedItem] = {}
-
-    def __call__(self, partials: list[PartialItem]) -> list[MergedItem]:
-        assert all(p.parts == 1 for p in partials)
-        replies = self.table.add(FusionRequest(worker_id="w", items=partials), token="w")
-        assert len(replies) == 1 and replies[0][1].error is None
-        items = replies[0][1].items
-        for item in items:
-            self.merged[(item.request_id, item.step, item.layer)] = item
-        return items
+def never_fuse(partials):
+    raise AssertionError("a request held by one worker went to the fusion service")
 
 
 def ids_of(request_id: str) -> list[int]:
@@ -106,9 +90,8 @@ def step_of(rid: str, step: int, token: int) -> DecodeStep:
 def test_batched_decode_equals_one_request_at_a_time(rope_type):
     model = tiny_model(rope_type)
     batched_model, single_model = RecordingModel(model), RecordingModel(model)
-    batched = WorkerEngine(batched_model, torch.device("cpu"), torch.float32)
-    single = WorkerEngine(single_model, torch.device("cpu"), torch.float32)
-    batched_fusion, single_fusion = InProcessFusion(), InProcessFusion()
+    batched = make_engine(batched_model)
+    single = make_engine(single_model)
 
     first_b, first_s = prefill_all(batched), prefill_all(single)
     assert first_b == first_s
@@ -122,41 +105,72 @@ def test_batched_decode_equals_one_request_at_a_time(rope_type):
         if step % 2:  # the batch order follows the queue, not the request: vary it
             order = order[::-1]
         batched_model.seen.clear()
-        results = batched.decode([step_of(rid, step, last_b[rid]) for rid in order], batched_fusion,
+        results = batched.decode([step_of(rid, step, last_b[rid]) for rid in order], never_fuse,
                                  importance_every=2)
         assert [r.request_id for r in results] == order and all(r.ok for r in results)
-        assert len(batched_model.seen) == len(order)
-        for rid, result, logits in zip(order, results, batched_model.seen):
+        (rows,) = batched_model.seen  # one logits call for the whole batch
+        assert rows.shape[0] == len(order)
+        for rid, result, logits in zip(order, results, rows):
             last_b[rid] = result.token_id
             tokens_b[rid].append(result.token_id)
             logprobs_b[rid, step], logits_b[rid, step] = result.logprob, logits
         for rid in sorted(PROMPTS):  # one request per call, in a fixed order
             single_model.seen.clear()
-            (result,) = single.decode([step_of(rid, step, last_s[rid])], single_fusion, importance_every=2)
+            (result,) = single.decode([step_of(rid, step, last_s[rid])], never_fuse, importance_every=2)
             assert result.ok and len(single_model.seen) == 1
             last_s[rid] = result.token_id
             tokens_s[rid].append(result.token_id)
-            logprobs_s[rid, step], logits_s[rid, step] = result.logprob, single_model.seen[0]
+            logprobs_s[rid, step], logits_s[rid, step] = result.logprob, single_model.seen[0][0]
 
     assert tokens_b == tokens_s
     assert len({t for ts in tokens_b.values() for t in ts}) > 1  # not one token over and over
     for key in logits_s:
         torch.testing.assert_close(logits_b[key], logits_s[key], atol=TOLERANCE, rtol=TOLERANCE, msg=str(key))
         assert logprobs_b[key] == pytest.approx(logprobs_s[key], abs=TOLERANCE)
-    # every layer's attention output (the fused result each layer continues from)
-    assert batched_fusion.merged.keys() == single_fusion.merged.keys()
-    assert len(single_fusion.merged) == len(PROMPTS) * STEPS * model.config.num_hidden_layers
-    for key, merged in single_fusion.merged.items():
-        torch.testing.assert_close(batched_fusion.merged[key].out, merged.out, atol=TOLERANCE, rtol=TOLERANCE,
-                                   msg=str(key))
-        torch.testing.assert_close(batched_fusion.merged[key].lse, merged.lse, atol=TOLERANCE, rtol=TOLERANCE,
-                                   msg=str(key))
     # and what stays behind: the K/V every step appended, the H2O mass of sampled steps
     for rid, n in PROMPTS.items():
         kv_b, kv_s = batched.requests[rid].kv, single.requests[rid].kv
         assert kv_b.tokens == kv_s.tokens == n + STEPS and kv_b.positions == kv_s.positions == [(0, n + STEPS)]
-        for layer_b, layer_s in zip(kv_b.layers, kv_s.layers):
-            torch.testing.assert_close(layer_b.keys(), layer_s.keys(), atol=TOLERANCE, rtol=TOLERANCE)
-            torch.testing.assert_close(layer_b.values(), layer_s.values(), atol=TOLERANCE, rtol=TOLERANCE)
+        for layer in range(model.config.num_hidden_layers):
+            torch.testing.assert_close(kv_b.keys(layer), kv_s.keys(layer), atol=TOLERANCE, rtol=TOLERANCE)
+            torch.testing.assert_close(kv_b.values(layer), kv_s.values(layer), atol=TOLERANCE, rtol=TOLERANCE)
         assert kv_b.mass.sum() > 0
         torch.testing.assert_close(kv_b.mass, kv_s.mass, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_decode_continues_a_reference_forward_over_the_whole_sequence():
+    """The paged decode of a request equals the plain model run over prompt + generated tokens
+    (attention over every earlier position, no cache): pages, slots and rope are right."""
+    model = tiny_model("default")
+    engine = make_engine(model)
+    tokens = [prefill_all(engine)["b"]]
+    for step in range(STEPS):
+        (result,) = engine.decode([step_of("b", step, tokens[-1])], never_fuse)
+        tokens.append(result.token_id)
+    ids = ids_of("b") + tokens
+    with torch.no_grad():
+        logits = model.forward(torch.tensor(ids), torch.arange(len(ids)), _causal_attention(model))
+    assert torch.argmax(logits[PROMPTS["b"] - 1 :], dim=-1).tolist()[: len(tokens)] == tokens
+
+
+def _causal_attention(model):
+    def attend(layer, q, k, v):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * model.attn_scale
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril()
+        return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
+    return attend
+
+
+def test_released_requests_give_their_pages_back():
+    engine = make_engine(tiny_model("default"))
+    prefill_all(engine)  # more pages than the pool had at first: it grew
+    assert engine.pool.free_pages < engine.pool.pages
+    held = engine.requests["a"].kv
+    assert held.acquire()  # a reader on another thread (a prefix store) still reads these rows
+    for rid in PROMPTS:
+        engine.release(rid)
+    assert engine.pool.free_pages == engine.pool.pages - len(held.pages) and engine.kv_tokens == 0
+    held.unacquire()
+    assert engine.pool.free_pages == engine.pool.pages and not held.acquire()

@@ -12,6 +12,7 @@ from shared.messages import ModelInfo, PrefillCommand, RingPlan, SamplingParams,
 from shared.model import LlamaModel, parse_model_config
 from shared.settings import Settings
 from services.scheduler.prefix import PrefixIndex, cached_prompt_tokens, member_blocks
+from tests.helpers.engines import make_engine
 from services.worker.engine import WorkerEngine
 from services.worker.kv_cache import runs_of_rows
 from services.worker.prefix import (
@@ -91,22 +92,22 @@ def _command(request_id: str, ids: list[int], cached: int) -> PrefillCommand:
 
 
 def test_prefill_with_loaded_rows_computes_what_a_full_prefill_computes():
-    engine = WorkerEngine(_model(), torch.device("cpu"), torch.float32)
+    engine = make_engine(_model())
     ids = [(i * 7 + 3) % 64 for i in range(21)]
     full = engine.prefill(_command("full", ids, 0))
     stored = engine.requests["full"].kv
     cached_rows = 3 * BLOCK
-    cached = CachedRows(cached_rows, [layer.keys()[:cached_rows].clone() for layer in stored.layers],
-                        [layer.values()[:cached_rows].clone() for layer in stored.layers])
+    cached = CachedRows(cached_rows, [stored.keys(i, 0, cached_rows) for i in range(stored.num_layers)],
+                        [stored.values(i, 0, cached_rows) for i in range(stored.num_layers)])
 
     hit = engine.prefill(_command("hit", ids, cached_rows), cached=cached)
     assert hit.cached_tokens == cached_rows and full.cached_tokens == 0
     assert hit.token_id == full.token_id and hit.logprob == pytest.approx(full.logprob, abs=1e-5)
     reused = engine.requests["hit"].kv
     assert reused.tokens == len(ids) and reused.positions == [(0, len(ids))]
-    for a, b in zip(stored.layers, reused.layers):
-        torch.testing.assert_close(b.keys(), a.keys(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(b.values(), a.values(), atol=1e-5, rtol=1e-5)
+    for i in range(stored.num_layers):
+        torch.testing.assert_close(reused.keys(i), stored.keys(i), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reused.values(i), stored.values(i), atol=1e-5, rtol=1e-5)
 
     # Wrong rows change the result: the loaded rows are really used.
     wrong = CachedRows(cached_rows, [torch.randn_like(k) for k in cached.keys],

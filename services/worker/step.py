@@ -1,0 +1,63 @@
+"""One decode step of a batch through the model, over the paged KV pool: the recipe that both the
+eager path and the captured CUDA graphs run (gpt-fast's `decode_one_token`, batched and paged).
+
+Per layer: q/k/v of every row, each row's new K/V written to its slot (rows that append nothing
+write the scratch page), one paged attention call for the whole batch, then the rows' partials
+merged with their ring peers' (`merge`, only for requests spread over several workers), and the
+rest of the layer. No host synchronisation anywhere: every input is a device tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from shared.attention.paged import paged_decode_attention
+from services.worker.kv_cache import KVPool
+
+# merge(layer, out [B, H, d], lse [B, H]) -> the global (out, lse) of every row
+MergeFn = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
+# observe(layer, q [B, H, d], lse [B, H]) after the merge: the H2O importance pass
+ObserveFn = Callable[[int, Tensor, Tensor], None]
+
+
+@dataclass
+class DecodeInputs:
+    """A batch of B rows, all on the device."""
+
+    ids: Tensor  # [B] int64, the token fed back
+    positions: Tensor  # [B] int64
+    write_page: Tensor  # [B] int64, where the row's new K/V goes (the scratch page: nowhere)
+    write_slot: Tensor  # [B] int64
+    block_table: Tensor  # [B, W] int32, each row's pages in row order
+    seq_lens: Tensor  # [B] int32, rows each one attends over (after this step's append)
+
+
+def decode_forward(model, pool: KVPool, x: DecodeInputs, cos: Tensor, sin: Tensor,
+                   merge: MergeFn | None = None, observe: ObserveFn | None = None) -> Tensor:
+    """-> h [B, hidden] after the last layer (before the final norm)."""
+    h = model.embed(x.ids)  # [B, hidden]
+    for i, layer in enumerate(model.layers):
+        q, k, v = layer.qkv(h, cos, sin)  # q [B, H, d], k/v [B, KVH, d]
+        pool.k[i][x.write_page, :, x.write_slot] = k
+        pool.v[i][x.write_page, :, x.write_slot] = v
+        out, lse = paged_decode_attention(q, pool.k[i], pool.v[i], x.block_table, x.seq_lens, model.attn_scale)
+        if merge is not None:
+            out, lse = merge(i, out, lse)
+        if observe is not None:
+            observe(i, q, lse)
+        h = layer.finish(h, out.to(h.dtype))
+    return h
+
+
+def rope_for(model, positions: Tensor, seq_lens: list[int]) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, d] of the rows: one call for static rope types; per row where the frequencies
+    depend on each sequence's own length (dynamic NTK)."""
+    if model.rope_is_static:
+        model.config.check_sequence_length(max(seq_lens))
+        return model.rope_static(positions)
+    parts = [model.rope(positions[b : b + 1], seq_len=n) for b, n in enumerate(seq_lens)]
+    return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])

@@ -1,0 +1,225 @@
+"""Decode attention over a paged KV cache: one call per layer for a whole batch (PagedAttention-style).
+
+Shapes:
+  q:             [B, H, d]              one decode query per sequence, model dtype
+  k_pool/v_pool: [pages, KVH, P, d]     one layer's pool; page p, KV head h, slot s (P = page tokens)
+  block_table:   [B, max_pages] int32   page ids of each sequence in row order: row r of
+                                        sequence b is page block_table[b, r // P], slot r % P
+  seq_lens:      [B] int32              rows valid per sequence (0: out 0, lse -inf)
+  -> out [B, H, d] float32, lse [B, H] float32 (natural log), a partial for merge_partials.
+Query head h reads KV head h // (H // KVH).
+
+Two paths:
+  * reference (CPU, float32/float64, anything the kernel refuses): per sequence, gather its rows
+    contiguously and call attention_with_lse, so the numerics are those of the non-paged path.
+  * CUDA bf16/fp16 with Triton: flash-decoding with split-K. Grid (B, KVH, SPLITS); program
+    (b, h, s) reads seq_lens[b] from device memory, takes its share of the sequence's pages,
+    runs an online softmax for the GQA group of kv head h and writes a partial; a second kernel
+    merges the SPLITS partials as merge_partials does. No host sync and no shape depends on
+    seq_lens, so one launch serves any lengths and is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shared.attention.local import attention_with_lse
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds may lack triton: the reference path serves
+    triton = None
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+DEFAULT_SPLITS = 16  # programs per (sequence, kv head); a power of two
+DOT_MIN = 16  # smallest tl.dot side: the GQA group is padded up to this many query rows
+MAX_BLOCK_N = 64  # rows of K/V per inner step (a page of more rows is walked in sub-tiles)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+NUM_WARPS = 4
+NUM_STAGES = 3
+LOG2E = 1 / math.log(2)
+
+
+def gather_rows(pool: torch.Tensor, pages: list[int] | torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of one sequence whose page ids are `pages`, from pool [pages, KVH, P, d] -> [hi-lo, KVH, d]."""
+    _, kv_heads, page, dim = pool.shape
+    if hi <= lo:
+        return pool.new_empty(0, kv_heads, dim)
+    first, last = lo // page, -(-hi // page)
+    ids = torch.as_tensor(pages[first:last], dtype=torch.long, device=pool.device)
+    rows = pool[ids].transpose(1, 2).reshape(-1, kv_heads, dim)  # [(last-first)*P, KVH, d]
+    return rows[lo - first * page : hi - first * page]
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: gather its rows and call attention_with_lse (the non-paged path's numerics)."""
+    batch, heads, dim = q.shape
+    out = torch.zeros(batch, heads, dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((batch, heads), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, n in enumerate(seq_lens.tolist()):
+        if n == 0:
+            continue
+        k = gather_rows(k_pool, block_table[b], 0, n)
+        v = gather_rows(v_pool, block_table[b], 0, n)
+        o, l = attention_with_lse(q[b : b + 1], k, v, scale)
+        out[b], lse[b] = o[0], l[0]
+    return out, lse
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, d] over each sequence's paged K/V -> (out [B, H, d], lse [B, H]), float32.
+
+    splits: Triton programs per (sequence, kv head), a power of two (None: DEFAULT_SPLITS)."""
+    if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape or q.shape[2] != k_pool.shape[3]:
+        raise ValueError(f"want q [B, H, d], pools [pages, KVH, P, d]; got {q.shape}, {k_pool.shape}, {v_pool.shape}")
+    if q.shape[1] % k_pool.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k_pool.shape[1]}")
+    if kernel_supports(q, k_pool, v_pool):
+        return _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits or DEFAULT_SPLITS)
+    return paged_decode_attention_reference(q, k_pool, v_pool, block_table, seq_lens, scale)
+
+
+def kernel_supports(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes these inputs (else the reference path runs)."""
+    page, dim = k_pool.shape[2], k_pool.shape[3]
+    return (
+        triton is not None
+        and q.is_cuda
+        and q.dtype in KERNEL_DTYPES
+        and k_pool.dtype == v_pool.dtype == q.dtype
+        and _pow2(page) and page >= DOT_MIN
+        and _pow2(dim) and MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM
+    )
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits):
+    if not _pow2(splits):
+        raise ValueError(f"splits must be a power of two, got {splits}")
+    batch, heads, dim = q.shape
+    kv_heads, page = k_pool.shape[1], k_pool.shape[2]
+    group = heads // kv_heads
+    q = q.contiguous()
+    block_table = block_table.to(torch.int32)  # no copy when already int32: graph replays see in-place edits
+    seq_lens = seq_lens.to(torch.int32)
+    part_out = torch.empty(batch, splits, heads, dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, splits, heads, dtype=torch.float32, device=q.device)
+    block_n = min(page, MAX_BLOCK_N)
+    _split_kernel[(batch, kv_heads, splits)](
+        q, k_pool, v_pool, block_table, seq_lens, part_out, part_lse,
+        scale * LOG2E, block_table.shape[1], heads,
+        q.stride(0), q.stride(1),
+        *k_pool.stride(), *v_pool.stride(),
+        block_table.stride(0),
+        GROUP=group, GROUP_PAD=max(DOT_MIN, triton.next_power_of_2(group)), HEAD_DIM=dim,
+        PAGE=page, BLOCK_N=block_n, SPLITS=splits, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    out = torch.empty(batch, heads, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, dtype=torch.float32, device=q.device)
+    _merge_kernel[(batch, heads)](part_out, part_lse, out, lse, heads, HEAD_DIM=dim, SPLITS=splits)
+    return out, lse
+
+
+if triton is not None:
+    LN2 = tl.constexpr(math.log(2))
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
+        qk_scale, max_pages, heads,  # qk_scale = scale * log2(e): the softmax runs in base 2
+        stride_qb, stride_qh,
+        stride_kp, stride_kh, stride_ks, stride_kd,
+        stride_vp, stride_vh, stride_vs, stride_vd,
+        stride_tb,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    ):  # fmt: skip
+        """Program (b, kv head h, split s): the GQA group of h over split s's pages of sequence b."""
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        TILES_PER_PAGE: tl.constexpr = PAGE // BLOCK_N
+        seq_len = tl.load(lens_ptr + b)
+        n_pages = tl.minimum(tl.cdiv(seq_len, PAGE), max_pages)  # never read past the table row
+        per_split = tl.cdiv(n_pages, SPLITS)
+        first_page = split * per_split
+        last_page = tl.minimum(first_page + per_split, n_pages)  # <= first_page: an empty split
+        # Tiles of BLOCK_N rows; only the last one (row seq_len - 1) is partial, none is empty.
+        tile_lo = first_page * TILES_PER_PAGE
+        tile_hi = tl.minimum(last_page * TILES_PER_PAGE, tl.cdiv(seq_len, BLOCK_N))
+
+        rows = tl.arange(0, GROUP_PAD)  # query rows of the group; rows >= GROUP are padding
+        row_ok = rows < GROUP
+        head = kvh * GROUP + rows  # [GROUP_PAD]
+        dims = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max of base-2 scores
+        l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)  # [GROUP_PAD, d]
+        table_row = table_ptr + b * stride_tb
+        for t in range(tile_lo, tile_hi):
+            page_id = tl.load(table_row + t // TILES_PER_PAGE).to(tl.int64)  # int64: pools past 2^31 elements
+            slot = (t % TILES_PER_PAGE) * BLOCK_N + offs_n  # [BLOCK_N]
+            valid = t * BLOCK_N + offs_n < seq_len  # [BLOCK_N]
+            k_off = page_id * stride_kp + kvh * stride_kh + slot[:, None] * stride_ks + dims[None, :] * stride_kd
+            v_off = page_id * stride_vp + kvh * stride_vh + slot[:, None] * stride_vs + dims[None, :] * stride_vd
+            k = tl.load(k_ptr + k_off, mask=valid[:, None], other=0.0)  # [BLOCK_N, d]
+            v = tl.load(v_ptr + v_off, mask=valid[:, None], other=0.0)  # [BLOCK_N, d]
+            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N] float32
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))  # finite: column 0 of every tile is valid
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+
+        seen = l > 0.0  # false for every row of an empty split
+        out = acc / tl.where(seen, l, 1.0)[:, None]
+        lse = tl.where(seen, (m + tl.log2(l)) * LN2, float("-inf"))  # base 2 back to natural log
+        part = b * SPLITS + split  # row of part_out [B * SPLITS, H, d], int64
+        tl.store(part_out_ptr + (part * heads + head[:, None]) * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part * heads + head, lse, mask=row_ok)
+
+    @triton.jit
+    def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, heads, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        """Program (b, h): merge the SPLITS partials of query head h, as merge_partials does."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        splits = tl.arange(0, SPLITS)
+        dims = tl.arange(0, HEAD_DIM)
+        part = b * SPLITS + splits  # [SPLITS]
+        lse_s = tl.load(part_lse_ptr + part * heads + h)  # [SPLITS]
+        top = tl.max(lse_s, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # all empty: weights exp(-inf) = 0
+        w = tl.exp(lse_s - top)  # [SPLITS]
+        total = tl.sum(w, 0)
+        o = tl.load(part_out_ptr + (part[:, None] * heads + h) * HEAD_DIM + dims[None, :])  # [SPLITS, d]
+        seen = total > 0.0
+        out = tl.sum(w[:, None] * o, 0) / tl.where(seen, total, 1.0)
+        tl.store(out_ptr + (b * heads + h) * HEAD_DIM + dims, out)
+        tl.store(lse_ptr + b * heads + h, tl.where(seen, top + tl.log(total), float("-inf")))

@@ -244,10 +244,12 @@ class WorkerEngine:
         observed = [b for b, s in enumerate(steps) if importance_every and s.step % importance_every == 0]
         spread = any(r.plan.size > 1 for r in reqs)
 
-        if self.graphs is not None and not spread and not observed and self.graphs.fits(reqs, seq_lens):
-            logits = self.graphs.run(steps, [r.kv.pages for r in reqs], slots, seq_lens)[leaders]
+        pages = [r.kv.pages for r in reqs]
+        if self.graphs is not None and not spread and not observed and self.graphs.fits(pages):
+            self.config.check_sequence_length(max(s.position + 1 for s in steps))
+            logits = self.graphs.run(steps, pages, slots, seq_lens)[leaders]
         else:
-            x = self._inputs(steps, [r.kv.pages for r in reqs], slots, seq_lens)
+            x = self._inputs(steps, pages, slots, seq_lens)
             cos, sin = rope_for(self.model, x.positions, [s.position + 1 for s in steps])
             merge = self._merger(steps, reqs, fuse, collective) if spread else None
             observe = self._observer(reqs, observed, seq_lens) if observed else None

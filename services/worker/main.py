@@ -297,6 +297,7 @@ class WorkerApp(ServiceApp):
                 self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, cached)))
             if self.shards is not None:
                 self.shards.track(rid, cmd.member, active.kv)
+            self._trace_context[rid] = otel_context.get_current()  # its decode joins the request's trace
             self._join_decode(cmd, result)
         self._wake.set()  # ticks that came during the prefill can run now
         await self.rt.bus.reply(msg, result)
@@ -366,7 +367,6 @@ class WorkerApp(ServiceApp):
         if cmd.member != plan.leader() or cmd.decode is None:
             return
         rows = [sum(s.end - s.start for s in segs) for segs in plan.segments]
-        self._trace_context[plan.request_id] = otel_context.get_current()
         if self.batcher.lead(plan, cmd.sampling, cmd.decode, result.token_id, rows):
             self._wake.set()
         else:
@@ -404,8 +404,7 @@ class WorkerApp(ServiceApp):
                 await self._wake.wait()
                 continue
             for workers, tick in ticks:  # the ring runs the step together
-                for worker in workers:
-                    await self.rt.bus.publish(subjects.worker_inbox(worker, "decode"), tick)
+                await self._send_tick(workers, tick)
             results = await self._decode_batch(steps)
             items, finished = self.batcher.on_results(steps, results)
             by_subject: dict[str, list[TokenItem]] = {}
@@ -419,6 +418,17 @@ class WorkerApp(ServiceApp):
                 for result in results:
                     if result.ok:
                         self.shards.grew(result.request_id)
+
+    async def _send_tick(self, workers: list[str], tick: DecodeStep) -> None:
+        """A step (or the end) of a request led here, to the other ring members, in its trace."""
+        context = self._trace_context.get(tick.request_id)
+        token = otel_context.attach(context) if context is not None else None
+        try:
+            for worker in workers:
+                await self.rt.bus.publish(subjects.worker_inbox(worker, "decode"), tick)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
 
     async def _decode_batch(self, steps: list[DecodeStep]) -> list[DecodeResult]:
         collective = self.settings.fusion == "collective"
@@ -496,6 +506,9 @@ class WorkerApp(ServiceApp):
             cmd = codec.decode(msg.data, ReleaseCommand)
         except (codec.CodecError, ValidationError):
             return
+        if cmd.request_id in self._prefilling:  # the scheduler gave up on it: stop the prefill
+            self.aborts.request(cmd.request_id)
+            return
         self.aborts.clear(cmd.request_id)
         ended = self.batcher.drop(cmd.request_id)
         await self._end_request(cmd.request_id, ended.followers if ended is not None else [])
@@ -504,7 +517,15 @@ class WorkerApp(ServiceApp):
         """Drop a request's KV here (after any step of it already queued in the compute thread)
         and, for a ring led here, tell the members to drop theirs."""
         self.batcher.drop(request_id)
-        self._trace_context.pop(request_id, None)
+        context = self._trace_context.pop(request_id, None)
+        token = otel_context.attach(context) if context is not None else None  # logs name its trace
+        try:
+            await self._release(request_id, followers)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    async def _release(self, request_id: str, followers: list[str]) -> None:
         for worker in followers:  # after this request's last tick, on the same subject: in order
             await self.rt.bus.publish(subjects.worker_inbox(worker, "decode"), DecodeStep(
                 request_id=request_id, step=-1, token_id=0, position=0, append_member=0,

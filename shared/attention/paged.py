@@ -34,9 +34,15 @@ except ImportError:  # CPU-only torch builds may lack triton: the reference path
     triton = None
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-DEFAULT_SPLITS = 16  # programs per (sequence, kv head); a power of two
+# Default split count: enough programs (B * KVH * splits) to keep HBM busy, about 2 per SM of
+# an H200 (132 SMs), but never below MIN_SPLITS, so that one long sequence in a batch of short
+# ones still gets that many programs per KV head. Shapes only, so graph-safe. Tuned on an H200
+# (bench/paged_attention.py): 32 for one sequence (B * KVH = 8), 16 for batches.
+TARGET_PROGRAMS = 256
+MIN_SPLITS, MAX_SPLITS = 16, 32
 DOT_MIN = 16  # smallest tl.dot side: the GQA group is padded up to this many query rows
-MAX_BLOCK_N = 64  # rows of K/V per inner step (a page of more rows is walked in sub-tiles)
+MAX_BLOCK_N = 128  # rows of K/V per inner step (a page of more rows is walked in sub-tiles)
+TILE_ELEMENTS = 128 * 128  # at most BLOCK_N * d elements per K (or V) tile: bounds shared memory
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 NUM_WARPS = 4
 NUM_STAGES = 3
@@ -88,13 +94,14 @@ def paged_decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, H, d] over each sequence's paged K/V -> (out [B, H, d], lse [B, H]), float32.
 
-    splits: Triton programs per (sequence, kv head), a power of two (None: DEFAULT_SPLITS)."""
+    splits: Triton programs per (sequence, kv head), a power of two (None: default_splits)."""
     if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape or q.shape[2] != k_pool.shape[3]:
         raise ValueError(f"want q [B, H, d], pools [pages, KVH, P, d]; got {q.shape}, {k_pool.shape}, {v_pool.shape}")
     if q.shape[1] % k_pool.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k_pool.shape[1]}")
     if kernel_supports(q, k_pool, v_pool):
-        return _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits or DEFAULT_SPLITS)
+        splits = splits or default_splits(q.shape[0], k_pool.shape[1])
+        return _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits)
     return paged_decode_attention_reference(q, k_pool, v_pool, block_table, seq_lens, scale)
 
 
@@ -111,6 +118,12 @@ def kernel_supports(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor)
     )
 
 
+def default_splits(batch: int, kv_heads: int) -> int:
+    """Programs per (sequence, kv head) when the caller names none: a power of two."""
+    want = -(-TARGET_PROGRAMS // max(batch * kv_heads, 1))
+    return min(max(1 << (want - 1).bit_length(), MIN_SPLITS), MAX_SPLITS)
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -121,24 +134,29 @@ def _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits
     batch, heads, dim = q.shape
     kv_heads, page = k_pool.shape[1], k_pool.shape[2]
     group = heads // kv_heads
-    q = q.contiguous()
-    block_table = block_table.to(torch.int32)  # no copy when already int32: graph replays see in-place edits
-    seq_lens = seq_lens.to(torch.int32)
-    part_out = torch.empty(batch, splits, heads, dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, splits, heads, dtype=torch.float32, device=q.device)
-    block_n = min(page, MAX_BLOCK_N)
-    _split_kernel[(batch, kv_heads, splits)](
-        q, k_pool, v_pool, block_table, seq_lens, part_out, part_lse,
-        scale * LOG2E, block_table.shape[1], heads,
-        q.stride(0), q.stride(1),
-        *k_pool.stride(), *v_pool.stride(),
-        block_table.stride(0),
-        GROUP=group, GROUP_PAD=max(DOT_MIN, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        PAGE=page, BLOCK_N=block_n, SPLITS=splits, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )  # fmt: skip
     out = torch.empty(batch, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, dtype=torch.float32, device=q.device)
-    _merge_kernel[(batch, heads)](part_out, part_lse, out, lse, heads, HEAD_DIM=dim, SPLITS=splits)
+    if batch == 0:
+        return out, lse
+    q = q.contiguous()
+    # No copies when already int32 and contiguous; a copy made here is captured with the launch,
+    # so graph replays still follow in-place edits of the caller's tensors.
+    block_table = block_table.to(torch.int32)
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    part_out = torch.empty(batch, splits, heads, dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, splits, heads, dtype=torch.float32, device=q.device)
+    block_n = min(page, MAX_BLOCK_N, TILE_ELEMENTS // dim)
+    with torch.cuda.device(q.device):  # Triton launches on the current device
+        _split_kernel[(batch, kv_heads, splits)](
+            q, k_pool, v_pool, block_table, seq_lens, part_out, part_lse,
+            scale * LOG2E, block_table.shape[1], heads,
+            q.stride(0), q.stride(1),
+            *k_pool.stride(), *v_pool.stride(),
+            *block_table.stride(),
+            GROUP=group, GROUP_PAD=max(DOT_MIN, triton.next_power_of_2(group)), HEAD_DIM=dim,
+            PAGE=page, BLOCK_N=block_n, SPLITS=splits, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )  # fmt: skip
+        _merge_kernel[(batch, heads)](part_out, part_lse, out, lse, heads, HEAD_DIM=dim, SPLITS=splits)
     return out, lse
 
 
@@ -152,7 +170,7 @@ if triton is not None:
         stride_qb, stride_qh,
         stride_kp, stride_kh, stride_ks, stride_kd,
         stride_vp, stride_vh, stride_vs, stride_vd,
-        stride_tb,
+        stride_tb, stride_tp,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
     ):  # fmt: skip
@@ -182,7 +200,7 @@ if triton is not None:
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)  # [GROUP_PAD, d]
         table_row = table_ptr + b * stride_tb
         for t in range(tile_lo, tile_hi):
-            page_id = tl.load(table_row + t // TILES_PER_PAGE).to(tl.int64)  # int64: pools past 2^31 elements
+            page_id = tl.load(table_row + (t // TILES_PER_PAGE) * stride_tp).to(tl.int64)  # int64: pools > 2^31
             slot = (t % TILES_PER_PAGE) * BLOCK_N + offs_n  # [BLOCK_N]
             valid = t * BLOCK_N + offs_n < seq_len  # [BLOCK_N]
             k_off = page_id * stride_kp + kvh * stride_kh + slot[:, None] * stride_ks + dims[None, :] * stride_kd
@@ -206,7 +224,9 @@ if triton is not None:
         tl.store(part_lse_ptr + part * heads + head, lse, mask=row_ok)
 
     @triton.jit
-    def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, heads, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    def _merge_kernel(
+        part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, heads, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr
+    ):
         """Program (b, h): merge the SPLITS partials of query head h, as merge_partials does."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)

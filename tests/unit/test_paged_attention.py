@@ -134,6 +134,10 @@ def test_triton_matches_reference_and_replays_from_a_graph(heads, kv_heads, dim,
     want = paged_decode_attention_reference(q, k_pool, v_pool, table, seq_lens, scale)
     assert_close_bf16(paged_decode_attention(q, k_pool, v_pool, table, seq_lens, scale), want)
     assert_close_bf16(paged_decode_attention(q, k_pool, v_pool, table, seq_lens, scale, splits=1), want)
+    column_major = table.t().contiguous().t()  # same values, row stride 1: strides are honoured
+    assert_close_bf16(paged_decode_attention(q, k_pool, v_pool, column_major, seq_lens, scale), want)
+    out, lse = paged_decode_attention(q[:0], k_pool, v_pool, table[:0], seq_lens[:0], scale)
+    assert out.shape == (0, heads, dim) and lse.shape == (0, heads)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

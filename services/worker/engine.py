@@ -131,6 +131,7 @@ class WorkerEngine:
         self.pool = pool
         self.graphs = graphs  # DecodeGraphs (CUDA), or None: every step eager
         self.requests: dict[str, ActiveRequest] = {}
+        self._steps = 0  # decode batches run: every importance_every-th is observed
         self.groups = RingGroups(None if dist_timeout_s is None else datetime.timedelta(seconds=dist_timeout_s))
 
     # ------------------------------------------------------------------------------ prefill
@@ -221,8 +222,8 @@ class WorkerEngine:
         spread over a ring run as a second batch whose per-layer partials are merged with the
         peers' by `fuse` (the fusion service) or, with `collective`, by point-to-point exchange
         inside the ring; the member named by `append_member` appends the token's K/V to its
-        shard. Every `importance_every`-th step (0: never) also adds the attention mass each
-        cached key received to the request's H2O importance (one more pass over its keys).
+        shard. Every `importance_every`-th batch (0: never) also adds the attention mass each
+        cached key received to its request's H2O importance (one more pass over the keys).
         """
         results: list[DecodeResult | None] = [None] * len(steps)
         local = [b for b, s in enumerate(steps) if self.requests[s.request_id].plan.size == 1]
@@ -241,7 +242,10 @@ class WorkerEngine:
         slots = [r.kv.next_slot() if a else (SCRATCH_PAGE, 0) for r, a in zip(reqs, appends)]
         seq_lens = [r.kv.tokens + a for r, a in zip(reqs, appends)]
         leaders = [b for b, r in enumerate(reqs) if r.member == r.plan.leader()]
-        observed = [b for b, s in enumerate(steps) if importance_every and s.step % importance_every == 0]
+        # One step in `importance_every` of the worker's (not of each request's, which would
+        # leave few steps for the graphs once requests are staggered) observes all its rows.
+        self._steps += 1
+        observed = list(range(len(steps))) if importance_every and self._steps % importance_every == 0 else []
         spread = any(r.plan.size > 1 for r in reqs)
 
         pages = [r.kv.pages for r in reqs]

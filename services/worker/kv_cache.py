@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.attention.paged import gather_rows
+
 SCRATCH_PAGE = 0
 CPU_GROWTH = 2  # a CPU pool that runs out of pages grows by this factor
 
@@ -84,25 +86,23 @@ class KVPool:
         self._free = list(range(new - 1, old - 1, -1)) + self._free
 
     # ---- rows ------------------------------------------------------------------------------
-    def _slots(self, pages: list[int], lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(page id, slot) of rows [lo, hi) of a sequence with these pages."""
-        device = self.k[0].device
-        rows = torch.arange(lo, hi, device=device)
-        table = torch.tensor(pages, dtype=torch.long, device=device)
-        return table[rows // self.page_tokens], rows % self.page_tokens
-
     def write(self, layer: int, pages: list[int], first_row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [n, KVH, d] become rows [first_row, first_row + n)."""
+        """k, v: [n, KVH, d] become rows [first_row, first_row + n) of a sequence with these pages."""
         if k.shape[0] == 0:
             return
-        page, slot = self._slots(pages, first_row, first_row + k.shape[0])
+        device = self.k[layer].device
+        rows = torch.arange(first_row, first_row + k.shape[0], device=device)
+        page = torch.tensor(pages, dtype=torch.long, device=device)[rows // self.page_tokens]
+        slot = rows % self.page_tokens
         self.k[layer][page, :, slot] = k.to(self.k[layer].dtype)
         self.v[layer][page, :, slot] = v.to(self.v[layer].dtype)
 
-    def read(self, layer: int, pages: list[int], lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [lo, hi) as contiguous copies: k, v [hi - lo, KVH, d]."""
-        page, slot = self._slots(pages, lo, hi)
-        return self.k[layer][page, :, slot], self.v[layer][page, :, slot]
+    def read_keys(self, layer: int, pages: list[int], lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of K as a contiguous copy [hi - lo, KVH, d]."""
+        return gather_rows(self.k[layer], pages, lo, hi)
+
+    def read_values(self, layer: int, pages: list[int], lo: int, hi: int) -> torch.Tensor:
+        return gather_rows(self.v[layer], pages, lo, hi)
 
     @property
     def bytes_per_token(self) -> int:
@@ -160,13 +160,14 @@ class RequestKV:
 
     # ---- reads -----------------------------------------------------------------------------
     def keys(self, layer: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        return self.pool.read(layer, self.pages, lo, self.tokens if hi is None else hi)[0]
+        return self.pool.read_keys(layer, self.pages, lo, self.tokens if hi is None else hi)
 
     def values(self, layer: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        return self.pool.read(layer, self.pages, lo, self.tokens if hi is None else hi)[1]
+        return self.pool.read_values(layer, self.pages, lo, self.tokens if hi is None else hi)
 
     def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pool.read(layer, self.pages, lo, hi)
+        """Rows [lo, hi) of K and V, contiguous copies [hi - lo, KVH, d]."""
+        return self.keys(layer, lo, hi), self.values(layer, lo, hi)
 
     @property
     def num_layers(self) -> int:

@@ -106,7 +106,7 @@ def test_batched_decode_equals_one_request_at_a_time(rope_type):
             order = order[::-1]
         batched_model.seen.clear()
         results = batched.decode([step_of(rid, step, last_b[rid]) for rid in order], never_fuse,
-                                 importance_every=2)
+                                 importance_every=1)
         assert [r.request_id for r in results] == order and all(r.ok for r in results)
         (rows,) = batched_model.seen  # one logits call for the whole batch
         assert rows.shape[0] == len(order)
@@ -116,7 +116,7 @@ def test_batched_decode_equals_one_request_at_a_time(rope_type):
             logprobs_b[rid, step], logits_b[rid, step] = result.logprob, logits
         for rid in sorted(PROMPTS):  # one request per call, in a fixed order
             single_model.seen.clear()
-            (result,) = single.decode([step_of(rid, step, last_s[rid])], never_fuse, importance_every=2)
+            (result,) = single.decode([step_of(rid, step, last_s[rid])], never_fuse, importance_every=1)
             assert result.ok and len(single_model.seen) == 1
             last_s[rid] = result.token_id
             tokens_s[rid].append(result.token_id)

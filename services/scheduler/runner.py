@@ -17,6 +17,7 @@ import structlog
 from opentelemetry import trace
 from pydantic import BaseModel
 
+from shared.bus import inject_headers
 from shared.kv.keys import BlockRef
 from shared.messages import (
     DecodePlan,
@@ -162,7 +163,7 @@ class RequestRunner:
         s = self.s
         sampling = sampling_of(s.request)
         decode = DecodePlan(max_new_tokens=s.request.max_new_tokens, stop_token_ids=sorted(self.eos_ids),
-                            events=self.port.events_subject)
+                            events=self.port.events_subject, trace=inject_headers())
         cmds = [
             PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, s.prompt_ids, m), sampling=sampling,
                            cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]),

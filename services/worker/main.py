@@ -20,6 +20,7 @@ import structlog
 import torch
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from opentelemetry import trace
 from pydantic import ValidationError
 
@@ -297,7 +298,9 @@ class WorkerApp(ServiceApp):
                 self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, cached)))
             if self.shards is not None:
                 self.shards.track(rid, cmd.member, active.kv)
-            self._trace_context[rid] = otel_context.get_current()  # its decode joins the request's trace
+            # its decode spans hang under the request's root span
+            self._trace_context[rid] = (propagate.extract(cmd.decode.trace) if cmd.decode is not None
+                                        else otel_context.get_current())
             self._join_decode(cmd, result)
         self._wake.set()  # ticks that came during the prefill can run now
         await self.rt.bus.reply(msg, result)
@@ -455,7 +458,7 @@ class WorkerApp(ServiceApp):
         finally:
             if span is not None:
                 span.end()
-        self.metrics.record_decode(sum(r.ok and r.token_id is not None for r in results), time.perf_counter() - t0)
+        self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
         return results
 
     def _fuse_blocking(self, partials: list[PartialItem], context: otel_context.Context) -> list[MergedItem]:

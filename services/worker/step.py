@@ -44,7 +44,8 @@ def decode_forward(model, pool: KVPool, x: DecodeInputs, cos: Tensor, sin: Tenso
         q, k, v = layer.qkv(h, cos, sin)  # q [B, H, d], k/v [B, KVH, d]
         pool.k[i][x.write_page, :, x.write_slot] = k
         pool.v[i][x.write_page, :, x.write_slot] = v
-        out, lse = paged_decode_attention(q, pool.k[i], pool.v[i], x.block_table, x.seq_lens, model.attn_scale)
+        out, lse = paged_decode_attention(q, pool.k[i], pool.v[i], x.block_table, x.seq_lens, model.attn_scale,
+                                          need_lse=merge is not None or observe is not None)
         if merge is not None:
             out, lse = merge(i, out, lse)
         if observe is not None:

@@ -91,10 +91,13 @@ def paged_decode_attention(
     scale: float,
     *,
     splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [B, H, d] over each sequence's paged K/V -> (out [B, H, d], lse [B, H]), float32.
 
-    splits: Triton programs per (sequence, kv head), a power of two (None: default_splits)."""
+    splits: Triton programs per (sequence, kv head), a power of two (None: default_splits).
+    need_lse False (nothing to merge, no importance pass): off the kernel's path, one fused SDPA
+    call over the batch's gathered rows replaces the per-sequence reference, and lse is None."""
     if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape or q.shape[2] != k_pool.shape[3]:
         raise ValueError(f"want q [B, H, d], pools [pages, KVH, P, d]; got {q.shape}, {k_pool.shape}, {v_pool.shape}")
     if q.shape[1] % k_pool.shape[1]:
@@ -102,7 +105,23 @@ def paged_decode_attention(
     if kernel_supports(q, k_pool, v_pool):
         splits = splits or default_splits(q.shape[0], k_pool.shape[1])
         return _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits)
+    if not need_lse:
+        return _paged_decode_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale), None
     return paged_decode_attention_reference(q, k_pool, v_pool, block_table, seq_lens, scale)
+
+
+def _paged_decode_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale) -> torch.Tensor:
+    """The batch in one fused call: every sequence's pages gathered to the widest one's length,
+    the rows past each sequence's length masked. Every sequence needs at least one row."""
+    batch, heads, dim = q.shape
+    kv_heads, page = k_pool.shape[1], k_pool.shape[2]
+    pages = block_table.long()  # [B, W]
+    k = k_pool[pages].transpose(1, 2).reshape(batch, kv_heads, -1, dim)  # [B, KVH, W * P, d]
+    v = v_pool[pages].transpose(1, 2).reshape(batch, kv_heads, -1, dim)
+    seen = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, W * P]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=seen[:, None, None, :], scale=scale, enable_gqa=True)
+    return out[:, :, 0].float()  # [B, H, d]
 
 
 def kernel_supports(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:

@@ -148,3 +148,15 @@ def test_triton_matches_reference_and_replays_from_a_graph(heads, kv_heads, dim,
     graph.replay()
     torch.cuda.synchronize()
     assert_close_bf16(got, paged_decode_attention_reference(q, k_pool, v_pool, table, seq_lens, scale))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1)])
+def test_without_lse_one_fused_call_gives_the_reference_output(heads, kv_heads):
+    """The path of a batch with nothing to merge: the rows of every sequence gathered to the
+    widest one's length, the rest masked, one SDPA call."""
+    lens = [1, PAGE, PAGE + 1, 5 * PAGE + 2]  # every sequence has a row: a decode token sees itself
+    q, k_pool, v_pool, table, seq_lens, _ = make_cache(lens, heads, kv_heads, 16, PAGE, seed=3)
+    out, lse = paged_decode_attention(q, k_pool, v_pool, table, seq_lens, 0.25, need_lse=False)
+    ref_out, _ = paged_decode_attention_reference(q, k_pool, v_pool, table, seq_lens, 0.25)
+    assert lse is None and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, atol=TOLERANCE, rtol=TOLERANCE)

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     decode_max_batch: int = Field(default=64, ge=1)
     # Capture the decode step in CUDA graphs (one per batch-size bucket) on CUDA workers.
     decode_cuda_graphs: bool = True
+    # Prefill runs each layer's MLP over at most this many tokens at once: the activations of a
+    # long prompt stay small beside the KV pool, which takes kv_memory_fraction of the GPU.
+    prefill_mlp_chunk_tokens: int = Field(default=8192, ge=1)
     # The KV pool of a worker without a capacity (CPU) starts this large, in tokens, and grows.
     kv_pool_initial_tokens: int = Field(default=16384, ge=1)
 

@@ -123,13 +123,14 @@ class ActiveRequest:
 
 class WorkerEngine:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, pool: KVPool,
-                 dist_timeout_s: float | None = None, graphs=None):
+                 dist_timeout_s: float | None = None, graphs=None, finish_chunk_tokens: int = 8192):
         self.model = model
         self.config = model.config
         self.device = device
         self.dtype = dtype
         self.pool = pool
         self.graphs = graphs  # DecodeGraphs (CUDA), or None: every step eager
+        self.finish_chunk_tokens = finish_chunk_tokens  # prefill rows per MLP call
         self.requests: dict[str, ActiveRequest] = {}
         self._steps = 0  # decode batches run: every importance_every-th is observed
         self.groups = RingGroups(None if dist_timeout_s is None else datetime.timedelta(seconds=dist_timeout_s))
@@ -183,7 +184,13 @@ class WorkerEngine:
                     on_step=None if on_ring_step is None else functools.partial(on_ring_step, i),
                 )
                 self.pool.write(i, kv.pages, 0, k, v)
-                h = layer.finish(h, out.to(self.dtype))
+                del q, k, v
+                # Row by row the same math; in slices, the MLP's [t, intermediate] activations of a
+                # long prompt (3.5 GiB per tensor at 128K tokens of an 8B model) stay bounded.
+                for lo in range(0, h.shape[0], self.finish_chunk_tokens):
+                    hi = lo + self.finish_chunk_tokens
+                    h[lo:hi] = layer.finish(h[lo:hi], out[lo:hi].to(self.dtype))
+                del out
                 if progress is not None:
                     progress(i + 1)
         except BaseException:

@@ -98,7 +98,8 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None
         from services.worker.graphs import DecodeGraphs
 
         graphs = DecodeGraphs(model, pool, settings)
-    engine = WorkerEngine(model, device, dtype, pool, dist_timeout_s=settings.dist_timeout_s, graphs=graphs)
+    engine = WorkerEngine(model, device, dtype, pool, dist_timeout_s=settings.dist_timeout_s, graphs=graphs,
+                          finish_chunk_tokens=settings.prefill_mlp_chunk_tokens)
     return engine, info, capacity
 
 

@@ -174,3 +174,12 @@ def test_released_requests_give_their_pages_back():
     assert engine.pool.free_pages == engine.pool.pages - len(held.pages) and engine.kv_tokens == 0
     held.unacquire()
     assert engine.pool.free_pages == engine.pool.pages and not held.acquire()
+
+
+def test_a_prefill_in_mlp_slices_computes_what_one_pass_computes():
+    model = tiny_model("default")
+    whole, sliced = make_engine(model), make_engine(model, finish_chunk_tokens=3)
+    assert prefill_all(whole) == prefill_all(sliced)
+    for rid in PROMPTS:
+        torch.testing.assert_close(sliced.requests[rid].kv.keys(2), whole.requests[rid].kv.keys(2),
+                                   atol=TOLERANCE, rtol=TOLERANCE)

@@ -38,8 +38,12 @@ from shared.settings import Settings  # noqa: E402
 
 DEFAULT_WORKDIR = ".ringserve/bench-serve"
 # What each mode measures unless a flag says otherwise.
-FULL_DEFAULTS = dict(lengths="8192,32768,131072", new_tokens=64, reps=3, concurrent=32, concurrent_prompt=8192)
-TINY_DEFAULTS = dict(lengths="64,256", new_tokens=16, reps=1, concurrent=8, concurrent_prompt=64)
+# Concurrent requests get more new tokens: their prefills run one after another first, and the
+# decode of the whole batch (what --concurrent measures) only starts once the last one is done.
+FULL_DEFAULTS = dict(lengths="8192,32768,131072", new_tokens=64, reps=3, concurrent=32, concurrent_prompt=8192,
+                     concurrent_new_tokens=256)
+TINY_DEFAULTS = dict(lengths="64,256", new_tokens=16, reps=1, concurrent=8, concurrent_prompt=64,
+                     concurrent_new_tokens=32)
 WARMUP_REQUESTS = 1  # per prompt length, before the timed ones
 # Service environment of each configuration; the services restart between configurations.
 CONFIGS: dict[str, dict[str, str]] = {"defaults": {}, "nostore": {"RINGSERVE_KV_STORE_ENABLED": "false"}}
@@ -140,7 +144,8 @@ def timing_record(t0: float, sent: float, token_times: list[float], done: float,
     """Client-side timings, seconds relative to t0; decode tok/s between the first and last token."""
     first, last = token_times[0], token_times[-1]
     return dict(sent_s=sent - t0, first_token_s=first - t0, end_s=done - t0, ttft_ms=(first - sent) * MS_PER_S,
-                decode_tok_s=(completion - 1) / (last - first) if completion > 1 and last > first else None)
+                decode_tok_s=(completion - 1) / (last - first) if completion > 1 and last > first else None,
+                token_times_s=[t - t0 for t in token_times])
 
 
 async def stream_one(client: RingserveClient, ids: list[int], new_tokens: int, t0: float | None = None) -> dict:
@@ -170,10 +175,18 @@ def single_summary(length: int, records: list[dict]) -> dict:
 
 
 def concurrent_summary(prompt: int, records: list[dict]) -> dict:
-    """Aggregate tok/s: all completion tokens over the time from the first token of any to the end."""
+    """Aggregate tok/s: all completion tokens over the time from the first token of any to the end.
+    Batch decode tok/s: the tokens that came after every request had its first one (all were
+    decoding together), over that phase's length: the decode throughput of the whole batch."""
     span = max(r["end_s"] for r in records) - min(r["first_token_s"] for r in records)
     ttfts = [r["ttft_ms"] for r in records]
+    together = max(r["first_token_s"] for r in records)
+    batch_phase = max(r["end_s"] for r in records) - together
+    batch_tokens = sum(1 for r in records for t in r["token_times_s"] if t > together)
+    for r in records:
+        del r["token_times_s"]
     return dict(requests_at_once=len(records), prompt_tokens=prompt,
+                batch_decode_tok_s=batch_tokens / batch_phase if batch_phase > 0 and batch_tokens else None,
                 aggregate_tok_s=sum(r["completion_tokens"] for r in records) / span if span > 0 else None,
                 wall_s=max(r["end_s"] for r in records), ttft_p50_ms=percentile(ttfts, P50),
                 ttft_p99_ms=percentile(ttfts, P99), decode_tok_s_median=median_of(records, "decode_tok_s"),
@@ -209,16 +222,19 @@ async def measure_stack(client: RingserveClient, args: argparse.Namespace, vocab
     for length in args.lengths:
         records = [await stream_one(client, prompt_ids(args.seed, "single", length, index, vocab), args.new_tokens)
                    for index in range(WARMUP_REQUESTS + args.reps)][WARMUP_REQUESTS:]
+        for r in records:
+            del r["token_times_s"]
         single.append(single_summary(length, records))
         print(f"  {length} tokens: ttft {single[-1]['ttft_ms']:.1f} ms, "
               f"decode {single[-1]['decode_tok_s'] or 0:.1f} tok/s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     records = await asyncio.gather(*(
-        stream_one(client, prompt_ids(args.seed, "concurrent", args.concurrent_prompt, i, vocab), args.new_tokens, t0)
+        stream_one(client, prompt_ids(args.seed, "concurrent", args.concurrent_prompt, i, vocab),
+                   args.concurrent_new_tokens, t0)
         for i in range(args.concurrent)))
     concurrent = concurrent_summary(args.concurrent_prompt, list(records))
-    print(f"  {args.concurrent} x {args.concurrent_prompt}: {concurrent['aggregate_tok_s'] or 0:.1f} tok/s",
-          file=sys.stderr, flush=True)
+    print(f"  {args.concurrent} x {args.concurrent_prompt}: batch decode {concurrent['batch_decode_tok_s'] or 0:.1f} "
+          f"tok/s, aggregate {concurrent['aggregate_tok_s'] or 0:.1f} tok/s", file=sys.stderr, flush=True)
     return dict(single=single, concurrent=concurrent)
 
 
@@ -243,7 +259,65 @@ async def bench_config(name: str, args: argparse.Namespace, settings: Settings, 
         stack.stop()
 
 
-# ---- the in-process peer -----------------------------------------------------------------------
+# ---- in process: the worker's engine alone, and transformers ----------------------------------
+
+
+def run_engine(args: argparse.Namespace, model_dir: Path, vocab: int) -> dict:
+    """The worker's own engine (same settings, KV pool and CUDA graphs as a worker) driven in this
+    process: prefill, then one decode step after another. The stack's figures minus these are
+    what the services add (bus, event loops, scheduler, streaming)."""
+    from services.worker.main import load_engine
+    from shared.messages import DecodeStep, PrefillCommand, RingPlan, SamplingParams, Segment
+
+    engine, _, _ = load_engine(Settings(model=str(model_dir), device=args.device))
+    greedy = SamplingParams()
+
+    def prefill(rid: str, ids: list[int]) -> tuple[int, float]:
+        n = len(ids)
+        plan = RingPlan(request_id=rid, workers=["w"], world_ranks=[0], world_generation=0, chunk_tokens=n,
+                        segments=[[Segment(start=0, end=n)]], prompt_tokens=n, fusion_partition="-")
+        started = time.perf_counter()
+        token = engine.prefill(PrefillCommand(plan=plan, member=0, input_ids=ids, sampling=greedy)).token_id
+        return token, time.perf_counter() - started
+
+    def decode(last: dict[str, int], prompt: dict[str, int], steps: int) -> float:
+        """Median seconds per step of the batch `last` (each step ends with its host sync)."""
+        times = []
+        for step in range(steps):
+            batch = [DecodeStep(request_id=rid, step=step, token_id=token, position=prompt[rid] + step,
+                                append_member=0, sampling=greedy) for rid, token in last.items()]
+            started = time.perf_counter()
+            for s, result in zip(batch, engine.decode(batch, fuse=None)):
+                last[s.request_id] = result.token_id
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    single = []
+    for length in args.lengths:
+        records = []
+        for index in range(WARMUP_REQUESTS + args.reps):
+            rid = f"engine-{length}-{index}"
+            token, seconds = prefill(rid, prompt_ids(args.seed, "single", length, index, vocab))
+            step_s = decode({rid: token}, {rid: length}, args.new_tokens - 1)
+            engine.release(rid)
+            records.append(dict(ttft_ms=seconds * MS_PER_S, server_ttft_ms=None, step_ms=step_s * MS_PER_S,
+                                decode_tok_s=1 / step_s))
+        single.append(single_summary(length, records[WARMUP_REQUESTS:]))
+        print(f"  engine {length} tokens: prefill {single[-1]['ttft_ms']:.1f} ms, "
+              f"decode {single[-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    rids = [f"engine-batch-{i}" for i in range(args.concurrent)]
+    last = {rid: prefill(rid, prompt_ids(args.seed, "concurrent", args.concurrent_prompt, i, vocab))[0]
+            for i, rid in enumerate(rids)}
+    step_s = decode(last, {rid: args.concurrent_prompt for rid in rids}, args.concurrent_new_tokens - 1)
+    concurrent = dict(requests_at_once=args.concurrent, prompt_tokens=args.concurrent_prompt,
+                      batch_decode_tok_s=args.concurrent / step_s, step_ms=step_s * MS_PER_S)
+    print(f"  engine {args.concurrent} x {args.concurrent_prompt}: {concurrent['batch_decode_tok_s']:.1f} tok/s",
+          file=sys.stderr, flush=True)
+    del engine
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return dict(name="services.worker.engine in-process", single=single, concurrent=concurrent)
+
 
 
 def run_peer(args: argparse.Namespace, model_dir: Path, vocab: int, dtype: str) -> dict:
@@ -309,6 +383,8 @@ def tables(results: dict) -> str:
     lines = ["| config | prompt tokens | TTFT ms (client) | TTFT ms (server) | decode tok/s | cached tokens |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     rows = list(results["configs"].items())
+    if "single" in results["engine"]:
+        rows.append(("engine in-process", results["engine"]))
     if "single" in results["peer"]:
         rows.append(("transformers", results["peer"]))
     for name, r in rows:
@@ -318,13 +394,14 @@ def tables(results: dict) -> str:
                 continue
             lines.append(f"| {name} | {s['prompt_tokens']} | {fmt(s['ttft_ms'])} | {fmt(s['server_ttft_ms'])} "
                          f"| {fmt(s['decode_tok_s'])} | {s['cached_tokens']} |")
-    lines += ["", "| config | requests x prompt | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | median decode tok/s |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in results["configs"].items():
+    lines += ["", "| config | requests x prompt | batch decode tok/s | aggregate tok/s | TTFT p50 ms | TTFT p99 ms "
+              "| median decode tok/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in [*results["configs"].items(), *(("engine", results["engine"]),) * ("concurrent" in results["engine"])]:
         if "concurrent" in r:
             c = r["concurrent"]
-            lines.append(f"| {name} | {c['requests_at_once']} x {c['prompt_tokens']} | {fmt(c['aggregate_tok_s'])} "
-                         f"| {fmt(c['ttft_p50_ms'])} | {fmt(c['ttft_p99_ms'])} | {fmt(c['decode_tok_s_median'])} |")
+            lines.append(f"| {name} | {c['requests_at_once']} x {c['prompt_tokens']} | {fmt(c['batch_decode_tok_s'])} "
+                         f"| {fmt(c.get('aggregate_tok_s'))} | {fmt(c.get('ttft_p50_ms'))} | {fmt(c.get('ttft_p99_ms'))} "
+                         f"| {fmt(c.get('decode_tok_s_median'))} |")
     return "\n".join(lines)
 
 
@@ -340,6 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             help=f"default {default}; with --tiny {TINY_DEFAULTS[key]}")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--no-peers", action="store_true", help="skip transformers' generate")
+    parser.add_argument("--no-engine", action="store_true", help="skip the worker's engine run in-process")
     parser.add_argument("--seed", type=int, default=time.time_ns() % 2**SEED_BITS,
                         help="prompt seed (default: the clock, so no run hits an earlier run's prefix cache)")
     parser.add_argument("--out", help="write every figure as JSON here")
@@ -363,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(device=args.device)
     model_dir = ensure_checkpoint(args)
     shape = model_shape(model_dir)
-    longest = max(args.lengths + [args.concurrent_prompt]) + args.new_tokens
+    longest = max(args.lengths + [args.concurrent_prompt]) + max(args.new_tokens, args.concurrent_new_tokens)
     if longest > shape["max_positions"]:
         print(f"error: {longest} positions, but the model takes {shape['max_positions']}", file=sys.stderr)
         return EXIT_FAILED
@@ -383,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_SERVERS
     finally:
         servers.stop()
+    results["engine"] = dict(skipped="--no-engine") if args.no_engine else run_engine(args, model_dir, shape["vocab"])
     results["peer"] = (dict(skipped="--no-peers") if args.no_peers
                        else run_peer(args, model_dir, shape["vocab"], settings.torch_dtype_name))
     results["elapsed_s"] = time.perf_counter() - started

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     decode_max_batch: int = Field(default=64, ge=1)
     # Capture the decode step in CUDA graphs (one per batch-size bucket) on CUDA workers.
     decode_cuda_graphs: bool = True
+    # The worker's interpreter hands the GIL to a waiting thread after this long (Python's default
+    # is 5 ms): the decode loop's short turns between steps must not wait behind KV I/O threads.
+    worker_switch_interval_s: float = Field(default=0.0005, gt=0)
     # Prefill runs each layer's MLP over at most this many tokens at once: the activations of a
     # long prompt stay small beside the KV pool, which takes kv_memory_fraction of the GPU.
     prefill_mlp_chunk_tokens: int = Field(default=8192, ge=1)

@@ -197,6 +197,8 @@ class WorkerEngine:
             kv.free()  # aborted or failed: the pages go back now
             raise
         kv.tokens = len(cmd.input_ids)
+        if self.device.type == "cuda":  # the rows are finished before anyone reads them (I/O stream)
+            torch.cuda.current_stream(self.device).synchronize()
 
         active = ActiveRequest(plan, member, kv, cmd.sampling, request_generator(cmd.sampling, self.device),
                                blocks=list(cmd.kv_blocks))
@@ -267,17 +269,18 @@ class WorkerEngine:
             h = decode_forward(self.model, self.pool, x, cos, sin, merge, observe)
             logits = self.model.logits(h[leaders]) if leaders else None
 
-        for r, s, a in zip(reqs, steps, appends):
-            if a:
-                r.kv.tokens += 1
-                r.kv.note_positions(s.position, s.position + 1)
         results = [DecodeResult(request_id=s.request_id, member=r.member, step=s.step, ok=True)
                    for s, r in zip(steps, reqs)]
-        if leaders:
+        if leaders:  # the step's one host synchronisation
             tokens, logprobs = sample_batch(logits, [reqs[b].sampling for b in leaders],
                                             [reqs[b].generator for b in leaders])
             for b, token, logprob in zip(leaders, tokens, logprobs):
                 results[b].token_id, results[b].logprob = token, logprob
+        # Counted once the step is done: readers on other threads take `tokens` rows as written.
+        for r, s, a in zip(reqs, steps, appends):
+            if a:
+                r.kv.tokens += 1
+                r.kv.note_positions(s.position, s.position + 1)
         return results
 
     def _inputs(self, steps: list[DecodeStep], pages: list[list[int]], slots: list[tuple[int, int]],

@@ -16,7 +16,7 @@ stores, shard copies) while it holds the sequence (`held()`), so its pages are n
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,9 @@ class KVPool:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free = list(range(shape[0] - 1, SCRATCH_PAGE, -1))  # popped from the end: low ids first
         self._lock = threading.Lock()
+        # Copies to the host (prefix stores, shard copies) run on their own stream, beside the
+        # compute stream, instead of queueing behind (and between) prefill and decode work.
+        self.io_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @classmethod
     def for_model(cls, config, page_tokens: int, pages: int, dtype: torch.dtype, device: torch.device,
@@ -168,6 +171,19 @@ class RequestKV:
     def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [lo, hi) of K and V, contiguous copies [hi - lo, KVH, d]."""
         return self.keys(layer, lo, hi), self.values(layer, lo, hi)
+
+    def rows_to_host(self, lo: int, hi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Rows [lo, hi) of every layer, in host memory: (keys[layer], values[layer]) [hi - lo, KVH, d].
+
+        Blocking: call it in a thread (asyncio.to_thread), never on the event loop. On CUDA the
+        gathers and copies run on the pool's I/O stream, so they wait for nothing the compute
+        thread queued; the rows must be finished ones (a prefill's, decode rows of ended steps),
+        which is all `tokens` counts. The caller holds the request (`acquire`)."""
+        stream = torch.cuda.stream(self.pool.io_stream) if self.pool.io_stream is not None else nullcontext()
+        with stream:
+            keys = [self.keys(i, lo, hi).cpu() for i in range(self.num_layers)]
+            values = [self.values(i, lo, hi).cpu() for i in range(self.num_layers)]
+        return keys, values
 
     @property
     def num_layers(self) -> int:

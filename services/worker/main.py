@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +131,7 @@ class WorkerApp(ServiceApp):
     async def start(self, rt: ServiceRuntime) -> None:
         self.rt = rt
         self.loop = asyncio.get_running_loop()
+        sys.setswitchinterval(self.settings.worker_switch_interval_s)
         self.tracer = rt.telemetry.tracer
         self.metrics = RingserveMetrics(rt.telemetry.meter)
         self.metrics.watch_queue("worker_decode", lambda: len(self.batcher.led) + len(self.batcher.followed))

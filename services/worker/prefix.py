@@ -12,6 +12,7 @@ straddling two members is never stored: neither holds all its rows).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -163,9 +164,8 @@ class PrefixCache:
             batch_items: list[PutItem] = []
             for ref in batch:
                 lo = row_of(runs, ref.start)
-                for i in range(kv.num_layers):
-                    k, v = kv.rows(i, lo, lo + ref.end - ref.start)
-                    batch_items.append((i, ref, k, v))
+                keys, values = await asyncio.to_thread(kv.rows_to_host, lo, lo + ref.end - ref.start)
+                batch_items += [(i, ref, k, v) for i, (k, v) in enumerate(zip(keys, values))]
             written = await self.store.put_blocks(batch_items, self.model_id, quant)
             if not written:
                 break  # Redis is unreachable: the rest would fail the same way

@@ -99,10 +99,10 @@ class ShardPersister:
             while progress.saved_rows < end and not progress.released:
                 first = progress.saved_rows
                 stop = min(end, first + MAX_INCREMENT_ROWS)
-                rows = [kv.rows(layer, first, stop) for layer in range(kv.num_layers)]
+                keys, values = await asyncio.to_thread(kv.rows_to_host, first, stop)  # off the event loop
                 ok = await self.shards.save_increment(
                     request_id, progress.member, progress.next_seq, kv.runs_of_rows(first, stop),
-                    [k for k, _ in rows], [v for _, v in rows], reserve=reserve,
+                    keys, values, reserve=reserve,
                 )
                 granted, progress.granting = progress.granting, 0
                 if not ok:

@@ -400,30 +400,41 @@ class WorkerApp(ServiceApp):
     async def _decode_loop(self) -> None:
         """Continuous batching: one step for every request decoding here, again and again; requests
         join after their prefill and leave between steps. Prefills and other compute work queue in
-        the same compute thread between steps."""
+        the same compute thread between steps. The next step is handed to the compute thread as
+        soon as the last one's tokens are known, and the tokens are published while it runs."""
+        running = await self._start_step()
         while True:
-            self._wake.clear()
-            steps, ticks, ended = self.batcher.next_batch(set(self.engine.requests))
-            for rid in ended:  # followed requests their leader finished
-                await self._end_request(rid, [])
-            if not steps:
+            if running is None:
                 await self._wake.wait()
+                running = await self._start_step()
                 continue
-            for workers, tick in ticks:  # the ring runs the step together
-                await self._send_tick(workers, tick)
-            results = await self._decode_batch(steps)
+            steps, step = running
+            results = await step
             items, finished = self.batcher.on_results(steps, results)
+            running = await self._start_step()
             by_subject: dict[str, list[TokenItem]] = {}
             for subject, item in items:
                 by_subject.setdefault(subject, []).append(item)
             for subject, batch in by_subject.items():
                 await self.rt.bus.publish(subject, DecodeTokens(worker_id=self.worker_id, items=batch))
-            for end in finished:
-                await self._end_request(end.request_id, end.followers)
+            for end in finished:  # in the background: the release queues behind compute work
+                self._keep(asyncio.create_task(self._end_request(end.request_id, end.followers)))
             if self.shards is not None:
                 for result in results:
                     if result.ok:
                         self.shards.grew(result.request_id)
+
+    async def _start_step(self) -> tuple[list[DecodeStep], asyncio.Task] | None:
+        """The next step's batch, its ticks sent and its compute started; None: nothing to step."""
+        self._wake.clear()
+        steps, ticks, ended = self.batcher.next_batch(set(self.engine.requests))
+        for rid in ended:  # followed requests their leader finished
+            self._keep(asyncio.create_task(self._end_request(rid, [])))
+        if not steps:
+            return None
+        for workers, tick in ticks:  # the ring runs the step together
+            await self._send_tick(workers, tick)
+        return steps, asyncio.ensure_future(self._decode_batch(steps))
 
     async def _send_tick(self, workers: list[str], tick: DecodeStep) -> None:
         """A step (or the end) of a request led here, to the other ring members, in its trace."""

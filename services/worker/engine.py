@@ -258,23 +258,30 @@ class WorkerEngine:
         spread = any(r.plan.size > 1 for r in reqs)
 
         pages = [r.kv.pages for r in reqs]
+        results = [DecodeResult(request_id=s.request_id, member=r.member, step=s.step, ok=True)
+                   for s, r in zip(steps, reqs)]
+        greedy: dict[int, tuple[int, float]] = {}  # row -> (token, logprob) sampled in the graph
         if self.graphs is not None and not spread and not observed and self.graphs.fits(pages):
             self.config.check_sequence_length(max(s.position + 1 for s in steps))
-            logits = self.graphs.run(steps, pages, slots, seq_lens)[leaders]
+            logits, tokens, logprobs = self.graphs.run(steps, pages, slots, seq_lens)  # [B, vocab]
+            logits_row = list(range(len(steps)))
+            greedy = {b: (tokens[b], logprobs[b]) for b in range(len(steps)) if reqs[b].sampling.temperature == 0.0}
         else:
             x = self._inputs(steps, pages, slots, seq_lens)
             cos, sin = rope_for(self.model, x.positions, [s.position + 1 for s in steps])
             merge = self._merger(steps, reqs, fuse, collective) if spread else None
             observe = self._observer(reqs, observed, seq_lens) if observed else None
             h = decode_forward(self.model, self.pool, x, cos, sin, merge, observe)
-            logits = self.model.logits(h[leaders]) if leaders else None
+            logits = self.model.logits(h[leaders]) if leaders else None  # [leaders, vocab]
+            logits_row = {b: i for i, b in enumerate(leaders)}
 
-        results = [DecodeResult(request_id=s.request_id, member=r.member, step=s.step, ok=True)
-                   for s, r in zip(steps, reqs)]
-        if leaders:  # the step's one host synchronisation
-            tokens, logprobs = sample_batch(logits, [reqs[b].sampling for b in leaders],
-                                            [reqs[b].generator for b in leaders])
-            for b, token, logprob in zip(leaders, tokens, logprobs):
+        for b, (token, logprob) in greedy.items():
+            results[b].token_id, results[b].logprob = token, logprob
+        rest = [b for b in leaders if b not in greedy]
+        if rest:  # the step's one host synchronisation (after the graph's, for sampled rows)
+            tokens, logprobs = sample_batch(logits[[logits_row[b] for b in rest]], [reqs[b].sampling for b in rest],
+                                            [reqs[b].generator for b in rest])
+            for b, token, logprob in zip(rest, tokens, logprobs):
                 results[b].token_id, results[b].logprob = token, logprob
         # Counted once the step is done: readers on other threads take `tokens` rows as written.
         for r, s, a in zip(reqs, steps, appends):

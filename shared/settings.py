@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     kv_store_enabled: bool = True
     kv_hot_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
     kv_io_concurrency: int = Field(default=8, ge=1)
+    # Threads of a worker that copy KV rows to the host and encode or decode blocks.
+    kv_io_threads: int = Field(default=2, ge=1)
     # Every N-th decode step, workers add the attention mass each stored block received to its
     # importance (H2O), reported to the kvstore on release; 0 turns it off.
     kv_importance_every: int = Field(default=16, ge=0)

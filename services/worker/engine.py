@@ -272,6 +272,8 @@ class WorkerEngine:
             merge = self._merger(steps, reqs, fuse, collective) if spread else None
             observe = self._observer(reqs, observed, seq_lens) if observed else None
             h = decode_forward(self.model, self.pool, x, cos, sin, merge, observe)
+            if observe is not None:
+                observe.flush()
             logits = self.model.logits(h[leaders]) if leaders else None  # [leaders, vocab]
             logits_row = {b: i for i, b in enumerate(leaders)}
 
@@ -324,11 +326,21 @@ class WorkerEngine:
         return merge
 
     def _observer(self, reqs: list[ActiveRequest], rows: list[int], seq_lens: list[int]):
-        """H2O: the softmax mass each cached key of these rows received (with the global lse)."""
+        """H2O: the softmax mass each cached key of these rows received (with the global lse),
+        summed over layers on the device; `observe.flush()` adds it to the requests (one copy each)."""
+        totals: dict[int, torch.Tensor] = {}
+
         def observe(layer: int, q: torch.Tensor, lse: torch.Tensor) -> None:
             for b in rows:
                 keys = reqs[b].kv.keys(layer, 0, seq_lens[b])  # this step's new row included
-                reqs[b].kv.add_mass(key_attention_mass(q[b : b + 1], keys, self.model.attn_scale, lse[b : b + 1]))
+                mass = key_attention_mass(q[b : b + 1], keys, self.model.attn_scale, lse[b : b + 1])
+                totals[b] = mass if b not in totals else totals[b] + mass
+
+        def flush() -> None:
+            for b, mass in totals.items():
+                reqs[b].kv.add_mass(mass)
+
+        observe.flush = flush
         return observe
 
     def release(self, request_id: str) -> ActiveRequest | None:

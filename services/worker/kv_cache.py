@@ -16,7 +16,7 @@ stores, shard copies) while it holds the sequence (`held()`), so its pages are n
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -179,11 +179,22 @@ class RequestKV:
         gathers and copies run on the pool's I/O stream, so they wait for nothing the compute
         thread queued; the rows must be finished ones (a prefill's, decode rows of ended steps),
         which is all `tokens` counts. The caller holds the request (`acquire`)."""
-        stream = torch.cuda.stream(self.pool.io_stream) if self.pool.io_stream is not None else nullcontext()
-        with stream:
-            keys = [self.keys(i, lo, hi).cpu() for i in range(self.num_layers)]
-            values = [self.values(i, lo, hi).cpu() for i in range(self.num_layers)]
-        return keys, values
+        io = self.pool.io_stream
+        if io is None:
+            return ([self.keys(i, lo, hi) for i in range(self.num_layers)],
+                    [self.values(i, lo, hi) for i in range(self.num_layers)])
+        with torch.cuda.stream(io):
+            # into pinned memory by DMA: a pageable copy stages through the driver, which stalls
+            # the compute thread's launches meanwhile
+            out = []
+            for read in (self.keys, self.values):
+                rows = [read(i, lo, hi) for i in range(self.num_layers)]
+                host = [torch.empty(r.shape, dtype=r.dtype, pin_memory=True) for r in rows]
+                for h, r in zip(host, rows):
+                    h.copy_(r, non_blocking=True)
+                out.append(host)
+            io.synchronize()
+        return out[0], out[1]
 
     @property
     def num_layers(self) -> int:

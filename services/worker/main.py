@@ -132,6 +132,10 @@ class WorkerApp(ServiceApp):
         self.rt = rt
         self.loop = asyncio.get_running_loop()
         sys.setswitchinterval(self.settings.worker_switch_interval_s)
+        # asyncio.to_thread's pool: KV I/O (host copies, block encodes and decodes). A few threads
+        # at most, so background stores queue instead of crowding the compute thread.
+        self.loop.set_default_executor(ThreadPoolExecutor(max_workers=self.settings.kv_io_threads,
+                                                          thread_name_prefix="kv-io"))
         self.tracer = rt.telemetry.tracer
         self.metrics = RingserveMetrics(rt.telemetry.meter)
         self.metrics.watch_queue("worker_decode", lambda: len(self.batcher.led) + len(self.batcher.followed))

@@ -33,8 +33,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32, then scale in the model dtype: Hugging Face's exact order of roundings.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -50,6 +49,22 @@ class AttentionProjections(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * head_dim, hidden, bias=config.o_proj_bias)
 
 
+def fuse_linears(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """One weight (and bias) for several linears over the same input, their rows stacked; each
+    linear's parameters become views of it, so the state dict and its memory stay as they were.
+    A decode step runs one GEMM instead of several (fewer kernels: what a batch-1 step pays for)."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
+        row += n
+    return weight, bias
+
+
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -57,9 +72,16 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
         self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
         self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        self._gate_up: tuple[Tensor, Tensor | None] | None = None  # fused weights, once fuse() ran
+
+    def fuse(self) -> None:
+        self._gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, *self._gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -72,15 +94,26 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._qkv: tuple[Tensor, Tensor | None] | None = None  # fused weights, once fuse() ran
+
+    def fuse(self) -> None:
+        """Stack q/k/v and gate/up into one weight each (after the weights are loaded)."""
+        attn = self.self_attn
+        self._qkv = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.mlp.fuse()
 
     def qkv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h: [t, hidden], cos/sin: [t, head_dim] -> q [t, heads, hd], k and v [t, kv_heads, hd]."""
         x = self.input_layernorm(h)
-        tokens = x.shape[0]
-        q = self.self_attn.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.self_attn.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.self_attn.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        tokens, heads, kv_heads, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self._qkv is None:
+            q = self.self_attn.q_proj(x).view(tokens, heads, hd)
+            k = self.self_attn.k_proj(x).view(tokens, kv_heads, hd)
+            v = self.self_attn.v_proj(x).view(tokens, kv_heads, hd)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        qkv = F.linear(x, *self._qkv).view(tokens, heads + 2 * kv_heads, hd)
+        qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)  # one rope for q and k together
+        return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
 
     def finish(self, h: Tensor, attn_out: Tensor) -> Tensor:
         """h: [t, hidden] (this layer's input), attn_out: [t, heads, hd] (any float dtype) -> [t, hidden]."""
@@ -119,6 +152,13 @@ class LlamaModel(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    def fuse_projections(self) -> "LlamaModel":
+        """q/k/v and gate/up as one GEMM each (the loader calls it once the weights are in, on their
+        device: the fused weights are plain tensors, which `.to()` would not move)."""
+        for layer in self.layers:
+            layer.fuse()
+        return self
 
     def embed(self, ids: Tensor) -> Tensor:
         """ids: [t] int64 -> h: [t, hidden]."""

@@ -78,7 +78,7 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     model.requires_grad_(False)
-    return model
+    return model.fuse_projections()
 
 
 def load_state_dict(path: str | Path, device: str | torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

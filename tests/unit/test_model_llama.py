@@ -82,3 +82,27 @@ def test_sequences_longer_than_a_sliding_window_are_refused():
 
 def test_softmax_scale_is_inverse_sqrt_head_dim():
     assert _model(head_dim=16).attn_scale == pytest.approx(0.25)
+
+
+def test_fused_projections_compute_what_the_separate_ones_do():
+    """The loader stacks q/k/v and gate/up into one weight each: same outputs, same state dict."""
+    raw = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 64}  # qwen2: q/k/v biases
+    torch.manual_seed(0)
+    model = LlamaModel(parse_model_config(raw)).eval()
+    for p in model.parameters():  # non-zero biases, so a misplaced bias row shows
+        torch.nn.init.normal_(p, std=0.2)
+    h = torch.randn(5, 32)
+    cos, sin = model.rope(torch.arange(5), seq_len=5)
+    layer = model.layers[0]
+    with torch.no_grad():
+        before = layer.qkv(h, cos, sin), layer.finish(h, torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(1)))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.fuse_projections()
+        after = layer.qkv(h, cos, sin), layer.finish(h, torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(1)))
+    for a, b in zip(before[0], after[0]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[1], before[1], atol=1e-5, rtol=1e-5)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

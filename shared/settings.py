@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     kv_shard_persist: bool = True
     kv_shard_ttl_s: int = Field(default=3600, ge=1)
 
+    # --- HTTP gateway (OpenAI-compatible API) ---------------------------------------------------
+    # Where the gateway listens; 0.0.0.0 in containers, loopback for `ringserve up`.
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    # Comma-separated API keys; when set, every /v1 request needs `Authorization: Bearer <key>`.
+    api_keys: str | None = None
+
     # --- observability -----------------------------------------------------------------------
     log_level: str = "info"
     # Decode steps traced in the fusion service (and as worker decode spans): step 0 and every

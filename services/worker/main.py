@@ -69,6 +69,8 @@ from services.worker.world import World
 log = structlog.get_logger("worker")
 # Progress messages at most this often: a long prefill reports without flooding the bus.
 PROGRESS_MIN_INTERVAL_S = 0.2
+# After an unexpected error in the decode loop, it starts again this much later.
+DECODE_LOOP_RESTART_S = 0.1
 
 
 def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None]:
@@ -406,6 +408,16 @@ class WorkerApp(ServiceApp):
         join after their prefill and leave between steps. Prefills and other compute work queue in
         the same compute thread between steps. The next step is handed to the compute thread as
         soon as the last one's tokens are known, and the tokens are published while it runs."""
+        while True:
+            try:
+                await self._decode_steps()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop every later request's decode
+                log.exception("decode_loop_failed")
+                await asyncio.sleep(DECODE_LOOP_RESTART_S)
+
+    async def _decode_steps(self) -> None:
         running = await self._start_step()
         while True:
             if running is None:
@@ -420,7 +432,10 @@ class WorkerApp(ServiceApp):
             for subject, item in items:
                 by_subject.setdefault(subject, []).append(item)
             for subject, batch in by_subject.items():
-                await self.rt.bus.publish(subject, DecodeTokens(worker_id=self.worker_id, items=batch))
+                try:
+                    await self.rt.bus.publish(subject, DecodeTokens(worker_id=self.worker_id, items=batch))
+                except Exception as exc:  # the scheduler's runner times out those requests
+                    log.warning("decode_tokens_publish_failed", subject=subject, error=str(exc)[:300])
             for end in finished:  # in the background: the release queues behind compute work
                 self._keep(asyncio.create_task(self._end_request(end.request_id, end.followers)))
             if self.shards is not None:
@@ -447,6 +462,8 @@ class WorkerApp(ServiceApp):
         try:
             for worker in workers:
                 await self.rt.bus.publish(subjects.worker_inbox(worker, "decode"), tick)
+        except Exception as exc:  # the members' fusion (or the leader's own) times the step out
+            log.warning("decode_tick_publish_failed", request_id=tick.request_id, error=str(exc)[:300])
         finally:
             if token is not None:
                 otel_context.detach(token)

@@ -32,7 +32,7 @@ from shared.client import RingserveClient, RingserveError
 from shared.messages import DoneEvent, GenerateReply, ProgressEvent, StatusReply, TokenEvent
 from shared.service import health_file
 from shared.settings import Settings
-from services.stack import SERVICE_NAMES, LocalStack, MissingServerError, StackError, exited_cleanly
+from services.stack import SERVICE_NAMES, LocalStack, MissingServerError, StackError, exited_cleanly, http_url
 
 STATE_DIR = ".ringserve"
 DEMO_PROMPT = "Hello, ringserve"
@@ -40,6 +40,10 @@ DEMO_MAX_NEW_TOKENS = 16
 DEFAULT_READY_TIMEOUT_S = 300.0
 # A service is healthy while its health file is younger than this many heartbeat intervals.
 HEALTH_HEARTBEATS = 3
+# The gateway is healthy when its GET /health also answers 200 within this long.
+GATEWAY_SERVICE = "gateway"
+HEALTH_HTTP_PATH = "/health"
+HEALTH_HTTP_TIMEOUT_S = 3.0
 PROGRESS_BAR_WIDTH = 30
 JAEGER_URL = "http://127.0.0.1:16686"
 # The service whose spans carry the `request_id` tag (OTEL service name of the scheduler).
@@ -267,14 +271,31 @@ async def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO, 
     return EXIT_OK
 
 
+def http_health_error(url: str, timeout: float = HEALTH_HTTP_TIMEOUT_S) -> str | None:
+    """None when GET `url` answers 200, else what went wrong."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return None if response.status == 200 else f"{url} answered HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"{url} answered HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{url} unreachable ({getattr(exc, 'reason', exc)})"
+
+
 def cmd_health(args: argparse.Namespace, settings: Settings, out: TextIO, err: TextIO) -> int:
     path = health_file(args.name)
     max_age = HEALTH_HEARTBEATS * settings.heartbeat_interval_s
-    if health_ok(path, max_age):
-        print(f"{args.name}: healthy", file=out)
-        return EXIT_OK
-    print(f"{args.name}: unhealthy ({path} missing or older than {max_age:.1f}s)", file=err)
-    return EXIT_ERROR
+    if not health_ok(path, max_age):
+        print(f"{args.name}: unhealthy ({path} missing or older than {max_age:.1f}s)", file=err)
+        return EXIT_ERROR
+    # The gateway heartbeats on NATS and must also answer HTTP: its health check is GET /health.
+    if args.name == GATEWAY_SERVICE:
+        problem = http_health_error(http_url(settings) + HEALTH_HTTP_PATH)
+        if problem is not None:
+            print(f"{args.name}: unhealthy ({problem})", file=err)
+            return EXIT_ERROR
+    print(f"{args.name}: healthy", file=out)
+    return EXIT_OK
 
 
 def cmd_trace(args: argparse.Namespace, settings: Settings, out: TextIO, err: TextIO) -> int:
@@ -339,6 +360,8 @@ def ready_message(status: StatusReply, settings: Settings, log_dir: Path) -> str
         f'  send a request:   ringserve generate "Hello" --max-new-tokens {DEMO_MAX_NEW_TOKENS}',
         f"  any NATS client:  nats request ringserve.v1.generate "
         f"'{{\"prompt\": \"Hello\", \"max_new_tokens\": {DEMO_MAX_NEW_TOKENS}}}'",
+        f"  OpenAI HTTP API:  curl {http_url(settings)}/v1/completions -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"{status.model}\", \"prompt\": \"Hello\", \"max_tokens\": {DEMO_MAX_NEW_TOKENS}}}'",
         "  stop:             Ctrl-C",
     ])
 

@@ -1,5 +1,5 @@
 """The local stack behind `ringserve up`: nats-server and redis-server when none is reachable,
-then the four services as child processes, and an orderly stop of everything it started.
+then the services (scheduler, fusion, kvstore, the HTTP gateway, workers) as child processes, and an orderly stop of everything it started.
 
 Children run in their own sessions, so a Ctrl-C in the terminal reaches only the supervisor,
 which then stops them in order: services first (SIGTERM, SIGKILL after a grace period), then the
@@ -27,12 +27,15 @@ from shared.messages import StatusReply
 from shared.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SERVICE_NAMES = ("scheduler", "worker", "fusion", "kvstore")
-# The services other than workers, in start order: the scheduler answers status once it runs.
-SINGLE_SERVICES = ("kvstore", "fusion", "scheduler")
+SERVICE_NAMES = ("scheduler", "worker", "fusion", "kvstore", "gateway")
+# The services other than workers, in start order: the scheduler answers status once it runs;
+# the gateway, a NATS client like any other, after it.
+SINGLE_SERVICES = ("kvstore", "fusion", "scheduler", "gateway")
+GATEWAY = "gateway"
 NATS_DEFAULT_PORT = 4222
 REDIS_DEFAULT_PORT = 6379
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 # Searched after PATH: this interpreter's bin (the `servers` extra installs nats-server and
 # redis-server into the virtual environment), then /usr/sbin, where Debian installs nats-server
 # and which is not on every user's PATH.
@@ -122,6 +125,16 @@ def is_ready(status: StatusReply, workers: int) -> bool:
     if len(status.workers) < workers:
         return False
     return workers == 1 or (status.world_ready and len(status.world_members) >= workers)
+
+
+def local_address(host: str) -> str:
+    """Where this host reaches a server bound to `host` (a wildcard bind: over loopback)."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
+
+
+def http_url(settings: Settings) -> str:
+    """The gateway's base URL as seen from this host."""
+    return f"http://{local_address(settings.http_host)}:{settings.http_port}"
 
 
 def exited_cleanly(name: str, code: int | None) -> bool:
@@ -238,6 +251,8 @@ class LocalStack:
             RINGSERVE_REDIS_URL=self.settings.redis_url,
             RINGSERVE_MODEL=self.model,
             RINGSERVE_DEVICE=self.device,
+            RINGSERVE_HTTP_HOST=self.settings.http_host,
+            RINGSERVE_HTTP_PORT=str(self.settings.http_port),
         )
         return env
 
@@ -261,6 +276,12 @@ class LocalStack:
             self.stop()
             raise
 
+    def gateway_listening(self) -> bool:
+        """The gateway this stack started accepts connections (true when it started none)."""
+        if not any(child.name == GATEWAY for child in self.services):
+            return True
+        return port_open(local_address(self.settings.http_host), self.settings.http_port)
+
     def check_alive(self) -> None:
         for child in self.services + self.servers:
             code = child.proc.poll()
@@ -269,8 +290,8 @@ class LocalStack:
                                  f"{log_tail(child.log_path)}")
 
     async def wait_ready(self, timeout: float) -> StatusReply:
-        """Until the scheduler's status lists all workers in a formed world; raises StackError
-        if a child dies or the timeout passes."""
+        """Until the scheduler's status lists all workers in a formed world and the gateway
+        listens; raises StackError if a child dies or the timeout passes."""
         deadline = time.monotonic() + timeout
         last_error = "the scheduler did not answer"
         client = await RingserveClient.connect(self.settings)
@@ -279,10 +300,11 @@ class LocalStack:
                 self.check_alive()
                 try:
                     status = await client.status()
-                    if is_ready(status, self.workers):
+                    if is_ready(status, self.workers) and self.gateway_listening():
                         return status
                     last_error = (f"{len(status.workers)} of {self.workers} workers registered, "
-                                  f"world {'ready' if status.world_ready else 'forming'}")
+                                  f"world {'ready' if status.world_ready else 'forming'}, "
+                                  f"gateway {'listening' if self.gateway_listening() else 'not listening'}")
                 except RingserveError as exc:
                     last_error = exc.message
                 if time.monotonic() > deadline:

@@ -18,7 +18,7 @@ import pytest
 from shared.client import RingserveClient
 from shared.messages import GenerateReply
 from shared.settings import Settings
-from tests.integration.stack import REPO
+from tests.integration.stack import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -88,14 +88,19 @@ def test_up_generate_and_sigint(servers, tmp_path):
         "RINGSERVE_DEMO_DIR": str(tmp_path / "demo-model"),
         "RINGSERVE_HEARTBEAT_INTERVAL_S": "0.25",
         "OMP_NUM_THREADS": "1",
+        "RINGSERVE_HTTP_PORT": str(free_port()),
     }
     up = subprocess.Popen(cli("up", "--workers", "1", "--state-dir", str(tmp_path / "state")), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_line(up, READY_LINE, READY_TIMEOUT_S)
         children = children_of(up.pid)
-        # servers already run, so the stack started only the four services
-        assert len(children) == 4, children
+        # servers already run, so the stack started only the five services
+        assert len(children) == 5, children
+        # the gateway listened before the ready line, and its container health check passes
+        health = subprocess.run(cli("health", "gateway"), cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=30)
+        assert health.returncode == 0, health.stderr
 
         streamed = subprocess.run(cli("generate", "hi", "--max-new-tokens", str(MAX_NEW_TOKENS)), cwd=REPO,
                                   env=env, capture_output=True, text=True, timeout=60)

@@ -41,11 +41,12 @@ def test_parser_reads_every_command():
     assert cli.generate_request(gen) == {"prompt": "some text", "max_new_tokens": 5, "temperature": 0.7, "seed": 9}
     assert cli.generate_request(parser.parse_args(["generate", "x"])) == {"prompt": "x"}
     assert parser.parse_args(["serve", "fusion"]).name == "fusion"
+    assert parser.parse_args(["serve", "gateway"]).name == "gateway"
     assert parser.parse_args(["trace", "req-1"]).jaeger == cli.JAEGER_URL
     assert parser.parse_args(["status", "--json"]).json
 
 
-@pytest.mark.parametrize("argv", [[], ["serve", "gateway"], ["up", "--workers", "0"], ["up", "--device", "tpu"],
+@pytest.mark.parametrize("argv", [[], ["serve", "router"], ["up", "--workers", "0"], ["up", "--device", "tpu"],
                                   ["generate"], ["health", "nobody"]])
 def test_parser_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as info:
@@ -175,6 +176,35 @@ def test_health_follows_the_age_of_the_health_file(tmp_path, monkeypatch):
     os.utime(path, (stale, stale))
     code, _, err = run_cli(["health", "fusion"])
     assert code == 1 and "unhealthy" in err
+
+
+def test_gateway_health_also_needs_its_http_health_endpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "ringserve-gateway.health").write_text("x")
+    statuses: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(statuses[0] if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RINGSERVE_HTTP_PORT", str(server.server_port))
+        statuses[:] = [200]
+        assert run_cli(["health", "gateway"])[0] == 0
+        statuses[:] = [503]
+        code, _, err = run_cli(["health", "gateway"])
+        assert code == 1 and "HTTP 503" in err
+    finally:
+        server.shutdown()
+        server.server_close()
+    code, _, err = run_cli(["health", "gateway"])  # nothing listens any more
+    assert code == 1 and "unreachable" in err
 
 
 # ---- trace against a real HTTP server ----------------------------------------------------------

@@ -170,7 +170,7 @@ def test_a_dead_child_is_reported_with_its_log(tmp_path):
     stack = LocalStack(Settings(), workers=2, state_dir=tmp_path / "state", python=str(fake_python))
     stack.start_services()
     try:
-        assert [c.name for c in stack.services] == ["kvstore", "fusion", "scheduler", "worker-0", "worker-1"]
+        assert [c.name for c in stack.services] == ["kvstore", "fusion", "scheduler", "gateway", "worker-0", "worker-1"]
         for child in stack.services:
             child.proc.wait(timeout=10)
         with pytest.raises(StackError) as info:

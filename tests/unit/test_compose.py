@@ -32,7 +32,7 @@ ENTRYPOINT = ROOT / "infra" / "entrypoint.sh"
 NATS_CONF = ROOT / "infra" / "nats" / "nats.conf"
 PROMETHEUS = ROOT / "infra" / "prometheus" / "prometheus.yml"
 
-RINGSERVE_SERVICES = ("scheduler", "kvstore", "fusion", "worker")
+RINGSERVE_SERVICES = ("scheduler", "kvstore", "fusion", "worker", "gateway")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -164,7 +164,7 @@ def test_every_service_has_a_healthcheck():
         assert check and check.get("test") and not check.get("disable"), name
 
 
-def test_the_four_services_run_from_the_one_image():
+def test_the_five_services_run_from_the_one_image():
     compose = load_compose()
     served = {}
     for name, service in ringserve_services(compose).items():
@@ -177,6 +177,20 @@ def test_the_four_services_run_from_the_one_image():
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
     assert sorted(served) == sorted(RINGSERVE_SERVICES)
     assert served["worker"] == ["worker", "worker-gpu"]
+
+
+def test_the_gateway_listens_on_every_interface_in_its_container_and_loopback_on_the_host():
+    compose = interpolate(load_compose(), env_example())
+    gateway = compose["services"]["gateway"]
+    environment = gateway["environment"]
+    settings = Settings(**{k.removeprefix("RINGSERVE_").lower(): v for k, v in environment.items()
+                           if k.startswith("RINGSERVE_")})
+    assert settings.http_host == "0.0.0.0" and settings.api_keys == ""
+    assert gateway["ports"] == [f"127.0.0.1:{settings.http_port}:{settings.http_port}"]
+    # Prometheus scrapes its /metrics on the HTTP port
+    scrape = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
+    (job,) = [j for j in scrape if j["job_name"] == "gateway"]
+    assert job["static_configs"][0]["targets"] == [f"gateway:{settings.http_port}"]
 
 
 def test_workers_scale_and_the_gpu_profile_reserves_nvidia_devices():
@@ -453,8 +467,12 @@ def test_prometheus_scrapes_every_ringserve_service_on_its_metrics_port():
             continue
         assert host in services, f"Prometheus scrapes unknown service {host}"
         if host in ringserve:
-            assert int(ringserve[host]["environment"]["RINGSERVE_METRICS_PORT"]) == port, host
-            assert str(port) in ringserve[host]["expose"]
+            environment = ringserve[host]["environment"]
+            # the gateway serves its metrics on its HTTP port (GET /metrics), the others on their own
+            metrics_port = environment.get("RINGSERVE_HTTP_PORT", environment["RINGSERVE_METRICS_PORT"])
+            assert int(metrics_port) == port, host
+            published = [p.rsplit(":", 1)[-1] for p in ringserve[host].get("ports", [])]
+            assert str(port) in ringserve[host]["expose"] + published
     # Scaled workers have no fixed name: they are found through DNS, never a static target.
     static_hosts = {t.rsplit(":", 1)[0] for job in config["scrape_configs"]
                     for s in job.get("static_configs", []) for t in s["targets"]}

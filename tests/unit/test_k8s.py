@@ -20,7 +20,9 @@ K8S = ROOT / "infra" / "k8s"
 # The oldest Kubernetes release the manifests must apply to.
 KUBERNETES_VERSION = "1.30"
 NAMESPACE = "ringserve"
-RINGSERVE_SERVICES = ("scheduler", "kvstore", "fusion", "worker")
+RINGSERVE_SERVICES = ("scheduler", "kvstore", "fusion", "worker", "gateway")
+GATEWAY = "gateway"
+HTTP_PORT = 8000
 METRICS_PORT = 9464
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # Folders applied on purpose only: the Secret example and the Prometheus Operator ServiceMonitor.
@@ -170,6 +172,8 @@ def test_ringserve_services_serve_health_and_metrics():
                 continue
             name = container["args"][1]
             served.add(name)
+            if name == GATEWAY:
+                continue  # probed over HTTP (test_the_gateway_is_probed_and_scraped_over_http)
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert container[probe]["exec"]["command"] == ["ringserve", "health", name], f"{name} {probe}"
             assert {"name": "metrics", "containerPort": METRICS_PORT} in container["ports"]
@@ -179,8 +183,24 @@ def test_ringserve_services_serve_health_and_metrics():
             # The metrics port has a Service for Prometheus to find.
             assert one(docs, "Service", name)["spec"]["ports"][0]["targetPort"] == "metrics"
     assert served == set(RINGSERVE_SERVICES)
-    for name in ("scheduler", "kvstore", "fusion"):
+    for name in ("scheduler", "kvstore", "fusion", GATEWAY):
         one(docs, "Deployment", name)
+
+
+def test_the_gateway_is_probed_and_scraped_over_http():
+    docs = applied()
+    gateway = one(docs, "Deployment", GATEWAY)
+    (container,) = containers(gateway)
+    assert {"name": "http", "containerPort": HTTP_PORT} in container["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    env = {e["name"]: e for e in container["env"]}
+    settings = Settings(http_host=env["RINGSERVE_HTTP_HOST"]["value"], http_port=env["RINGSERVE_HTTP_PORT"]["value"])
+    assert settings.http_host == "0.0.0.0" and settings.http_port == HTTP_PORT
+    assert env["RINGSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    annotations = gateway["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(HTTP_PORT) and annotations["prometheus.io/path"] == "/metrics"
+    assert one(docs, "Service", GATEWAY)["spec"]["ports"][0]["targetPort"] == "http"
 
 
 def test_workers_get_a_gpu_each_and_a_stable_name_through_a_headless_service():
@@ -226,9 +246,10 @@ def test_service_monitor_scrapes_the_ringserve_services():
     selected = [s for s in find(docs, "Service")
                 if s["metadata"]["labels"].get(expression["key"]) in expression["values"]]
     assert sorted(s["metadata"]["name"] for s in selected) == sorted(RINGSERVE_SERVICES)
-    for endpoint in monitor["spec"]["endpoints"]:
-        for service in selected:
-            assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    endpoint_ports = {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]}
+    for service in selected:  # every service is scraped on one of its ports, the gateway on http
+        scraped = endpoint_ports & {p["name"] for p in service["spec"]["ports"]}
+        assert scraped == ({"http"} if service["metadata"]["name"] == GATEWAY else {"metrics"})
 
 
 # ---------------------------------------------------------------------------------- NATS

@@ -27,7 +27,6 @@ from pydantic import ValidationError
 
 from shared import codec, subjects
 from shared.attention.ring import RingStep
-from shared.bus import BusError
 from shared.checkpoint import model_id, resolve_checkpoint
 from shared.kv.client import KVIndexClient
 from shared.kv.shards import ShardStore
@@ -38,11 +37,7 @@ from shared.messages import (
     DecodeStep,
     DecodeTokens,
     ErrorCode,
-    FusionReply,
-    FusionRequest,
-    MergedItem,
     ModelInfo,
-    PartialItem,
     PrefillCommand,
     PrefillProgress,
     PrefillResult,
@@ -61,6 +56,7 @@ from services.worker.aborts import AbortFlags
 from services.worker.batcher import DecodeBatcher
 from services.worker.capacity import free_device_bytes, kv_capacity_tokens, kv_pool_pages
 from services.worker.engine import PrefillAborted, WorkerEngine, causal_block_sparsity
+from services.worker.fusion_client import FusionClient
 from services.worker.kv_cache import KVPool, KVPoolFull, RequestKV
 from services.worker.prefix import CachedRows, PrefixCache, block_masses
 from services.worker.shard_persist import ShardPersister
@@ -148,6 +144,9 @@ class WorkerApp(ServiceApp):
             self.model_info.name, self.model_info.num_layers, self.engine.dtype, self.engine.device,
             self.engine.kv_reusable,
         )
+        self.fusion = FusionClient(self.settings, self.worker_id,
+                                   lambda rid: self.engine.requests[rid].plan.fusion_partition,
+                                   lambda ms: self.metrics.record_ring_comm(ms, op="fusion"))
         persist = self.settings.kv_store_enabled and self.settings.kv_shard_persist
         self.shards = ShardPersister(ShardStore(self.settings), self.settings.kv_block_tokens,
                                      budget=self.prefix.index) if persist else None
@@ -195,6 +194,7 @@ class WorkerApp(ServiceApp):
         if self.shards is not None:
             await self.shards.close()
         await self.loop.run_in_executor(self.compute, self.world.close)
+        await self.loop.run_in_executor(self.compute, self.fusion.close)
         self.compute.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, fn, *args):
@@ -479,7 +479,7 @@ class WorkerApp(ServiceApp):
             span = self.tracer.start_span("worker.decode", context=parent, attributes={
                 "batch": len(steps), "request_ids": [s.request_id for s in steps], "step": traced[0].step})
             parent = trace.set_span_in_context(span, parent)
-        fuse = functools.partial(self._fuse_blocking, context=parent or otel_context.get_current())
+        fuse = functools.partial(self.fusion.fuse, context=parent or otel_context.get_current())
         t0 = time.perf_counter()
         try:
             results = await self._run(self.engine.decode, steps, fuse, collective, self._importance_every)
@@ -495,35 +495,6 @@ class WorkerApp(ServiceApp):
                 span.end()
         self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
         return results
-
-    def _fuse_blocking(self, partials: list[PartialItem], context: otel_context.Context) -> list[MergedItem]:
-        """Called from the compute thread: send this layer's partials, wait for the merges."""
-        future = asyncio.run_coroutine_threadsafe(self._fuse(partials, context), self.loop)
-        return future.result(timeout=self.settings.fusion_timeout_s + 1.0)
-
-    async def _fuse(self, partials: list[PartialItem], context: otel_context.Context) -> list[MergedItem]:
-        otel_context.attach(context)  # this task's own context: the fusion messages carry the trace
-        by_partition: dict[str, list[PartialItem]] = {}
-        for p in partials:
-            partition = self.engine.requests[p.request_id].plan.fusion_partition
-            by_partition.setdefault(partition, []).append(p)
-
-        async def one(partition: str, items: list[PartialItem]) -> FusionReply:
-            return await self.rt.bus.request(
-                subjects.fusion_partials(partition), FusionRequest(worker_id=self.worker_id, items=items),
-                FusionReply, timeout=self.settings.fusion_timeout_s,
-            )
-
-        t0 = time.perf_counter()
-        replies = await asyncio.gather(*(one(k, v) for k, v in by_partition.items()))
-        self.metrics.record_ring_comm((time.perf_counter() - t0) * 1000, op="fusion")
-        merged: dict[tuple[str, int, int], MergedItem] = {}
-        for reply in replies:
-            if reply.error:
-                raise BusError(f"fusion: {reply.error}")
-            for item in reply.items:
-                merged[(item.request_id, item.step, item.layer)] = item
-        return [merged[(p.request_id, p.step, p.layer)] for p in partials]
 
     # ------------------------------------------------------------------------------ abort
     async def _on_abort(self, msg: Msg) -> None:

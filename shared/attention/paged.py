@@ -114,7 +114,7 @@ def _paged_decode_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale) -> torch
     """The batch in one fused call: every sequence's pages gathered to the widest one's length,
     the rows past each sequence's length masked. Every sequence needs at least one row."""
     batch, heads, dim = q.shape
-    kv_heads, page = k_pool.shape[1], k_pool.shape[2]
+    kv_heads = k_pool.shape[1]
     pages = block_table.long()  # [B, W]
     k = k_pool[pages].transpose(1, 2).reshape(batch, kv_heads, -1, dim)  # [B, KVH, W * P, d]
     v = v_pool[pages].transpose(1, 2).reshape(batch, kv_heads, -1, dim)

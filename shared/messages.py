@@ -10,7 +10,7 @@ import enum
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
@@ -49,17 +49,18 @@ class KVQuant(str, enum.Enum):
 
 
 class GenerateRequest(_Strict):
-    prompt: str | None = None
-    input_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    max_new_tokens: int = Field(default=64, ge=1)
+    # Strict types: "1", 1.0 and true are not token ids, "yes" is not a boolean (no coercion).
+    prompt: StrictStr | None = None
+    input_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    max_new_tokens: StrictInt = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)
-    stream: bool = False
-    logprobs: bool = False
+    top_k: StrictInt = Field(default=0, ge=0)
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[StrictStr, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=list, max_length=64)
+    stream: StrictBool = False
+    logprobs: StrictBool = False
     request_id: RequestId | None = None
     kv_quant: KVQuant | None = None
 

@@ -83,3 +83,19 @@ def test_a_prompt_whose_prefill_command_cannot_fit_the_bus_is_too_long():
     with pytest.raises(ApiError) as exc:
         check_fits_bus(ids, 100 * 1024, SETTINGS, "r")
     assert exc.value.code == ErrorCode.TOO_LONG and "max_payload" in exc.value.message
+
+
+@pytest.mark.parametrize("fields", [
+    {"input_ids": ["1", "2"]},  # strings are not token ids
+    {"input_ids": [1.0, 2.0]},
+    {"input_ids": [True, 2]},
+    {"prompt": "hi", "stream": "yes"},
+    {"prompt": "hi", "logprobs": 1},
+    {"prompt": "hi", "max_new_tokens": "8"},
+    {"prompt": "hi", "seed": 1.5},
+    {"prompt": 5},
+])
+def test_values_of_the_wrong_type_are_refused_not_coerced(fields):
+    with pytest.raises(ApiError) as err:
+        parse_generate(json.dumps(fields).encode(), "application/json", Settings())
+    assert err.value.code == ErrorCode.INVALID_REQUEST

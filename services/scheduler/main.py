@@ -55,6 +55,8 @@ PREFILL_TIMEOUT_FACTOR = 1.0  # of request_timeout_s
 WORLD_RETRY_MARGIN_S = 2.0
 # How often a request waiting for workers with room retries its placement.
 PLACEMENT_POLL_S = 0.05
+# The partition of a request no fusion service merges for (a worker holds it alone).
+NO_FUSION_PARTITION = ""
 # Of the drain timeout, kept to answer requests a drain has to cut off.
 DRAIN_REPLY_MARGIN_S = 1.0
 
@@ -437,24 +439,29 @@ class SchedulerApp(ServiceApp):
 
     def _place(self, request_id: str, prompt_tokens: int, req) -> RingPlan | None:
         """A plan for the request now, or None when the workers that could hold it are busy."""
-        partition = self.registry.fusion_partition(request_id)
-        if partition is None:
-            raise ApiError(ErrorCode.UNAVAILABLE, "no fusion service is available", request_id)
         loads = self._worker_loads()
         if not loads:
             raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
         total = prompt_tokens + req.max_new_tokens
+        # A request held by one worker merges with nobody: only rings on the bus need a fusion service.
+        partition = self.registry.fusion_partition(request_id)
+        rings = self.registry.world_ready and (partition is not None or self.settings.fusion == "collective")
+        if not rings and partition is None and not any(w.capacity_tokens is None or w.capacity_tokens >= total
+                                                       for w in loads):
+            raise ApiError(ErrorCode.UNAVAILABLE, f"{total} tokens of KV need a ring of workers, and no fusion "
+                           "service is available to merge its decode", request_id)
         if not fits_cluster(prompt_tokens, req.max_new_tokens, loads, self.settings, self.registry.world_ready):
             raise ApiError(ErrorCode.TOO_LONG, f"{total} tokens of KV (prompt + max_new_tokens) do not fit the KV "
                            f"capacity of {len(loads)} workers (max_ring_size {self.settings.max_ring_size or 'all'})",
                            request_id)
         chunk = chunk_tokens_for(prompt_tokens, self.settings)
         # A collective-fusion ring exchanges partials point-to-point: it needs the world too.
-        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, self.registry.world_ready, req.max_new_tokens)
+        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, rings, req.max_new_tokens)
         if not ring:
             return None
         quant = req.kv_quant or KVQuant(self.settings.kv_quant)
-        return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation, partition, quant)
+        return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation,
+                         partition or NO_FUSION_PARTITION, quant)
 
     async def _wait_for_placement(self, request_id: str, prompt_tokens: int, req,
                                   cancelled: Callable[[], bool]) -> RingPlan | None:

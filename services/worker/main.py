@@ -174,7 +174,7 @@ class WorkerApp(ServiceApp):
             # prefills in flight too: their decode will need the partition
             fusion_partitions=sorted({p.fusion_partition for p in [*(r.plan for r in list(self.engine.requests.values())),
                                                                     *list(self._prefilling.values())]
-                                      if p.fusion == "bus"}),
+                                      if p.fusion == "bus" and p.size > 1}),  # rings of one merge nothing
         )
 
     async def stop(self, rt: ServiceRuntime) -> None:

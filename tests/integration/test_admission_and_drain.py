@@ -165,3 +165,16 @@ async def test_kv_capacity_spreads_a_prompt_over_a_ring_and_refuses_what_no_ring
             await nc.close()
     finally:
         stack.stop()
+
+
+async def test_without_a_fusion_service_one_worker_requests_run_and_a_ring_is_unavailable_at_once(tmp_path):
+    # No fusion process at all; 40 KV tokens per worker, so 60 + 10 tokens need a ring of two.
+    stack = Stack(tmp_path, workers=2, services=("scheduler",), env={"RINGSERVE_WORKER_MAX_TOKENS": "40"})
+    try:
+        await stack.wait_ready(2)
+        reply = await stack.generate({"input_ids": [5, 6, 7], "max_new_tokens": 6})
+        assert len(reply.get("output_ids", [])) == 6 and len(reply["placement"]["workers"]) == 1, reply
+        refused = await asyncio.wait_for(stack.generate({"input_ids": list(range(1, 61)), "max_new_tokens": 10}), 5)
+        assert refused["error"]["code"] == "unavailable" and "fusion" in refused["error"]["message"], refused
+    finally:
+        stack.stop()

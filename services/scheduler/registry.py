@@ -122,7 +122,9 @@ class Registry:
         if plan is None:
             return None
         beats = {b.worker_id: b for b in self.live_workers()}
-        self.generation += 1
+        # Above every generation a worker is in: a restarted scheduler (counting from 0) would
+        # otherwise announce generations the workers ignore as older than the one they joined.
+        self.generation = max([self.generation, *(b.world_generation for b in beats.values())]) + 1
         self.members = list(plan.members)
         self.backend = plan.backend
         self.ready, self.failed = set(), set()

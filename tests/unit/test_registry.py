@@ -145,3 +145,11 @@ def test_heartbeats_and_world_form_round_trip_the_bus_codec():
     assert codec.decode(codec.encode(b), WorkerHeartbeat).device == "cuda"
     form = registry(b).next_world()
     assert codec.decode(codec.encode(form), WorldForm).backend == "nccl"
+
+
+def test_a_restarted_scheduler_numbers_its_worlds_above_the_workers_generations():
+    # The workers joined generation 7 of the scheduler before; this one starts counting at 0.
+    reg = registry(beat("w-a").model_copy(update={"world_generation": 7}),
+                   beat("w-b").model_copy(update={"world_generation": 6}))
+    assert reg.next_world().generation == 8
+    assert reg.next_world().generation == 9  # and on from its own count

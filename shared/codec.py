@@ -219,6 +219,8 @@ def load_public(data: bytes, content_type: str) -> Any:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise CodecError(f"malformed JSON: {exc}") from exc
+        except RecursionError:  # nested deeper than the parser goes: no API body is
+            raise CodecError("malformed JSON: nested too deeply") from None
     try:
         # Public msgpack carries no tensors: any ext type is an error.
         return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -69,6 +69,17 @@ class GenerateRequest(_Strict):
     def _one_stop_string(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("prompt", "stop")
+    @classmethod
+    def _unicode_text(cls, value: Any) -> Any:
+        """JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode."""
+        for text in [value] if isinstance(value, str) else value or []:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"text is not valid Unicode: {exc.reason} at {exc.start}") from None
+        return value
+
     @model_validator(mode="after")
     def _exactly_one_input(self) -> "GenerateRequest":
         if (self.prompt is None) == (self.input_ids is None):

@@ -128,6 +128,8 @@ class Gateway:
             return model.model_validate(json.loads(raw))
         except json.JSONDecodeError as exc:
             raise GatewayError.invalid(f"body is not JSON: {exc}") from None
+        except RecursionError:
+            raise GatewayError.invalid("body is not JSON: nested too deeply") from None
         except ValidationError as exc:
             raise GatewayError.from_validation(exc) from None
 

@@ -99,3 +99,12 @@ def test_values_of_the_wrong_type_are_refused_not_coerced(fields):
     with pytest.raises(ApiError) as err:
         parse_generate(json.dumps(fields).encode(), "application/json", Settings())
     assert err.value.code == ErrorCode.INVALID_REQUEST
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deeper than the JSON parser goes
+    b'{"prompt": "a \\ud800 lone surrogate"}',
+    b'{"prompt": "ok", "stop": ["\\udfff"]}',
+])
+def test_deep_nesting_and_lone_surrogates_are_invalid_requests_not_internal_errors(body):
+    assert _code(body) == ErrorCode.INVALID_REQUEST

@@ -319,6 +319,8 @@ class DecodePlan(_Internal):
     max_new_tokens: int = Field(ge=1)
     stop_token_ids: list[int] = Field(default_factory=list)
     events: str
+    # the scheduler instance that owns the request: a leader ends the request if it goes silent
+    owner: str = ""
     # W3C trace headers of the request's root span: the workers' decode spans hang under it
     trace: dict[str, str] = Field(default_factory=dict)
 

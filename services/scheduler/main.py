@@ -74,6 +74,7 @@ class BusWorkerPort:
     def __init__(self, bus, settings: Settings, instance: str):
         self.bus = bus
         self.settings = settings
+        self.instance = instance
         self.events_subject = subjects.tokens(instance)
         self._queues: dict[str, asyncio.Queue[TokenItem | None]] = {}
 

@@ -42,6 +42,7 @@ from services.scheduler.stops import StopChecker
 
 
 class WorkerPort(Protocol):
+    instance: str  # this scheduler instance, which owns the requests it runs
     events_subject: str  # where ring leaders publish the tokens of this scheduler's requests
 
     async def prefill(self, worker_id: str, cmd: PrefillCommand) -> PrefillResult: ...
@@ -163,7 +164,7 @@ class RequestRunner:
         s = self.s
         sampling = sampling_of(s.request)
         decode = DecodePlan(max_new_tokens=s.request.max_new_tokens, stop_token_ids=sorted(self.eos_ids),
-                            events=self.port.events_subject, trace=inject_headers())
+                            events=self.port.events_subject, owner=self.port.instance, trace=inject_headers())
         cmds = [
             PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, s.prompt_ids, m), sampling=sampling,
                            cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]),

@@ -44,6 +44,7 @@ from shared.messages import (
     ReleaseCommand,
     RingPlan,
     SamplingParams,
+    ServiceHeartbeat,
     TokenItem,
     WorkerHeartbeat,
     WorldForm,
@@ -57,6 +58,7 @@ from services.worker.batcher import DecodeBatcher
 from services.worker.capacity import free_device_bytes, kv_capacity_tokens, kv_pool_pages
 from services.worker.engine import PrefillAborted, WorkerEngine, causal_block_sparsity
 from services.worker.fusion_client import FusionClient
+from services.worker.owners import OwnerWatch
 from services.worker.kv_cache import KVPool, KVPoolFull, RequestKV
 from services.worker.prefix import CachedRows, PrefixCache, block_masses
 from services.worker.shard_persist import ShardPersister
@@ -113,6 +115,7 @@ class WorkerApp(ServiceApp):
         self.world = World(self.worker_id, settings.advertise_host, settings.dist_timeout_s)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.batcher = DecodeBatcher(settings.decode_max_batch)
+        self.owners = OwnerWatch(settings.heartbeat_timeout_s)  # the schedulers of led requests
         self._wake = asyncio.Event()  # something for the decode loop: a request joined, a tick came
         self._trace_context: dict[str, otel_context.Context] = {}  # request -> its prefill's trace
         self._busy = 0
@@ -155,7 +158,9 @@ class WorkerApp(ServiceApp):
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "release"), self._on_release)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "abort"), self._on_abort)
         await bus.subscribe(subjects.WORLD_FORM, self._on_world_form)
+        await bus.subscribe(f"{subjects.HEARTBEAT}.scheduler.>", self._on_scheduler_heartbeat)
         self._decoder = asyncio.create_task(self._decode_loop())
+        self._orphan_watch = asyncio.create_task(self._end_orphans())
         log.info("worker_ready", worker_id=self.worker_id, model=self.model_info.name, store=self.world.store_addr)
 
     def heartbeat(self, rt: ServiceRuntime) -> WorkerHeartbeat:
@@ -189,6 +194,7 @@ class WorkerApp(ServiceApp):
             if not await wait_until(lambda: not held(), drain_budget_s(self.settings)):
                 log.warning("drain_timeout_requests_left", requests=sorted({*self.engine.requests, *self._prefilling}))
         self._decoder.cancel()
+        self._orphan_watch.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.prefix.store.close()
         if self.shards is not None:
@@ -379,6 +385,8 @@ class WorkerApp(ServiceApp):
         if cmd.member != plan.leader() or cmd.decode is None:
             return
         rows = [sum(s.end - s.start for s in segs) for segs in plan.segments]
+        if cmd.decode.owner:
+            self.owners.own(plan.request_id, cmd.decode.owner)
         if self.batcher.lead(plan, cmd.sampling, cmd.decode, result.token_id, rows):
             self._wake.set()
         else:
@@ -496,6 +504,24 @@ class WorkerApp(ServiceApp):
         self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
         return results
 
+    # ------------------------------------------------------------------------------ owners
+    async def _on_scheduler_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = codec.decode(msg.data, ServiceHeartbeat)
+        except (codec.CodecError, ValidationError):
+            return  # the scheduler's own registry logs bad heartbeats
+        self.owners.on_heartbeat(beat.instance)
+
+    async def _end_orphans(self) -> None:
+        """Requests led here whose scheduler went silent are ended: nobody reads their tokens."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            for rid in self.owners.orphans():
+                log.warning("request_orphaned", request_id=rid, timeout_s=self.settings.heartbeat_timeout_s)
+                ended = self.batcher.drop(rid)
+                self._keep(asyncio.create_task(self._end_request(rid, ended.followers if ended else [])))
+                self.owners.forget(rid)
+
     # ------------------------------------------------------------------------------ abort
     async def _on_abort(self, msg: Msg) -> None:
         """The client cancelled a request being prefilled: its prefill stops at the next layer
@@ -526,6 +552,7 @@ class WorkerApp(ServiceApp):
         """Drop a request's KV here (after any step of it already queued in the compute thread)
         and, for a ring led here, tell the members to drop theirs."""
         self.batcher.drop(request_id)
+        self.owners.forget(request_id)
         context = self._trace_context.pop(request_id, None)
         token = otel_context.attach(context) if context is not None else None  # logs name its trace
         try:

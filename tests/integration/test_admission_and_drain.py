@@ -178,3 +178,27 @@ async def test_without_a_fusion_service_one_worker_requests_run_and_a_ring_is_un
         assert refused["error"]["code"] == "unavailable" and "fusion" in refused["error"]["message"], refused
     finally:
         stack.stop()
+
+
+async def test_a_worker_ends_the_requests_of_a_scheduler_that_died(tmp_path):
+    stack = Stack(tmp_path, workers=1, env={"RINGSERVE_HEARTBEAT_INTERVAL_S": "0.25",
+                                            "RINGSERVE_HEARTBEAT_TIMEOUT_S": "1.0"})
+    try:
+        await stack.wait_ready(1)
+        nc = await nats.connect(stack.servers.nats_url)
+        try:
+            await _stream_until_first_token(nc, {"prompt": "orphan me", "max_new_tokens": 4000,
+                                                 "request_id": "orphan-1"})
+            stack.procs["scheduler"].kill()  # SIGKILL: no drain, no release
+            worker_log = tmp_path / "worker0.log"
+            for _ in range(100):
+                events = [json.loads(line) for line in worker_log.read_text().splitlines() if line.startswith("{")]
+                mine = [e["event"] for e in events if e.get("request_id") == "orphan-1"]
+                if "request_released" in mine:
+                    break
+                await asyncio.sleep(0.1)
+            assert "request_orphaned" in mine and "request_released" in mine, f"{mine}\n{stack.logs()}"
+        finally:
+            await nc.close()
+    finally:
+        stack.stop()

@@ -106,6 +106,7 @@ class FakePort:
         while len(self.aborts) < size:
             await asyncio.sleep(0.001)
 
+    instance = "scheduler-test"
     events_subject = "tokens.test"
 
     def watch(self, request_id):

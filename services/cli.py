@@ -329,10 +329,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, out: TextIO, err: Te
     return EXIT_OK
 
 
-async def _until_stopped(stack: LocalStack, stop: asyncio.Event) -> None:
-    """Until Ctrl-C/SIGTERM; raises StackError as soon as a child dies."""
+async def _until_stopped(stack: LocalStack, stop: asyncio.Event, err: TextIO) -> None:
+    """Until Ctrl-C/SIGTERM, restarting services that die (the others keep serving); raises
+    StackError if a server dies."""
     while not stop.is_set():
-        stack.check_alive()
+        for line in stack.supervise():
+            print(line, file=err, flush=True)
         try:
             await asyncio.wait_for(stop.wait(), timeout=CHILD_CHECK_INTERVAL_S)
         except asyncio.TimeoutError:
@@ -398,7 +400,7 @@ async def cmd_up(args: argparse.Namespace, settings: Settings, out: TextIO, err:
                 await client.close()
             if reply is not None:
                 print(summary_line(reply), file=out, flush=True)
-        await _until_stopped(stack, stop)
+        await _until_stopped(stack, stop, err)
         return EXIT_OK
     except MissingServerError as exc:
         print(str(exc), file=err)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
@@ -44,6 +44,11 @@ SERVER_START_TIMEOUT_S = 10.0
 PORT_PROBE_TIMEOUT_S = 0.5
 POLL_INTERVAL_S = 0.1
 READY_POLL_INTERVAL_S = 0.5
+# A service that dies is started again after RESTART_BACKOFF_S, doubling on each crash in a row
+# up to RESTART_BACKOFF_MAX_S; once it has run RESTART_RESET_S, its next crash starts over.
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_RESET_S = 60.0
 # Added to the services' own drain timeout before a child is killed.
 STOP_GRACE_S = 5.0
 LOG_TAIL_LINES = 20
@@ -171,6 +176,11 @@ class Child:
     proc: subprocess.Popen
     log_path: Path
     log_file: IO[bytes]
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    restarts: int = 0  # in a row: reset once it has run RESTART_RESET_S
+    started: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None  # it died: when it starts again
 
 
 class LocalStack:
@@ -195,10 +205,10 @@ class LocalStack:
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, append: bool = False) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "wb")
+        log_file = open(log_path, "ab" if append else "wb")  # a restart keeps the crash's lines
         try:
             # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which stops
             # the children in order.
@@ -207,7 +217,7 @@ class LocalStack:
         except OSError:
             log_file.close()
             raise
-        return Child(name, proc, log_path, log_file)
+        return Child(name, proc, log_path, log_file, argv, env)
 
     # -- servers --
 
@@ -288,6 +298,36 @@ class LocalStack:
             if code is not None:
                 raise StackError(f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
                                  f"{log_tail(child.log_path)}")
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """While the stack runs: a service that died starts again after a backoff (doubling from
+        RESTART_BACKOFF_S to RESTART_BACKOFF_MAX_S, reset once it has run RESTART_RESET_S), and
+        the others keep serving. Returns what happened, a line each (a crash with its log's last
+        lines). A server that died is fatal (StackError): every service needs both."""
+        now = time.monotonic() if now is None else now
+        for server in self.servers:
+            if (code := server.proc.poll()) is not None:
+                raise StackError(f"{server.name} exited with code {code}; last lines of {server.log_path}:\n"
+                                 f"{log_tail(server.log_path)}")
+        lines = []
+        for i, child in enumerate(self.services):
+            code = child.proc.poll()
+            if code is None:
+                if now - child.started > RESTART_RESET_S:
+                    child.restarts = 0
+            elif child.restart_at is None:
+                delay = min(RESTART_BACKOFF_S * 2**child.restarts, RESTART_BACKOFF_MAX_S)
+                child.restart_at = now + delay
+                lines.append(f"{child.name} exited with code {code}; restarting it in {delay:g}s "
+                             f"(restart {child.restarts + 1} in a row); last lines of {child.log_path}:\n"
+                             f"{log_tail(child.log_path)}")
+            elif now >= child.restart_at:
+                child.log_file.close()
+                again = self._spawn(child.name, child.argv, child.env, append=True)
+                again.restarts, again.started = child.restarts + 1, now
+                self.services[i] = again
+                lines.append(f"{child.name} restarted")
+        return lines
 
     async def wait_ready(self, timeout: float) -> StatusReply:
         """Until the scheduler's status lists all workers in a formed world and the gateway

@@ -206,3 +206,33 @@ async def test_wait_ready_waits_for_all_workers(private_nats, scheduler, tmp_pat
         await LocalStack(settings, workers=2, state_dir=tmp_path).wait_ready(timeout=1)
     with pytest.raises(StackError, match="2 of 3 workers registered"):
         await LocalStack(settings, workers=3, state_dir=tmp_path).wait_ready(timeout=1)
+
+
+def test_a_service_that_dies_is_restarted_with_a_growing_backoff_and_a_dead_server_stops_all(tmp_path):
+    fake_python = tmp_path / "fake-python"
+    fake_python.write_text("#!/bin/sh\necho \"crashed $2\" >&2\nexit 3\n")
+    fake_python.chmod(0o755)
+    stack = LocalStack(Settings(), workers=1, state_dir=tmp_path / "state", python=str(fake_python))
+    stack.start_services()
+    try:
+        for child in stack.services:
+            child.proc.wait(timeout=10)
+        t0 = 1000.0
+        lines = stack.supervise(now=t0)
+        assert len(lines) == len(stack.services)
+        assert "fusion exited with code 3; restarting it in 0.5s (restart 1 in a row)" in "\n".join(lines)
+        assert "crashed services.fusion" in "\n".join(lines)  # the crash's own lines come with it
+        assert stack.supervise(now=t0 + 0.1) == []  # waiting out the backoff
+        assert all(line.endswith("restarted") for line in stack.supervise(now=t0 + 0.6))
+        fusion = next(c for c in stack.services if c.name == "fusion")
+        fusion.proc.wait(timeout=10)
+        again = [line for line in stack.supervise(now=t0 + 0.7) if line.startswith("fusion")]
+        assert again and "restarting it in 1s (restart 2 in a row)" in again[0]
+        assert fusion.log_path.read_text().count("crashed services.fusion") == 2  # one log, both runs
+
+        stack.servers.append(stack._spawn("nats-server", [str(fake_python), "-m", "nats"]))
+        stack.servers[-1].proc.wait(timeout=10)
+        with pytest.raises(StackError, match="nats-server exited with code 3"):
+            stack.supervise(now=t0 + 1)
+    finally:
+        stack.stop(timeout=5)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 import torch
+import torch.distributed as dist
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 
 from shared import codec, subjects
 from shared.attention.ring import RingStep
+from shared.bus import BusError
 from shared.checkpoint import model_id, resolve_checkpoint
 from shared.kv.client import KVIndexClient
 from shared.kv.shards import ShardStore
@@ -102,6 +104,16 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None
     engine = WorkerEngine(model, device, dtype, pool, dist_timeout_s=settings.dist_timeout_s, graphs=graphs,
                           finish_chunk_tokens=settings.prefill_mlp_chunk_tokens)
     return engine, info, capacity
+
+
+def decode_error_code(exc: Exception) -> ErrorCode:
+    """A full KV pool is `overloaded`; a fusion service or peer that cannot be reached (no
+    responders, a timeout) `unavailable`, as for a lost worker; anything else `internal`."""
+    if isinstance(exc, KVPoolFull):
+        return ErrorCode.OVERLOADED
+    if isinstance(exc, (BusError, TimeoutError, dist.DistBackendError)):
+        return ErrorCode.UNAVAILABLE
+    return ErrorCode.INTERNAL
 
 
 class WorkerApp(ServiceApp):
@@ -495,7 +507,7 @@ class WorkerApp(ServiceApp):
             log.warning("decode_failed", requests=[s.request_id for s in steps], error=str(exc)[:300])
             if span is not None:
                 span.record_exception(exc)
-            code = ErrorCode.OVERLOADED if isinstance(exc, KVPoolFull) else ErrorCode.INTERNAL
+            code = decode_error_code(exc)
             results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
                                     error_code=code, error=str(exc)[:300]) for s in steps]
         finally:

@@ -51,14 +51,16 @@ class KVQuant(str, enum.Enum):
 class GenerateRequest(_Strict):
     # Strict types: "1", 1.0 and true are not token ids, "yes" is not a boolean (no coercion).
     prompt: StrictStr | None = None
-    input_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    # fail_fast: a million wrong ids give one error, not a million (which took seconds to report)
+    input_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(fail_fast=True)] | None = None
     max_new_tokens: StrictInt = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(default=0, ge=0)
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[Annotated[StrictStr, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
-    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=list, max_length=64,
+                                                                    fail_fast=True)
     stream: StrictBool = False
     logprobs: StrictBool = False
     request_id: RequestId | None = None

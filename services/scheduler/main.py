@@ -30,7 +30,6 @@ from shared.messages import (
     PrefillProgress,
     PrefillResult,
     ReleaseCommand,
-    ServiceHeartbeat,
     StatusReply,
     TokenItem,
     WorkerHeartbeat,
@@ -55,6 +54,8 @@ PREFILL_TIMEOUT_FACTOR = 1.0  # of request_timeout_s
 WORLD_RETRY_MARGIN_S = 2.0
 # How often a request waiting for workers with room retries its placement.
 PLACEMENT_POLL_S = 0.05
+# Request bodies and prompts this large are parsed and tokenized in a thread, off the event loop.
+OFF_LOOP_BYTES = 64 * 1024
 # The partition of a request no fusion service merges for (a worker holds it alone).
 NO_FUSION_PARTITION = ""
 # Of the drain timeout, kept to answer requests a drain has to cut off.
@@ -286,7 +287,8 @@ class SchedulerApp(ServiceApp):
         outcome = OK_CODE
         with self.tracer.start_as_current_span("scheduler.generate") as span:
             try:
-                req, content_type = parse_generate(msg.data, _ctype(msg), self.settings)
+                req, content_type = await off_loop_if_large(len(msg.data), parse_generate, msg.data, _ctype(msg),
+                                                            self.settings)
                 request_id = new_request_id(req)
                 span.set_attribute("request_id", request_id)
                 structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -341,7 +343,7 @@ class SchedulerApp(ServiceApp):
         elif self.tokenizer is None:
             raise ApiError(ErrorCode.UNSUPPORTED, "this model has no tokenizer: send input_ids", request_id)
         else:
-            prompt_ids = self.tokenizer.encode(req.prompt)
+            prompt_ids = await off_loop_if_large(len(req.prompt), self.tokenizer.encode, req.prompt)
         check_limits(req, prompt_ids, model, self.settings, request_id)
         check_fits_bus(prompt_ids, self.rt.bus.max_payload, self.settings, request_id)
         if req.stop and self.tokenizer is None:
@@ -497,6 +499,15 @@ class SchedulerApp(ServiceApp):
                                              headers={"Content-Type": content_type})
             except Exception as exc:  # a vanished client must not crash the request's task
                 log.warning("reply_failed", error=str(exc)[:200])
+
+
+async def off_loop_if_large(size: int, fn, *args):
+    """fn(*args), in a thread when `size` (bytes or characters) is large: parsing or tokenizing a
+    multi-megabyte body takes seconds, which on the event loop would stall every other request
+    and the status and cancel handlers with it."""
+    if size < OFF_LOOP_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def _ctype(msg: Msg) -> str | None:

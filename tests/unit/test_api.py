@@ -108,3 +108,11 @@ def test_values_of_the_wrong_type_are_refused_not_coerced(fields):
 ])
 def test_deep_nesting_and_lone_surrogates_are_invalid_requests_not_internal_errors(body):
     assert _code(body) == ErrorCode.INVALID_REQUEST
+
+
+def test_a_million_wrong_token_ids_are_refused_with_one_error_quickly():
+    body = json.dumps({"input_ids": ["1"] * 1_000_000}).encode()
+    with pytest.raises(ApiError) as err:
+        parse_generate(body, "application/json", Settings())
+    assert err.value.code == ErrorCode.INVALID_REQUEST
+    assert err.value.message.count("valid integer") == 1  # validation stopped at the first

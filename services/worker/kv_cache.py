@@ -33,9 +33,10 @@ class KVPoolFull(RuntimeError):
 
 class KVPool:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, page_tokens: int, pages: int,
-                 dtype: torch.dtype, device: torch.device, growable: bool = False):
+                 dtype: torch.dtype, device: torch.device, growable: bool = False, max_pages: int | None = None):
         self.page_tokens = page_tokens
         self.growable = growable
+        self.max_pages = max_pages  # a growable pool's limit (None: none)
         shape = (max(pages, 1) + 1, kv_heads, page_tokens, head_dim)  # + the scratch page
         # k[layer], v[layer]: [pages, KVH, page_tokens, d]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -48,9 +49,9 @@ class KVPool:
 
     @classmethod
     def for_model(cls, config, page_tokens: int, pages: int, dtype: torch.dtype, device: torch.device,
-                  growable: bool = False) -> "KVPool":
+                  growable: bool = False, max_pages: int | None = None) -> "KVPool":
         return cls(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, page_tokens, pages,
-                   dtype, device, growable)
+                   dtype, device, growable, max_pages)
 
     @property
     def pages(self) -> int:
@@ -67,9 +68,10 @@ class KVPool:
     def alloc(self, n: int) -> list[int]:
         with self._lock:
             if n > len(self._free):
-                if not self.growable:
+                need = self.pages + n - len(self._free)
+                if not self.growable or (self.max_pages is not None and need > self.max_pages):
                     raise KVPoolFull(f"KV pool full: {n} pages asked, {len(self._free)} of {self.pages} free")
-                self._grow(self.pages + n - len(self._free))
+                self._grow(need)
             taken = self._free[-n:] if n else []
             del self._free[len(self._free) - n:]
             return taken[::-1]
@@ -81,6 +83,8 @@ class KVPool:
     def _grow(self, at_least: int) -> None:
         old = self.k[0].shape[0]
         new = max(old * CPU_GROWTH, at_least + 1)
+        if self.max_pages is not None:
+            new = min(new, self.max_pages + 1)  # + the scratch page
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 bigger = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)

@@ -94,8 +94,13 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None
         sliding_window=cfg.sliding_window,
     )
     capacity = kv_capacity_tokens(settings, info, free_device_bytes(device))
-    pool = KVPool.for_model(cfg, settings.kv_block_tokens, kv_pool_pages(settings, capacity), dtype, device,
-                            growable=capacity is None)
+    most = kv_pool_pages(settings, capacity)
+    if device.type == "cuda":  # all of it now: the decode graphs hold the pool's addresses
+        pool = KVPool.for_model(cfg, settings.kv_block_tokens, most, dtype, device)
+    else:  # host memory is taken as the pool grows, up to the capacity
+        start = -(-settings.kv_pool_initial_tokens // settings.kv_block_tokens)
+        pool = KVPool.for_model(cfg, settings.kv_block_tokens, min(start, most or start), dtype, device,
+                                growable=True, max_pages=most)
     graphs = None
     if device.type == "cuda" and settings.decode_cuda_graphs and model.rope_is_static:
         from services.worker.graphs import DecodeGraphs

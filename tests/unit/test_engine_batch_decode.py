@@ -8,6 +8,8 @@ fusion service is never asked."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -183,3 +185,25 @@ def test_a_prefill_in_mlp_slices_computes_what_one_pass_computes():
     for rid in PROMPTS:
         torch.testing.assert_close(sliced.requests[rid].kv.keys(2), whole.requests[rid].kv.keys(2),
                                    atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_a_growable_pool_stops_at_its_limit():
+    from services.worker.kv_cache import KVPool, KVPoolFull
+
+    pool = KVPool(2, kv_heads=2, head_dim=4, page_tokens=4, pages=2, dtype=torch.float32,
+                  device=torch.device("cpu"), growable=True, max_pages=5)
+    first = pool.alloc(4)  # grows past its start
+    assert pool.pages == 5 and len(first) == 4
+    with pytest.raises(KVPoolFull):
+        pool.alloc(2)
+    assert len(pool.alloc(1)) == 1 and pool.free_pages == 0
+
+
+def test_a_cpu_worker_knows_its_memory():
+    from services.worker.capacity import free_device_bytes
+
+    free = free_device_bytes(torch.device("cpu"))
+    if os.path.exists("/proc/meminfo"):  # Linux: the host's available memory
+        assert free > 0
+    else:
+        assert free is None

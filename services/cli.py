@@ -111,6 +111,10 @@ def format_status(status: StatusReply) -> str:
         lines.append(f"  {w.worker_id}  {w.device}  {state}  {w.active_requests} requests  "
                      f"{w.kv_tokens}{'' if w.kv_capacity_tokens is None else f'/{w.kv_capacity_tokens}'} kv tokens  "
                      f"seen {w.last_seen_s:.1f}s ago")
+    lines.append(f"services: {len(status.services)}")
+    for svc in status.services:
+        lines.append(f"  {svc.service}  {svc.instance}  {'draining' if svc.draining else 'serving'}  "
+                     f"seen {svc.last_seen_s:.1f}s ago")
     return "\n".join(lines)
 
 

@@ -177,6 +177,15 @@ class WorkerStatus(BaseModel):
     kv_capacity_tokens: int | None = None  # None: no limit
 
 
+class ServiceStatus(BaseModel):
+    """One instance of a service other than a worker, as its heartbeats tell."""
+
+    service: str
+    instance: str
+    draining: bool
+    last_seen_s: float
+
+
 class StatusReply(BaseModel):
     model: str | None
     workers: list[WorkerStatus]
@@ -186,6 +195,7 @@ class StatusReply(BaseModel):
     world_ready: bool = False
     world_members: list[str] = Field(default_factory=list)
     world_backend: Literal["gloo", "nccl"] | None = None  # chosen from the members' devices
+    services: list[ServiceStatus] = Field(default_factory=list)  # every scheduler, fusion, kvstore, gateway
 
 
 # ================================================================================================

@@ -30,6 +30,8 @@ from shared.messages import (
     PrefillProgress,
     PrefillResult,
     ReleaseCommand,
+    ServiceHeartbeat,
+    ServiceStatus,
     StatusReply,
     TokenItem,
     WorkerHeartbeat,
@@ -175,9 +177,11 @@ class SchedulerApp(ServiceApp):
                 if not known:
                     log.info("worker_joined", worker_id=beat.worker_id)
                     self._workers_changed.set()
-            elif service == "fusion":
-                beat = codec.unpack(msg.data)
-                self.registry.on_fusion(str(beat.get("partition")), bool(beat.get("draining")))
+            else:
+                beat = codec.decode(msg.data, ServiceHeartbeat)
+                self.registry.on_service(beat.service, beat.instance, beat.draining)
+                if service == "fusion":
+                    self.registry.on_fusion(str(codec.unpack(msg.data).get("partition")), beat.draining)
         except (codec.CodecError, ValidationError) as exc:
             log.warning("bad_heartbeat", subject=msg.subject, error=str(exc)[:200])
 
@@ -253,6 +257,8 @@ class SchedulerApp(ServiceApp):
             world_ready=self.registry.world_ready,
             world_members=self.registry.members,
             world_backend=self.registry.backend,
+            services=[ServiceStatus(service=service, instance=instance, draining=draining, last_seen_s=round(age, 3))
+                      for service, instance, draining, age in self.registry.service_instances(now)],
         )
         await self._respond(msg, reply, codec.public_content_type(msg.data or b"{", _ctype(msg)))
 

@@ -60,6 +60,8 @@ class Registry:
     timeout_s: float
     workers: dict[str, WorkerEntry] = field(default_factory=dict)
     fusion: dict[str, float] = field(default_factory=dict)  # partition -> last seen
+    # every other service's instances: (service, instance) -> (draining, last seen)
+    services: dict[tuple[str, str], tuple[bool, float]] = field(default_factory=dict)
     # The world the scheduler last formed, and which of its members have joined.
     generation: int = 0
     members: list[str] = field(default_factory=list)
@@ -73,6 +75,16 @@ class Registry:
     # ---------------------------------------------------------------- heartbeats
     def on_worker(self, beat: WorkerHeartbeat, now: float | None = None) -> None:
         self.workers[beat.worker_id] = WorkerEntry(beat, time.monotonic() if now is None else now)
+
+    def on_service(self, service: str, instance: str, draining: bool, now: float | None = None) -> None:
+        """A heartbeat of any service but a worker (scheduler, fusion, kvstore, gateway)."""
+        self.services[(service, instance)] = (draining, time.monotonic() if now is None else now)
+
+    def service_instances(self, now: float | None = None) -> list[tuple[str, str, bool, float]]:
+        """(service, instance, draining, seconds since its last heartbeat), sorted."""
+        now = time.monotonic() if now is None else now
+        return [(service, instance, draining, now - seen)
+                for (service, instance), (draining, seen) in sorted(self.services.items())]
 
     def on_fusion(self, partition: str, draining: bool, now: float | None = None) -> None:
         if draining:
@@ -88,6 +100,8 @@ class Registry:
             del self.workers[w]
         for p in [p for p, seen in self.fusion.items() if now - seen > self.timeout_s]:
             del self.fusion[p]
+        for key in [k for k, (_, seen) in self.services.items() if now - seen > self.timeout_s]:
+            del self.services[key]
         return gone
 
     def live_workers(self) -> list[WorkerHeartbeat]:

@@ -98,6 +98,7 @@ async def test_cancel_stops_a_running_request_and_status_reports_load(demo_stack
     try:
         status = json.loads((await nc.request("ringserve.v1.status", b"{}", timeout=5)).data)
         assert status["model"] == "demo" and len(status["workers"]) == 1
+        assert {s["service"] for s in status["services"]} >= {"scheduler", "fusion"}, status["services"]
         for service in ("scheduler", "worker", "fusion"):  # discoverable through the NATS services API
             ping = json.loads((await nc.request(f"$SRV.PING.ringserve-{service}", b"", timeout=5)).data)
             assert ping["name"] == f"ringserve-{service}" and ping["type"] == "io.nats.micro.v1.ping_response"

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from services import cli
-from shared.messages import GenerateReply, StatusReply, Timings, Usage, WorkerStatus
+from shared.messages import GenerateReply, ServiceStatus, StatusReply, Timings, Usage, WorkerStatus
 from tests.unit.test_client import ANSWER, free_port, private_nats, scheduler  # noqa: F401 (fixtures)
 
 MS = 1000  # Jaeger times are microseconds
@@ -99,14 +99,20 @@ def test_stop_message():
 def test_format_status():
     workers = [WorkerStatus(worker_id="w-a", device="cpu", busy=True, active_requests=2, kv_tokens=512,
                             last_seen_s=0.4)]
+    services = [ServiceStatus(service="fusion", instance="fusion-1", draining=False, last_seen_s=0.2),
+                ServiceStatus(service="scheduler", instance="scheduler-1", draining=True, last_seen_s=0.7)]
     text = cli.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
-                                         world_generation=5, world_ready=True, world_members=["w-a"]))
+                                         world_generation=5, world_ready=True, world_members=["w-a"],
+                                         services=services))
     assert text.splitlines() == [
         "model: demo",
         "world: generation 5, ready, members w-a",
         "requests: 2 active, 1 queued",
         "workers: 1",
         "  w-a  cpu  busy  2 requests  512 kv tokens  seen 0.4s ago",
+        "services: 2",
+        "  fusion  fusion-1  serving  seen 0.2s ago",
+        "  scheduler  scheduler-1  draining  seen 0.7s ago",
     ]
     text = cli.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
                                          world_generation=5, world_ready=True, world_members=["w-a"],

@@ -153,3 +153,15 @@ def test_a_restarted_scheduler_numbers_its_worlds_above_the_workers_generations(
                    beat("w-b").model_copy(update={"world_generation": 6}))
     assert reg.next_world().generation == 8
     assert reg.next_world().generation == 9  # and on from its own count
+
+
+def test_every_instance_of_every_service_is_listed_until_it_goes_silent():
+    reg = registry()
+    reg.on_service("scheduler", "s-1", draining=False, now=100.0)
+    reg.on_service("fusion", "f-1", draining=False, now=100.0)
+    reg.on_service("fusion", "f-2", draining=True, now=102.0)
+    reg.on_service("scheduler", "s-2", draining=False, now=103.0)  # a second instance at once
+    assert reg.service_instances(now=104.0) == [("fusion", "f-1", False, 4.0), ("fusion", "f-2", True, 2.0),
+                                                 ("scheduler", "s-1", False, 4.0), ("scheduler", "s-2", False, 1.0)]
+    reg.sweep(now=105.5)  # timeout 5 s: f-1 and s-1 went silent
+    assert [(s, i) for s, i, _, _ in reg.service_instances(now=105.5)] == [("fusion", "f-2"), ("scheduler", "s-2")]

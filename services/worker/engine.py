@@ -32,7 +32,8 @@ from shared.messages import (
     SamplingParams,
 )
 from shared.sampling import request_generator, sample_batch
-from services.worker.kv_cache import SCRATCH_PAGE, KVPool, RequestKV
+from services.worker.errors import decode_error_code
+from services.worker.kv_cache import SCRATCH_PAGE, KVPool, KVPoolFull, RequestKV
 from services.worker.step import DecodeInputs, decode_forward, rope_for
 from services.worker.prefix import CachedRows, clip_runs, row_of
 
@@ -41,6 +42,7 @@ FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
 ProgressFn = Callable[[int], None]  # layers done
 RingStepFn = Callable[[int, RingStep], None]  # (layer, what the ring step did)
 AbortFn = Callable[[], bool]  # whether this member was told to abort the prefill (thread-safe)
+ERROR_TEXT_CHARS = 300  # of an exception's text in an error result
 
 
 class PrefillAborted(Exception):
@@ -119,6 +121,11 @@ class ActiveRequest:
     sampling: SamplingParams
     generator: torch.Generator | None
     blocks: list[PromptBlock] = field(default_factory=list)  # stored prompt blocks overlapping this shard
+
+
+def failed(step: DecodeStep, member: int, exc: Exception) -> DecodeResult:
+    return DecodeResult(request_id=step.request_id, member=member, step=step.step, ok=False,
+                        error_code=decode_error_code(exc), error=str(exc)[:ERROR_TEXT_CHARS])
 
 
 class WorkerEngine:
@@ -235,13 +242,26 @@ class WorkerEngine:
         cached key received to its request's H2O importance (one more pass over the keys).
         """
         results: list[DecodeResult | None] = [None] * len(steps)
-        local = [b for b, s in enumerate(steps) if self.requests[s.request_id].plan.size == 1]
-        ring = [b for b, s in enumerate(steps) if self.requests[s.request_id].plan.size > 1]
+        runnable = []
+        for b, s in enumerate(steps):
+            r = self.requests[s.request_id]
+            try:  # the page its new row goes to (a full pool fails this request, not the batch)
+                if s.append_member == r.member:
+                    r.kv.reserve(r.kv.tokens + 1)
+                runnable.append(b)
+            except KVPoolFull as exc:
+                results[b] = failed(s, r.member, exc)
+        local = [b for b in runnable if self.requests[steps[b].request_id].plan.size == 1]
+        ring = [b for b in runnable if self.requests[steps[b].request_id].plan.size > 1]
         for rows in (local, ring):
-            if rows:
-                for b, result in zip(rows, self._decode_rows([steps[b] for b in rows], fuse, collective,
-                                                             importance_every)):
-                    results[b] = result
+            if not rows:
+                continue
+            try:
+                done = self._decode_rows([steps[b] for b in rows], fuse, collective, importance_every)
+            except Exception as exc:  # e.g. a ring's merge: its rows fail, the other batch stands
+                done = [failed(steps[b], self.requests[steps[b].request_id].member, exc) for b in rows]
+            for b, result in zip(rows, done):
+                results[b] = result
         return results
 
     def _decode_rows(self, steps: list[DecodeStep], fuse: FuseFn | None, collective: bool,

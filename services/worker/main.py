@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 import torch
-import torch.distributed as dist
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
@@ -28,7 +27,6 @@ from pydantic import ValidationError
 
 from shared import codec, subjects
 from shared.attention.ring import RingStep
-from shared.bus import BusError
 from shared.checkpoint import model_id, resolve_checkpoint
 from shared.kv.client import KVIndexClient
 from shared.kv.shards import ShardStore
@@ -59,6 +57,7 @@ from services.worker.aborts import AbortFlags
 from services.worker.batcher import DecodeBatcher
 from services.worker.capacity import free_device_bytes, kv_capacity_tokens, kv_pool_pages
 from services.worker.engine import PrefillAborted, WorkerEngine, causal_block_sparsity
+from services.worker.errors import decode_error_code
 from services.worker.fusion_client import FusionClient
 from services.worker.owners import OwnerWatch
 from services.worker.kv_cache import KVPool, KVPoolFull, RequestKV
@@ -109,16 +108,6 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None
     engine = WorkerEngine(model, device, dtype, pool, dist_timeout_s=settings.dist_timeout_s, graphs=graphs,
                           finish_chunk_tokens=settings.prefill_mlp_chunk_tokens)
     return engine, info, capacity
-
-
-def decode_error_code(exc: Exception) -> ErrorCode:
-    """A full KV pool is `overloaded`; a fusion service or peer that cannot be reached (no
-    responders, a timeout) `unavailable`, as for a lost worker; anything else `internal`."""
-    if isinstance(exc, KVPoolFull):
-        return ErrorCode.OVERLOADED
-    if isinstance(exc, (BusError, TimeoutError, dist.DistBackendError)):
-        return ErrorCode.UNAVAILABLE
-    return ErrorCode.INTERNAL
 
 
 class WorkerApp(ServiceApp):

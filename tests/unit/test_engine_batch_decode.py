@@ -207,3 +207,22 @@ def test_a_cpu_worker_knows_its_memory():
         assert free > 0
     else:
         assert free is None
+
+
+def test_a_failing_ring_merge_fails_its_request_only():
+    from shared.bus import BusError
+    from shared.messages import ErrorCode
+
+    engine = make_engine(tiny_model("default"))
+    first = prefill_all(engine)
+    ring = engine.requests["c"]  # as if "c" were spread over a ring of two, this worker its leader
+    ring.plan = ring.plan.model_copy(update={"workers": ["w", "v"], "world_ranks": [0, 1],
+                                             "segments": [ring.plan.segments[0], []]})
+
+    def lost_fusion(partials):
+        raise BusError("no responders on ringserve.internal.v1.fusion.p.partials")
+
+    results = engine.decode([step_of(rid, 0, first[rid]) for rid in PROMPTS], lost_fusion)
+    by_id = {r.request_id: r for r in results}
+    assert by_id["a"].ok and by_id["b"].ok and by_id["a"].token_id is not None
+    assert not by_id["c"].ok and by_id["c"].error_code == ErrorCode.UNAVAILABLE and "no responders" in by_id["c"].error

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from shared.bus import BusError
 from shared.messages import ErrorCode
 from services.worker.kv_cache import KVPoolFull
-from services.worker.main import decode_error_code
+from services.worker.errors import decode_error_code
 
 
 def test_a_lost_fusion_service_or_peer_is_unavailable_a_full_pool_overloaded_the_rest_internal():

@@ -23,6 +23,12 @@ from shared.attention.layout import append_member
 from shared.messages import DecodePlan, DecodeResult, DecodeStep, ErrorCode, RingPlan, SamplingParams, TokenItem
 
 
+def followers(plan: RingPlan) -> list[str]:
+    """The ring's workers other than its leader: they run the leader's ticks."""
+    leader = plan.leader()
+    return [w for m, w in enumerate(plan.workers) if m != leader]
+
+
 @dataclass
 class LedRequest:
     plan: RingPlan
@@ -38,8 +44,7 @@ class LedRequest:
 
     @property
     def followers(self) -> list[str]:
-        leader = self.plan.leader()
-        return [w for m, w in enumerate(self.plan.workers) if m != leader]
+        return followers(self.plan)
 
 
 @dataclass

@@ -54,7 +54,7 @@ from shared.metrics import RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
 from shared.settings import Settings
 from services.worker.aborts import AbortFlags
-from services.worker.batcher import DecodeBatcher
+from services.worker.batcher import DecodeBatcher, followers
 from services.worker.capacity import free_device_bytes, kv_capacity_tokens, kv_pool_pages
 from services.worker.engine import PrefillAborted, WorkerEngine, causal_block_sparsity
 from services.worker.errors import decode_error_code
@@ -396,11 +396,7 @@ class WorkerApp(ServiceApp):
         if self.batcher.lead(plan, cmd.sampling, cmd.decode, result.token_id, rows):
             self._wake.set()
         else:
-            self._keep(asyncio.create_task(self._end_request(plan.request_id, self._followers(plan))))
-
-    @staticmethod
-    def _followers(plan: RingPlan) -> list[str]:
-        return [w for m, w in enumerate(plan.workers) if m != plan.leader()]
+            self._keep(asyncio.create_task(self._end_request(plan.request_id, followers(plan))))
 
     async def _on_decode(self, msg: Msg) -> None:
         """A ring leader's tick: run this step of its request here too (or end it: `finish`)."""

@@ -478,3 +478,22 @@ def test_prometheus_scrapes_every_ringserve_service_on_its_metrics_port():
                     for s in job.get("static_configs", []) for t in s["targets"]}
     assert "worker" not in static_hosts
     assert "./infra/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+
+
+def test_the_services_refuse_the_example_passwords(tmp_path):
+    fake = tmp_path / "ringserve"  # stands in for the CLI the entrypoint hands over to
+    fake.write_text("#!/bin/sh\necho started \"$@\"\n")
+    fake.chmod(0o755)
+    entrypoint = Path(__file__).resolve().parents[2] / "infra" / "entrypoint.sh"
+    base = {"PATH": f"{tmp_path}:/usr/bin:/bin", "RINGSERVE_ADVERTISE_HOST": "10.0.0.5"}
+    examples = [line.split("=", 1)[1] for line in (entrypoint.parents[1] / ".env.example").read_text().splitlines()
+                if line.startswith(("NATS_SERVICE_PASSWORD=", "REDIS_PASSWORD="))]
+    assert len(examples) == 2 and all("change-me" in e for e in examples)
+    for env in ({"RINGSERVE_NATS_PASSWORD": examples[0]},
+                {"RINGSERVE_REDIS_URL": f"redis://:{examples[1]}@redis:6379/0"}):
+        refused = subprocess.run(["sh", str(entrypoint), "serve", "worker"], env={**base, **env},
+                                 capture_output=True, text=True, timeout=10)
+        assert refused.returncode == 64 and "example passwords" in refused.stderr, refused
+    ok = subprocess.run(["sh", str(entrypoint), "serve", "worker"], timeout=10, capture_output=True, text=True,
+                        env={**base, "RINGSERVE_NATS_PASSWORD": "s3cret", "RINGSERVE_REDIS_URL": "redis://:pw@redis:6379/0"})
+    assert ok.returncode == 0 and ok.stdout.strip() == "started serve worker", ok

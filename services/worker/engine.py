@@ -306,6 +306,8 @@ class WorkerEngine:
             for b, token, logprob in zip(rest, tokens, logprobs):
                 results[b].token_id, results[b].logprob = token, logprob
         # Counted once the step is done: readers on other threads take `tokens` rows as written.
+        if not rest and not greedy and self.device.type == "cuda":  # nothing synchronised above
+            torch.cuda.current_stream(self.device).synchronize()
         for r, s, a in zip(reqs, steps, appends):
             if a:
                 r.kv.tokens += 1

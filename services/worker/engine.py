@@ -251,13 +251,17 @@ class WorkerEngine:
                 runnable.append(b)
             except KVPoolFull as exc:
                 results[b] = failed(s, r.member, exc)
+        # One batch in `importance_every` of the worker's (not every request's own N-th step, which
+        # would leave few steps for the graphs once requests are staggered) observes all its rows.
+        self._steps += 1
+        observe = bool(importance_every) and self._steps % importance_every == 0
         local = [b for b in runnable if self.requests[steps[b].request_id].plan.size == 1]
         ring = [b for b in runnable if self.requests[steps[b].request_id].plan.size > 1]
         for rows in (local, ring):
             if not rows:
                 continue
             try:
-                done = self._decode_rows([steps[b] for b in rows], fuse, collective, importance_every)
+                done = self._decode_rows([steps[b] for b in rows], fuse, collective, observe)
             except Exception as exc:  # e.g. a ring's merge: its rows fail, the other batch stands
                 done = [failed(steps[b], self.requests[steps[b].request_id].member, exc) for b in rows]
             for b, result in zip(rows, done):
@@ -265,16 +269,13 @@ class WorkerEngine:
         return results
 
     def _decode_rows(self, steps: list[DecodeStep], fuse: FuseFn | None, collective: bool,
-                     importance_every: int) -> list[DecodeResult]:
+                     observe_all: bool) -> list[DecodeResult]:
         reqs = [self.requests[s.request_id] for s in steps]
         appends = [s.append_member == r.member for s, r in zip(steps, reqs)]
         slots = [r.kv.next_slot() if a else (SCRATCH_PAGE, 0) for r, a in zip(reqs, appends)]
         seq_lens = [r.kv.tokens + a for r, a in zip(reqs, appends)]
         leaders = [b for b, r in enumerate(reqs) if r.member == r.plan.leader()]
-        # One step in `importance_every` of the worker's (not of each request's, which would
-        # leave few steps for the graphs once requests are staggered) observes all its rows.
-        self._steps += 1
-        observed = list(range(len(steps))) if importance_every and self._steps % importance_every == 0 else []
+        observed = list(range(len(steps))) if observe_all else []
         spread = any(r.plan.size > 1 for r in reqs)
 
         pages = [r.kv.pages for r in reqs]

@@ -16,7 +16,6 @@ stores, shard copies) while it holds the sequence (`held()`), so its pages are n
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -172,10 +171,6 @@ class RequestKV:
     def values(self, layer: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         return self.pool.read_values(layer, self.pages, lo, self.tokens if hi is None else hi)
 
-    def rows(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [lo, hi) of K and V, contiguous copies [hi - lo, KVH, d]."""
-        return self.keys(layer, lo, hi), self.values(layer, lo, hi)
-
     def rows_to_host(self, lo: int, hi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Rows [lo, hi) of every layer, in host memory: (keys[layer], values[layer]) [hi - lo, KVH, d].
 
@@ -208,10 +203,6 @@ class RequestKV:
         """The positions of rows [first, end), as runs."""
         return runs_of_rows(self.positions, first, end)
 
-    @property
-    def nbytes(self) -> int:
-        return self.tokens * self.pool.bytes_per_token
-
     # ---- lifetime --------------------------------------------------------------------------
     def acquire(self) -> bool:
         """Hold the rows for a reader on another thread: the pages are not given back to the pool
@@ -228,16 +219,6 @@ class RequestKV:
             give_back = self._freed and self._holders == 0
         if give_back:
             self._give_back()
-
-    @contextmanager
-    def held(self):
-        """`acquire` for the block; raises KeyError when the request was freed already."""
-        if not self.acquire():
-            raise KeyError(f"request {self.request_id} was released")
-        try:
-            yield self
-        finally:
-            self.unacquire()
 
     def free(self) -> None:
         """The request is done here: its pages go back to the pool once no reader holds them."""

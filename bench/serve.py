@@ -46,7 +46,11 @@ TINY_DEFAULTS = dict(lengths="64,256", new_tokens=16, reps=1, concurrent=8, conc
                      concurrent_new_tokens=32)
 WARMUP_REQUESTS = 1  # per prompt length, before the timed ones
 # Service environment of each configuration; the services restart between configurations.
-CONFIGS: dict[str, dict[str, str]] = {"defaults": {}, "nostore": {"RINGSERVE_KV_STORE_ENABLED": "false"}}
+CONFIGS: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "noshards": {"RINGSERVE_KV_SHARD_PERSIST": "false"},  # prefix blocks stored, no decode shard copies
+    "nostore": {"RINGSERVE_KV_STORE_ENABLED": "false"},
+}
 READY_TIMEOUT_S = 900.0  # workers load the checkpoint first: 16 GB for the 8B shape
 WORKER_LOG_TAIL_LINES = 40
 P50, P99 = 50, 99

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     kv_io_concurrency: int = Field(default=8, ge=1)
     # Threads of a worker that copy KV rows to the host and encode or decode blocks.
     kv_io_threads: int = Field(default=2, ge=1)
+    # A copy of KV rows to the host goes in pieces of at most this many bytes, one at a time: the
+    # decode step's own small copies (its inputs, its tokens) wait behind at most one piece.
+    kv_io_copy_chunk_bytes: int = Field(default=4 * 1024**2, ge=1)
     # Every N-th decode step, workers add the attention mass each stored block received to its
     # importance (H2O), reported to the kvstore on release; 0 turns it off.
     kv_importance_every: int = Field(default=16, ge=0)

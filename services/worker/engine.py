@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from shared.attention.decode import collective_merge, key_attention_mass
+from shared.attention.decode import collective_merge
+from shared.attention.paged import paged_key_attention_mass
 from shared.attention.ring import RingStep, ring_any, ring_attention
 from shared.messages import (
     DecodeResult,
@@ -34,7 +35,7 @@ from shared.messages import (
 from shared.sampling import request_generator, sample_batch
 from services.worker.errors import decode_error_code
 from services.worker.kv_cache import SCRATCH_PAGE, KVPool, KVPoolFull, RequestKV
-from services.worker.step import DecodeInputs, decode_forward, rope_for
+from services.worker.step import DecodeInputs, Recording, decode_forward, rope_for
 from services.worker.prefix import CachedRows, clip_runs, row_of
 
 # fuse(partials of one layer for a batch of requests) -> merged results in the same order
@@ -269,32 +270,33 @@ class WorkerEngine:
         return results
 
     def _decode_rows(self, steps: list[DecodeStep], fuse: FuseFn | None, collective: bool,
-                     observe_all: bool) -> list[DecodeResult]:
+                     observe: bool) -> list[DecodeResult]:
         reqs = [self.requests[s.request_id] for s in steps]
         appends = [s.append_member == r.member for s, r in zip(steps, reqs)]
         slots = [r.kv.next_slot() if a else (SCRATCH_PAGE, 0) for r, a in zip(reqs, appends)]
         seq_lens = [r.kv.tokens + a for r, a in zip(reqs, appends)]
         leaders = [b for b, r in enumerate(reqs) if r.member == r.plan.leader()]
-        observed = list(range(len(steps))) if observe_all else []
         spread = any(r.plan.size > 1 for r in reqs)
 
         pages = [r.kv.pages for r in reqs]
         results = [DecodeResult(request_id=s.request_id, member=r.member, step=s.step, ok=True)
                    for s, r in zip(steps, reqs)]
         greedy: dict[int, tuple[int, float]] = {}  # row -> (token, logprob) sampled in the graph
-        if self.graphs is not None and not spread and not observed and self.graphs.fits(pages):
+        if self.graphs is not None and not spread and self.graphs.fits(pages):
             self.config.check_sequence_length(max(s.position + 1 for s in steps))
-            logits, tokens, logprobs = self.graphs.run(steps, pages, slots, seq_lens)  # [B, vocab]
+            logits, tokens, logprobs = self.graphs.run(steps, pages, slots, seq_lens, record=observe)  # [B, vocab]
             logits_row = list(range(len(steps)))
             greedy = {b: (tokens[b], logprobs[b]) for b in range(len(steps)) if reqs[b].sampling.temperature == 0.0}
+            if observe:
+                self._add_importance(reqs, self.graphs.recorded(len(steps)), self.graphs.last_inputs(len(steps)))
         else:
             x = self._inputs(steps, pages, slots, seq_lens)
             cos, sin = rope_for(self.model, x.positions, [s.position + 1 for s in steps])
             merge = self._merger(steps, reqs, fuse, collective) if spread else None
-            observe = self._observer(reqs, observed, seq_lens) if observed else None
-            h = decode_forward(self.model, self.pool, x, cos, sin, merge, observe)
-            if observe is not None:
-                observe.flush()
+            record = self._recording(len(steps), merged=spread) if observe else None
+            h = decode_forward(self.model, self.pool, x, cos, sin, merge, record)
+            if record is not None:
+                self._add_importance(reqs, record, x)
             logits = self.model.logits(h[leaders]) if leaders else None  # [leaders, vocab]
             logits_row = {b: i for i, b in enumerate(leaders)}
 
@@ -348,23 +350,32 @@ class WorkerEngine:
                     torch.cat([l.to(self.device) for _, l in merged]))
         return merge
 
-    def _observer(self, reqs: list[ActiveRequest], rows: list[int], seq_lens: list[int]):
-        """H2O: the softmax mass each cached key of these rows received (with the global lse),
-        summed over layers on the device; `observe.flush()` adds it to the requests (one copy each)."""
-        totals: dict[int, torch.Tensor] = {}
+    def _recording(self, batch: int, merged: bool) -> Recording:
+        """Buffers for an eager observed step: every layer's queries, and for a ring's rows the
+        merged lse (a member holds only its shard of the keys, so it cannot compute it)."""
+        layers, heads, dim = len(self.model.layers), self.config.num_attention_heads, self.config.head_dim
+        q = torch.empty(layers, batch, heads, dim, dtype=self.pool.k[0].dtype, device=self.device)
+        lse = torch.empty(layers, batch, heads, dtype=torch.float32, device=self.device) if merged else None
+        return Recording(q=q, lse=lse)
 
-        def observe(layer: int, q: torch.Tensor, lse: torch.Tensor) -> None:
-            for b in rows:
-                keys = reqs[b].kv.keys(layer, 0, seq_lens[b])  # this step's new row included
-                mass = key_attention_mass(q[b : b + 1], keys, self.model.attn_scale, lse[b : b + 1])
-                totals[b] = mass if b not in totals else totals[b] + mass
+    def _add_importance(self, reqs: list[ActiveRequest], record: Recording, x: DecodeInputs) -> None:
+        """H2O: add the softmax mass each cached key received this step to its request's importance.
 
-        def flush() -> None:
-            for b, mass in totals.items():
-                reqs[b].kv.add_mass(mass)
-
-        observe.flush = flush
-        return observe
+        One layer per observed step of a request, its layers in turn: a sample of the mass summed
+        over layers (what eviction ranks blocks by) at 1/L of the cost of all of them. Every row
+        in one batched pass (the pool's layers seen as one run of pages), one copy to the host."""
+        rows = torch.arange(len(reqs), device=self.device)
+        layer_of = [r.kv.next_observed_layer(len(self.model.layers)) for r in reqs]
+        layers = torch.tensor(layer_of, dtype=torch.long).to(self.device)
+        q = record.q[layers, rows]  # [B, H, d], each row's query at its layer
+        lse = record.lse[layers, rows] if record.lse is not None else None
+        pages_per_layer = self.pool.k_layers.shape[1]
+        table = x.block_table.long() + layers[:, None] * pages_per_layer
+        mass = paged_key_attention_mass(q, self.pool.k_layers.flatten(0, 1), table, x.seq_lens,
+                                        self.model.attn_scale, lse)  # [B, W * P]
+        host = mass.cpu()
+        for b, (r, n) in enumerate(zip(reqs, x.seq_lens.tolist())):
+            r.kv.add_mass(host[b, :n])
 
     def release(self, request_id: str) -> ActiveRequest | None:
         active = self.requests.pop(request_id, None)

@@ -24,6 +24,7 @@ from shared.attention.paged import gather_rows
 
 SCRATCH_PAGE = 0
 CPU_GROWTH = 2  # a CPU pool that runs out of pages grows by this factor
+DEFAULT_COPY_CHUNK_BYTES = 4 * 1024**2  # the worker passes Settings.kv_io_copy_chunk_bytes
 
 
 class KVPoolFull(RuntimeError):
@@ -32,25 +33,30 @@ class KVPoolFull(RuntimeError):
 
 class KVPool:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, page_tokens: int, pages: int,
-                 dtype: torch.dtype, device: torch.device, growable: bool = False, max_pages: int | None = None):
+                 dtype: torch.dtype, device: torch.device, growable: bool = False, max_pages: int | None = None,
+                 copy_chunk_bytes: int = DEFAULT_COPY_CHUNK_BYTES):
         self.page_tokens = page_tokens
         self.growable = growable
         self.max_pages = max_pages  # a growable pool's limit (None: none)
         shape = (max(pages, 1) + 1, kv_heads, page_tokens, head_dim)  # + the scratch page
-        # k[layer], v[layer]: [pages, KVH, page_tokens, d]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # k_layers, v_layers: [L, pages, KVH, page_tokens, d], one tensor each, so that a copy of
+        # rows to the host takes a few operations for all layers; k[layer], v[layer] are views
+        self.k_layers = torch.zeros((num_layers, *shape), dtype=dtype, device=device)
+        self.v_layers = torch.zeros((num_layers, *shape), dtype=dtype, device=device)
+        self.k, self.v = list(self.k_layers.unbind(0)), list(self.v_layers.unbind(0))
         self._free = list(range(shape[0] - 1, SCRATCH_PAGE, -1))  # popped from the end: low ids first
         self._lock = threading.Lock()
         # Copies to the host (prefix stores, shard copies) run on their own stream, beside the
         # compute stream, instead of queueing behind (and between) prefill and decode work.
         self.io_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copy_chunk_bytes = copy_chunk_bytes  # see rows_to_host
 
     @classmethod
     def for_model(cls, config, page_tokens: int, pages: int, dtype: torch.dtype, device: torch.device,
-                  growable: bool = False, max_pages: int | None = None) -> "KVPool":
+                  growable: bool = False, max_pages: int | None = None,
+                  copy_chunk_bytes: int = DEFAULT_COPY_CHUNK_BYTES) -> "KVPool":
         return cls(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, page_tokens, pages,
-                   dtype, device, growable, max_pages)
+                   dtype, device, growable, max_pages, copy_chunk_bytes)
 
     @property
     def pages(self) -> int:
@@ -84,11 +90,13 @@ class KVPool:
         new = max(old * CPU_GROWTH, at_least + 1)
         if self.max_pages is not None:
             new = min(new, self.max_pages + 1)  # + the scratch page
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                bigger = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
-                bigger[:old] = t
-                store[i] = bigger
+        grown = []
+        for layers in (self.k_layers, self.v_layers):
+            bigger = torch.zeros((layers.shape[0], new, *layers.shape[2:]), dtype=layers.dtype, device=layers.device)
+            bigger[:, :old] = layers
+            grown.append(bigger)
+        self.k_layers, self.v_layers = grown
+        self.k, self.v = list(self.k_layers.unbind(0)), list(self.v_layers.unbind(0))
         self._free = list(range(new - 1, old - 1, -1)) + self._free
 
     # ---- rows ------------------------------------------------------------------------------
@@ -110,6 +118,17 @@ class KVPool:
     def read_values(self, layer: int, pages: list[int], lo: int, hi: int) -> torch.Tensor:
         return gather_rows(self.v[layer], pages, lo, hi)
 
+    def read_all_layers(self, pages: list[int], lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [lo, hi) of every layer: (k, v), each [L, hi - lo, KVH, d] (views where it can)."""
+        first, last = lo // self.page_tokens, -(-hi // self.page_tokens)
+        ids = torch.tensor(pages[first:last], dtype=torch.long).to(self.k_layers.device)
+        out = []
+        for layers in (self.k_layers, self.v_layers):
+            n, _, kv_heads, page, dim = layers.shape
+            rows = layers[:, ids].transpose(2, 3).reshape(n, -1, kv_heads, dim)  # [L, pages * P, KVH, d]
+            out.append(rows[:, lo - first * page : hi - first * page])
+        return out[0], out[1]
+
     @property
     def bytes_per_token(self) -> int:
         k = self.k[0]
@@ -128,6 +147,7 @@ class RequestKV:
     positions: list[tuple[int, int]] = field(default_factory=list)  # [start, end) runs held, in row order
     # attention mass each row received on sampled decode steps, summed over layers (H2O importance)
     mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    observed: int = 0  # decode steps whose attention mass was measured (one layer each, in turn)
     _holders: int = 0
     _freed: bool = False
 
@@ -157,6 +177,12 @@ class RequestKV:
         else:
             self.positions.append((start, end))
 
+    def next_observed_layer(self, layers: int) -> int:
+        """The layer whose attention mass this request's next observed step measures."""
+        layer = self.observed % layers
+        self.observed += 1
+        return layer
+
     def add_mass(self, mass: torch.Tensor) -> None:
         """mass: [rows] for the first rows (a prefix of the cache, which only grows)."""
         mass = mass.detach().float().cpu()
@@ -174,26 +200,27 @@ class RequestKV:
     def rows_to_host(self, lo: int, hi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Rows [lo, hi) of every layer, in host memory: (keys[layer], values[layer]) [hi - lo, KVH, d].
 
-        Blocking: call it in a thread (asyncio.to_thread), never on the event loop. On CUDA the
-        gathers and copies run on the pool's I/O stream, so they wait for nothing the compute
-        thread queued; the rows must be finished ones (a prefill's, decode rows of ended steps),
-        which is all `tokens` counts. The caller holds the request (`acquire`)."""
+        Blocking: call it in a thread (asyncio.to_thread), never on the event loop. A handful of
+        operations for all layers: each one lets the GIL go and takes it back, which the compute
+        thread feels. On CUDA the gathers and copies run on the pool's I/O stream, so they wait for
+        nothing the compute thread queued; the rows must be finished ones (a prefill's, decode
+        rows of ended steps), which is all `tokens` counts. The caller holds the request (`acquire`)."""
         io = self.pool.io_stream
         if io is None:
-            return ([self.keys(i, lo, hi) for i in range(self.num_layers)],
-                    [self.values(i, lo, hi) for i in range(self.num_layers)])
+            k, v = self.pool.read_all_layers(self.pages, lo, hi)
+            return list(k.clone().unbind(0)), list(v.clone().unbind(0))
         with torch.cuda.stream(io):
-            # into pinned memory by DMA: a pageable copy stages through the driver, which stalls
-            # the compute thread's launches meanwhile
-            out = []
-            for read in (self.keys, self.values):
-                rows = [read(i, lo, hi) for i in range(self.num_layers)]
-                host = [torch.empty(r.shape, dtype=r.dtype, pin_memory=True) for r in rows]
-                for h, r in zip(host, rows):
-                    h.copy_(r, non_blocking=True)
-                out.append(host)
-            io.synchronize()
-        return out[0], out[1]
+            k, v = self.pool.read_all_layers(self.pages, lo, hi)
+            # into pinned memory by DMA (a pageable copy stages through the driver, which stalls
+            # the compute thread's launches meanwhile), a few layers at a time: the copy engine
+            # serves copies in turn, and the decode step's token copy must not queue behind 100s of MB
+            host = torch.empty((2, *k.shape), dtype=k.dtype, pin_memory=True)
+            layers = max(1, self.pool.copy_chunk_bytes // max(k[0].numel() * k.element_size(), 1))
+            for side, rows in enumerate((k, v)):
+                for first in range(0, rows.shape[0], layers):
+                    host[side, first : first + layers].copy_(rows[first : first + layers], non_blocking=True)
+                    io.synchronize()
+        return list(host[0].unbind(0)), list(host[1].unbind(0))
 
     @property
     def num_layers(self) -> int:

@@ -95,7 +95,8 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None
     capacity = kv_capacity_tokens(settings, info, free_device_bytes(device))
     most = kv_pool_pages(settings, capacity)
     if device.type == "cuda":  # all of it now: the decode graphs hold the pool's addresses
-        pool = KVPool.for_model(cfg, settings.kv_block_tokens, most, dtype, device)
+        pool = KVPool.for_model(cfg, settings.kv_block_tokens, most, dtype, device,
+                                copy_chunk_bytes=settings.kv_io_copy_chunk_bytes)
     else:  # host memory is taken as the pool grows, up to the capacity
         start = -(-settings.kv_pool_initial_tokens // settings.kv_block_tokens)
         pool = KVPool.for_model(cfg, settings.kv_block_tokens, min(start, most or start), dtype, device,

@@ -20,8 +20,14 @@ from services.worker.kv_cache import KVPool
 
 # merge(layer, out [B, H, d], lse [B, H]) -> the global (out, lse) of every row
 MergeFn = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
-# observe(layer, q [B, H, d], lse [B, H]) after the merge: the H2O importance pass
-ObserveFn = Callable[[int, Tensor, Tensor], None]
+
+
+@dataclass
+class Recording:
+    """What an observed step keeps of every layer for the H2O importance pass, run after it."""
+
+    q: Tensor  # [L, B, H, d] each layer's queries
+    lse: Tensor | None = None  # [L, B, H] the merged (global) lse of a ring's rows; None: local rows
 
 
 @dataclass
@@ -37,19 +43,22 @@ class DecodeInputs:
 
 
 def decode_forward(model, pool: KVPool, x: DecodeInputs, cos: Tensor, sin: Tensor,
-                   merge: MergeFn | None = None, observe: ObserveFn | None = None) -> Tensor:
-    """-> h [B, hidden] after the last layer (before the final norm)."""
+                   merge: MergeFn | None = None, record: Recording | None = None) -> Tensor:
+    """-> h [B, hidden] after the last layer (before the final norm); with `record`, each layer's
+    queries (and merged lse) are copied into it."""
     h = model.embed(x.ids)  # [B, hidden]
     for i, layer in enumerate(model.layers):
         q, k, v = layer.qkv(h, cos, sin)  # q [B, H, d], k/v [B, KVH, d]
         pool.k[i][x.write_page, :, x.write_slot] = k
         pool.v[i][x.write_page, :, x.write_slot] = v
         out, lse = paged_decode_attention(q, pool.k[i], pool.v[i], x.block_table, x.seq_lens, model.attn_scale,
-                                          need_lse=merge is not None or observe is not None)
+                                          need_lse=merge is not None)
         if merge is not None:
             out, lse = merge(i, out, lse)
-        if observe is not None:
-            observe(i, q, lse)
+        if record is not None:
+            record.q[i].copy_(q)
+            if record.lse is not None:
+                record.lse[i].copy_(lse)
         h = layer.finish(h, out.to(h.dtype))
     return h
 

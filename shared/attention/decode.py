@@ -24,19 +24,6 @@ def decode_partial(
     return attention_with_lse(q, k_cache, v_cache, scale)
 
 
-def key_attention_mass(q: torch.Tensor, k_cache: torch.Tensor, scale: float, lse: torch.Tensor) -> torch.Tensor:
-    """Softmax mass each cached key received: q [t, H, d], k_cache [n, KVH, d], lse [t, H] the
-    GLOBAL log-sum-exp (after the merge) -> mass [n] float32, summed over queries and heads.
-    The H2O importance of KV blocks: what the eviction keeps when it must choose."""
-    t, heads, dim = q.shape
-    kv_heads = k_cache.shape[1]
-    group = heads // kv_heads
-    qg = q.float().reshape(t, kv_heads, group, dim)  # GQA without repeating K
-    scores = torch.einsum("tkgd,nkd->tkgn", qg, k_cache.float()) * scale
-    probs = torch.exp(scores - lse.float().reshape(t, kv_heads, group, 1))
-    return probs.sum(dim=(0, 1, 2))
-
-
 def collective_merge(
     out: torch.Tensor,
     lse: torch.Tensor,

@@ -82,6 +82,51 @@ def paged_decode_attention_reference(
     return out, lse
 
 
+# Bytes of gathered keys per chunk of sequences in paged_key_attention_mass: a bounded
+# transient next to a pool that fills most of the device.
+MASS_GATHER_BYTES = 256 * 1024**2
+
+
+def paged_key_attention_mass(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """H2O importance: the softmax mass each cached key received from each sequence's query,
+    summed over heads -> mass [B, max_pages * P] float32, row r of sequence b at [b, r]
+    (rows at or past seq_lens[b] get 0).
+
+    lse [B, H] is the GLOBAL log-sum-exp of each query (a ring's merged one); None computes it
+    from these keys, exact for a sequence held whole here. All sequences of a chunk in a few
+    batched kernels, whatever their lengths: no host sync, no loop over sequences."""
+    batch, heads, dim = q.shape
+    _, kv_heads, page, _ = k_pool.shape
+    width = block_table.shape[1]
+    group = heads // kv_heads
+    mass = torch.zeros(batch, width * page, dtype=torch.float32, device=q.device)
+    per_sequence = width * page * kv_heads * dim * k_pool.element_size()
+    chunk = max(1, MASS_GATHER_BYTES // max(per_sequence, 1))
+    rows = torch.arange(width * page, device=q.device)
+    for lo in range(0, batch, chunk):
+        hi = min(batch, lo + chunk)
+        keys = k_pool[block_table[lo:hi].long()]  # [b, W, KVH, P, d]
+        keys = keys.permute(0, 2, 1, 3, 4).reshape(hi - lo, kv_heads, width * page, dim)
+        qg = q[lo:hi].reshape(hi - lo, kv_heads, group, dim).to(keys.dtype)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [b, KVH, G, W*P]
+        valid = rows[None, :] < seq_lens[lo:hi, None]  # [b, W*P]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        if lse is None:
+            chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        else:
+            chunk_lse = lse[lo:hi].float().reshape(hi - lo, kv_heads, group, 1)
+        probs = torch.exp(scores - chunk_lse).nan_to_num_(0.0)  # an empty sequence: -inf - -inf
+        mass[lo:hi] = probs.sum(dim=(1, 2))
+    return mass
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,

@@ -46,6 +46,14 @@ class QuantizedKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts.values())
 
+    def compact(self) -> "QuantizedKV":
+        """The same block owning exactly its bytes: parts that are views into a larger buffer (one
+        copy of many layers' rows, often pinned) are copied out, so a cache that keeps this block
+        keeps only what `nbytes` counts."""
+        parts = {name: t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+                 for name, t in self.parts.items()}
+        return QuantizedKV(self.mode, self.dtype, self.shape, self.group, parts)
+
 
 def kv_layout(mode: str, dtype: torch.dtype, shape: tuple[int, int, int], group: int) -> Layout:
     """The tensors a QuantizedKV of this mode holds; the block format checks lengths against it."""

@@ -97,7 +97,7 @@ class KVBlockStore:
             if k.shape[0] != ref.end - ref.start:
                 raise ValueError(f"block {ref.index} spans {ref.end - ref.start} tokens but k has {k.shape[0]}")
             q = quantize_kv(k, v, quant, self.settings.kv_group_size)
-            out.append((key, q, encode_block(q)))
+            out.append((key, q.compact(), encode_block(q)))  # compact: the hot cache keeps it
         return out
 
     async def _write(self, node: int, batch: list[tuple[str, bytearray]]) -> int:

@@ -61,7 +61,7 @@ def test_graph_replay_equals_the_eager_step():
             steps = [DecodeStep(request_id=rid, step=len(tokens[rid]), token_id=last[rid],
                                 position=PROMPTS[rid] + len(tokens[rid]), append_member=0,
                                 sampling=SamplingParams()) for rid in order]
-            for rid, result in zip(order, engine.decode(steps, fuse=None)):
+            for rid, result in zip(order, engine.decode(steps, fuse=None, importance_every=2)):
                 last[rid] = result.token_id
                 tokens[rid].append(result.token_id)
                 logprobs[rid].append(result.logprob)
@@ -75,3 +75,7 @@ def test_graph_replay_equals_the_eager_step():
     for rid in PROMPTS:
         assert kv_g[rid].tokens == kv_e[rid].tokens == PROMPTS[rid] + len(tok_g[rid])
     torch.testing.assert_close(kv_g["a"].keys(0), kv_e["a"].keys(0), atol=2e-2, rtol=2e-2)
+    # H2O importance: the graphs' recording steps measure what the eager observed steps measure
+    for rid in PROMPTS:
+        assert float(kv_g[rid].mass.sum()) > 0
+        torch.testing.assert_close(kv_g[rid].mass, kv_e[rid].mass, atol=2e-2, rtol=2e-2)

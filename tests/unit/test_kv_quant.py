@@ -143,3 +143,16 @@ def test_rejects_bad_input():
         quantize_kv(k, k, "int3", 4)
     with pytest.raises(ValueError):
         quantize_kv(k, torch.zeros(4, 1, 4), "int8", 4)
+
+
+def test_compact_copies_views_of_a_larger_buffer_and_keeps_owners():
+    from shared.kv.quant import quantize_kv
+
+    rows = torch.randn(2, 4, 8, 2, 16)  # [k/v, layers, tokens, kv_heads, d]: one copy of many layers
+    q = quantize_kv(rows[0, 1], rows[1, 1], "none", 32)
+    compact = q.compact()
+    for name, part in compact.parts.items():
+        assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+        assert torch.equal(part, q.parts[name])
+    owned = quantize_kv(torch.randn(8, 2, 16), torch.randn(8, 2, 16), "none", 32)
+    assert all(owned.compact().parts[n] is p for n, p in owned.parts.items())  # nothing to copy

@@ -9,7 +9,7 @@ throughput: KVBlockStore.put_blocks / get_blocks of --blocks blocks (one layer e
     redis-benchmark SET/GET with values of the same sizes and the same number of connections,
     on the same Redis (what a C client gets from that server).
 quant: bytes/token of each mode, attention-output error and greedy-token agreement on the demo
-    model's real activations, or a checkpoint's with --model (shared/kv/quant_eval.py); the
+    model's real activations, or a checkpoint's with --model (bench/quant_eval.py); the
     prompt is this file's source text.
 
     python bench/kvstore.py throughput
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for shared.*
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.* and shared.*
 
+from bench.quant_eval import evaluate_quantization  # noqa: E402
 from shared.kv.keys import block_chain  # noqa: E402
 from shared.kv.quant import QUANT_MODES, bytes_per_token  # noqa: E402
-from shared.kv.quant_eval import evaluate_quantization  # noqa: E402
 from shared.kv.store import KVBlockStore  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.kv.quant_eval import evaluate_quantization, roundtrip_blocks
+from bench.quant_eval import evaluate_quantization, roundtrip_blocks
 from shared.model import ensure_demo_checkpoint, load_model, load_tokenizer
 
 BLOCK_TOKENS, GROUP, NEW_TOKENS = 32, 32, 12

@@ -212,7 +212,7 @@ class ModelInfo(_Internal):
     max_position_embeddings: int
     eos_token_ids: list[int] = Field(default_factory=list)
     dtype: str
-    # Mistral-style sliding window; longer sequences are refused (only full causal attention runs).
+    # Mistral-style sliding window of the model's sliding layers (None: full causal attention).
     sliding_window: int | None = None
 
 

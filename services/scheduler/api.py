@@ -78,11 +78,6 @@ def check_limits(req: GenerateRequest, prompt_ids: list[int], model: ModelInfo, 
         raise ApiError(ErrorCode.TOO_LONG,
                        f"prompt ({len(prompt_ids)}) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
                        f"context of {model.max_position_embeddings} tokens", request_id)
-    if model.sliding_window is not None and len(prompt_ids) + req.max_new_tokens > model.sliding_window:
-        raise ApiError(ErrorCode.TOO_LONG,
-                       f"prompt ({len(prompt_ids)}) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
-                       f"sliding_window of {model.sliding_window} tokens (sliding-window attention is not "
-                       "implemented, so longer sequences are refused)", request_id)
 
 
 # A prefill command beyond its token ids: plan, segments, sampling, headers (generous).

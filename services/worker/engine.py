@@ -190,6 +190,7 @@ class WorkerEngine:
                     q, k, v, scale=self.model.attn_scale, q_segments=todo,
                     kv_segments=segments, ring_ranks=ring_ranks(plan),
                     on_step=None if on_ring_step is None else functools.partial(on_ring_step, i),
+                    window=self.config.window_of(i),
                 )
                 self.pool.write(i, kv.pages, 0, k, v)
                 del q, k, v
@@ -275,6 +276,8 @@ class WorkerEngine:
         appends = [s.append_member == r.member for s, r in zip(steps, reqs)]
         slots = [r.kv.next_slot() if a else (SCRATCH_PAGE, 0) for r, a in zip(reqs, appends)]
         seq_lens = [r.kv.tokens + a for r, a in zip(reqs, appends)]
+        window = self.config.sliding_window  # sliding layers attend from the first row inside it
+        starts = [r.kv.rows_through(s.position - window) if window else 0 for s, r in zip(steps, reqs)]
         leaders = [b for b, r in enumerate(reqs) if r.member == r.plan.leader()]
         spread = any(r.plan.size > 1 for r in reqs)
 
@@ -283,14 +286,13 @@ class WorkerEngine:
                    for s, r in zip(steps, reqs)]
         greedy: dict[int, tuple[int, float]] = {}  # row -> (token, logprob) sampled in the graph
         if self.graphs is not None and not spread and self.graphs.fits(pages):
-            self.config.check_sequence_length(max(s.position + 1 for s in steps))
-            logits, tokens, logprobs = self.graphs.run(steps, pages, slots, seq_lens, record=observe)  # [B, vocab]
+            logits, tokens, logprobs = self.graphs.run(steps, pages, slots, seq_lens, starts, record=observe)
             logits_row = list(range(len(steps)))
             greedy = {b: (tokens[b], logprobs[b]) for b in range(len(steps)) if reqs[b].sampling.temperature == 0.0}
             if observe:
                 self._add_importance(reqs, self.graphs.recorded(len(steps)), self.graphs.last_inputs(len(steps)))
         else:
-            x = self._inputs(steps, pages, slots, seq_lens)
+            x = self._inputs(steps, pages, slots, seq_lens, starts)
             cos, sin = rope_for(self.model, x.positions, [s.position + 1 for s in steps])
             merge = self._merger(steps, reqs, fuse, collective) if spread else None
             record = self._recording(len(steps), merged=spread) if observe else None
@@ -318,7 +320,7 @@ class WorkerEngine:
         return results
 
     def _inputs(self, steps: list[DecodeStep], pages: list[list[int]], slots: list[tuple[int, int]],
-                seq_lens: list[int]) -> DecodeInputs:
+                seq_lens: list[int], window_starts: list[int]) -> DecodeInputs:
         width = max(len(p) for p in pages)
         table = torch.full((len(steps), width), SCRATCH_PAGE, dtype=torch.int32)
         for b, p in enumerate(pages):
@@ -331,6 +333,7 @@ class WorkerEngine:
             write_slot=torch.tensor([s for _, s in slots], dtype=torch.long, device=dev),
             block_table=table.to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            window_starts=torch.tensor(window_starts, dtype=torch.int32, device=dev),
         )
 
     def _merger(self, steps: list[DecodeStep], reqs: list[ActiveRequest], fuse: FuseFn | None, collective: bool):
@@ -371,8 +374,12 @@ class WorkerEngine:
         lse = record.lse[layers, rows] if record.lse is not None else None
         pages_per_layer = self.pool.k_layers.shape[1]
         table = x.block_table.long() + layers[:, None] * pages_per_layer
+        starts = None
+        if x.window_starts is not None and self.config.sliding_layers:  # rows whose layer slides
+            slides = torch.tensor([self.config.window_of(i) is not None for i in layer_of]).to(self.device)
+            starts = torch.where(slides, x.window_starts, 0)
         mass = paged_key_attention_mass(q, self.pool.k_layers.flatten(0, 1), table, x.seq_lens,
-                                        self.model.attn_scale, lse)  # [B, W * P]
+                                        self.model.attn_scale, lse, starts)  # [B, W * P]
         host = mass.cpu()
         for b, (r, n) in enumerate(zip(reqs, x.seq_lens.tolist())):
             r.kv.add_mass(host[b, :n])

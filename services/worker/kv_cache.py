@@ -177,6 +177,11 @@ class RequestKV:
         else:
             self.positions.append((start, end))
 
+    def rows_through(self, position: int) -> int:
+        """Rows holding positions <= `position` (rows ascend in position: a member's segments do,
+        and decode rows come after them)."""
+        return sum(max(0, min(e, position + 1) - s) for s, e in self.positions)
+
     def next_observed_layer(self, layers: int) -> int:
         """The layer whose attention mass this request's next observed step measures."""
         layer = self.observed % layers

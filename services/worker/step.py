@@ -40,6 +40,7 @@ class DecodeInputs:
     write_slot: Tensor  # [B] int64
     block_table: Tensor  # [B, W] int32, each row's pages in row order
     seq_lens: Tensor  # [B] int32, rows each one attends over (after this step's append)
+    window_starts: Tensor | None = None  # [B] int32, first row inside the window (sliding layers)
 
 
 def decode_forward(model, pool: KVPool, x: DecodeInputs, cos: Tensor, sin: Tensor,
@@ -51,8 +52,9 @@ def decode_forward(model, pool: KVPool, x: DecodeInputs, cos: Tensor, sin: Tenso
         q, k, v = layer.qkv(h, cos, sin)  # q [B, H, d], k/v [B, KVH, d]
         pool.k[i][x.write_page, :, x.write_slot] = k
         pool.v[i][x.write_page, :, x.write_slot] = v
+        starts = x.window_starts if model.config.window_of(i) is not None else None
         out, lse = paged_decode_attention(q, pool.k[i], pool.v[i], x.block_table, x.seq_lens, model.attn_scale,
-                                          need_lse=merge is not None)
+                                          need_lse=merge is not None, seq_starts=starts)
         if merge is not None:
             out, lse = merge(i, out, lse)
         if record is not None:
@@ -67,7 +69,6 @@ def rope_for(model, positions: Tensor, seq_lens: list[int]) -> tuple[Tensor, Ten
     """cos, sin [B, d] of the rows: one call for static rope types; per row where the frequencies
     depend on each sequence's own length (dynamic NTK)."""
     if model.rope_is_static:
-        model.config.check_sequence_length(max(seq_lens))
         return model.rope_static(positions)
     parts = [model.rope(positions[b : b + 1], seq_len=n) for b, n in enumerate(seq_lens)]
     return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])

@@ -7,7 +7,8 @@ Shapes (flat tokens, no batch):
 Query head h reads KV head h // (H // KVH), as in Llama-style checkpoints.
 
 Masking is by global positions: query i sits at q_start + i, key j at k_start + j, and with
-`causal` a query sees the keys at positions <= its own. So the diagonal block of a causal
+`causal` a query sees the keys at positions <= its own; with a `window` W also only the keys
+after its own position - W (sliding-window attention, as transformers masks it). So the diagonal block of a causal
 sequence (q_start == k_start), a block entirely in the past (full) and one entirely in the
 future (nothing seen) are all one call.
 
@@ -62,9 +63,16 @@ def attention_with_lse(
     causal: bool = False,
     q_start: int = 0,
     k_start: int = 0,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [tq, H, d] over k, v [tk, KVH, d] -> (out [tq, H, d], lse [tq, H]), float32."""
     _check_shapes(q, k, v)
+    if window is not None:
+        tq, tk = q.shape[0], k.shape[0]
+        if k_start + tk - 1 <= q_start - window or tq == 0 or tk == 0:  # every key left every window
+            return empty_partial(tq, q.shape[1], q.shape[2], q.device)
+        if k_start <= q_start + tq - 1 - window:  # the window cuts this block: masked per query
+            return attention_plain(q, k, v, scale, causal=causal, q_start=q_start, k_start=k_start, window=window)
     if q.is_cuda and q.dtype in FUSED_DTYPES:
         return _attention_fused_blocks(q, k, v, scale, causal, q_start, k_start)
     return attention_plain(q, k, v, scale, causal=causal, q_start=q_start, k_start=k_start)
@@ -79,8 +87,9 @@ def attention_plain(
     causal: bool = False,
     q_start: int = 0,
     k_start: int = 0,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference path: plain torch in float32, any device, any mask offsets."""
+    """The reference path: plain torch in float32, any device, any mask offsets and window."""
     _check_shapes(q, k, v)
     tq, heads, dim = q.shape
     tk, kv_heads, _ = k.shape
@@ -98,9 +107,13 @@ def attention_plain(
         # [n, H, d] -> [KVH, group * n, d]: each KV head meets all query heads of its group.
         q_g = q[lo:hi].float().reshape(n, kv_heads, group, dim).permute(1, 2, 0, 3)
         scores = torch.bmm(q_g.reshape(kv_heads, group * n, dim), k_t) * scale  # [KVH, group*n, tk]
-        if causal:
+        if causal or window is not None:
             q_pos = q_start + torch.arange(lo, hi, device=q.device)
-            hidden = k_pos[None, :] > q_pos[:, None]  # [n, tk]
+            hidden = torch.zeros(n, tk, dtype=torch.bool, device=q.device)
+            if causal:
+                hidden |= k_pos[None, :] > q_pos[:, None]  # [n, tk]
+            if window is not None:
+                hidden |= k_pos[None, :] <= q_pos[:, None] - window
             scores = scores.view(kv_heads, group, n, tk).masked_fill(hidden, float("-inf"))
             scores = scores.view(kv_heads, group * n, tk)
         block_lse = torch.logsumexp(scores, dim=-1)  # [KVH, group*n]

@@ -6,6 +6,8 @@ Shapes:
   block_table:   [B, max_pages] int32   page ids of each sequence in row order: row r of
                                         sequence b is page block_table[b, r // P], slot r % P
   seq_lens:      [B] int32              rows valid per sequence (0: out 0, lse -inf)
+  seq_starts:    [B] int32 or None      rows before this are not attended (a sliding window:
+                                        rows ascend in position, so the window is a suffix)
   -> out [B, H, d] float32, lse [B, H] float32 (natural log), a partial for merge_partials.
 Query head h reads KV head h // (H // KVH).
 
@@ -67,16 +69,18 @@ def paged_decode_attention_reference(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    seq_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: gather its rows and call attention_with_lse (the non-paged path's numerics)."""
     batch, heads, dim = q.shape
     out = torch.zeros(batch, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, heads), float("-inf"), dtype=torch.float32, device=q.device)
+    starts = [0] * batch if seq_starts is None else seq_starts.tolist()
     for b, n in enumerate(seq_lens.tolist()):
-        if n == 0:
+        if n <= starts[b]:
             continue
-        k = gather_rows(k_pool, block_table[b], 0, n)
-        v = gather_rows(v_pool, block_table[b], 0, n)
+        k = gather_rows(k_pool, block_table[b], starts[b], n)
+        v = gather_rows(v_pool, block_table[b], starts[b], n)
         o, l = attention_with_lse(q[b : b + 1], k, v, scale)
         out[b], lse[b] = o[0], l[0]
     return out, lse
@@ -94,10 +98,11 @@ def paged_key_attention_mass(
     seq_lens: torch.Tensor,
     scale: float,
     lse: torch.Tensor | None = None,
+    seq_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """H2O importance: the softmax mass each cached key received from each sequence's query,
     summed over heads -> mass [B, max_pages * P] float32, row r of sequence b at [b, r]
-    (rows at or past seq_lens[b] get 0).
+    (rows at or past seq_lens[b], or before seq_starts[b], get 0).
 
     lse [B, H] is the GLOBAL log-sum-exp of each query (a ring's merged one); None computes it
     from these keys, exact for a sequence held whole here. All sequences of a chunk in a few
@@ -117,6 +122,8 @@ def paged_key_attention_mass(
         qg = q[lo:hi].reshape(hi - lo, kv_heads, group, dim).to(keys.dtype)
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [b, KVH, G, W*P]
         valid = rows[None, :] < seq_lens[lo:hi, None]  # [b, W*P]
+        if seq_starts is not None:
+            valid &= rows[None, :] >= seq_starts[lo:hi, None]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         if lse is None:
             chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
@@ -137,6 +144,7 @@ def paged_decode_attention(
     *,
     splits: int | None = None,
     need_lse: bool = True,
+    seq_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [B, H, d] over each sequence's paged K/V -> (out [B, H, d], lse [B, H]), float32.
 
@@ -149,13 +157,13 @@ def paged_decode_attention(
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k_pool.shape[1]}")
     if kernel_supports(q, k_pool, v_pool):
         splits = splits or default_splits(q.shape[0], k_pool.shape[1])
-        return _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits)
+        return _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits, seq_starts)
     if not need_lse:
-        return _paged_decode_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale), None
-    return paged_decode_attention_reference(q, k_pool, v_pool, block_table, seq_lens, scale)
+        return _paged_decode_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale, seq_starts), None
+    return paged_decode_attention_reference(q, k_pool, v_pool, block_table, seq_lens, scale, seq_starts)
 
 
-def _paged_decode_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale) -> torch.Tensor:
+def _paged_decode_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale, seq_starts=None) -> torch.Tensor:
     """The batch in one fused call: every sequence's pages gathered to the widest one's length,
     the rows past each sequence's length masked. Every sequence needs at least one row."""
     batch, heads, dim = q.shape
@@ -163,7 +171,10 @@ def _paged_decode_sdpa(q, k_pool, v_pool, block_table, seq_lens, scale) -> torch
     pages = block_table.long()  # [B, W]
     k = k_pool[pages].transpose(1, 2).reshape(batch, kv_heads, -1, dim)  # [B, KVH, W * P, d]
     v = v_pool[pages].transpose(1, 2).reshape(batch, kv_heads, -1, dim)
-    seen = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, W * P]
+    rows = torch.arange(k.shape[2], device=q.device)[None, :]
+    seen = rows < seq_lens[:, None]  # [B, W * P]
+    if seq_starts is not None:
+        seen &= rows >= seq_starts[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=seen[:, None, None, :], scale=scale, enable_gqa=True)
     return out[:, :, 0].float()  # [B, H, d]
@@ -192,7 +203,7 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits):
+def _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits, seq_starts=None):
     if not _pow2(splits):
         raise ValueError(f"splits must be a power of two, got {splits}")
     batch, heads, dim = q.shape
@@ -207,12 +218,13 @@ def _paged_decode_triton(q, k_pool, v_pool, block_table, seq_lens, scale, splits
     # so graph replays still follow in-place edits of the caller's tensors.
     block_table = block_table.to(torch.int32)
     seq_lens = seq_lens.to(torch.int32).contiguous()
+    seq_starts = torch.zeros_like(seq_lens) if seq_starts is None else seq_starts.to(torch.int32).contiguous()
     part_out = torch.empty(batch, splits, heads, dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, splits, heads, dtype=torch.float32, device=q.device)
     block_n = min(page, MAX_BLOCK_N, TILE_ELEMENTS // dim)
     with torch.cuda.device(q.device):  # Triton launches on the current device
         _split_kernel[(batch, kv_heads, splits)](
-            q, k_pool, v_pool, block_table, seq_lens, part_out, part_lse,
+            q, k_pool, v_pool, block_table, seq_lens, seq_starts, part_out, part_lse,
             scale * LOG2E, block_table.shape[1], heads,
             q.stride(0), q.stride(1),
             *k_pool.stride(), *v_pool.stride(),
@@ -229,7 +241,7 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
+        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, part_out_ptr, part_lse_ptr,
         qk_scale, max_pages, heads,  # qk_scale = scale * log2(e): the softmax runs in base 2
         stride_qb, stride_qh,
         stride_kp, stride_kh, stride_ks, stride_kd,
@@ -244,13 +256,17 @@ if triton is not None:
         split = tl.program_id(2)
         TILES_PER_PAGE: tl.constexpr = PAGE // BLOCK_N
         seq_len = tl.load(lens_ptr + b)
+        seq_start = tl.load(starts_ptr + b)  # rows before it are outside the window
         n_pages = tl.minimum(tl.cdiv(seq_len, PAGE), max_pages)  # never read past the table row
-        per_split = tl.cdiv(n_pages, SPLITS)
-        first_page = split * per_split
+        start_page = tl.minimum(seq_start // PAGE, n_pages)
+        per_split = tl.cdiv(n_pages - start_page, SPLITS)
+        first_page = start_page + split * per_split
         last_page = tl.minimum(first_page + per_split, n_pages)  # <= first_page: an empty split
-        # Tiles of BLOCK_N rows; only the last one (row seq_len - 1) is partial, none is empty.
-        tile_lo = first_page * TILES_PER_PAGE
+        # Tiles of BLOCK_N rows; only the first (row seq_start) and the last (row seq_len - 1)
+        # are partial, none is empty; no tile at all when the window left every row.
+        tile_lo = tl.maximum(first_page * TILES_PER_PAGE, seq_start // BLOCK_N)
         tile_hi = tl.minimum(last_page * TILES_PER_PAGE, tl.cdiv(seq_len, BLOCK_N))
+        tile_hi = tl.where(seq_start < seq_len, tile_hi, tile_lo)
 
         rows = tl.arange(0, GROUP_PAD)  # query rows of the group; rows >= GROUP are padding
         row_ok = rows < GROUP
@@ -266,14 +282,15 @@ if triton is not None:
         for t in range(tile_lo, tile_hi):
             page_id = tl.load(table_row + (t // TILES_PER_PAGE) * stride_tp).to(tl.int64)  # int64: pools > 2^31
             slot = (t % TILES_PER_PAGE) * BLOCK_N + offs_n  # [BLOCK_N]
-            valid = t * BLOCK_N + offs_n < seq_len  # [BLOCK_N]
+            row = t * BLOCK_N + offs_n
+            valid = (row < seq_len) & (row >= seq_start)  # [BLOCK_N]
             k_off = page_id * stride_kp + kvh * stride_kh + slot[:, None] * stride_ks + dims[None, :] * stride_kd
             v_off = page_id * stride_vp + kvh * stride_vh + slot[:, None] * stride_vs + dims[None, :] * stride_vd
             k = tl.load(k_ptr + k_off, mask=valid[:, None], other=0.0)  # [BLOCK_N, d]
             v = tl.load(v_ptr + v_off, mask=valid[:, None], other=0.0)  # [BLOCK_N, d]
             scores = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N] float32
             scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))  # finite: column 0 of every tile is valid
+            m_new = tl.maximum(m, tl.max(scores, 1))  # finite: every tile has a valid row
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)

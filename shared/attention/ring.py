@@ -60,8 +60,10 @@ def ring_attention(
     q_segments: Sequence[Segment] | None = None,
     group: dist.ProcessGroup | None = None,
     on_step: Callable[[RingStep], None] | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of this member's q [tq, H, d] over the ring's keys.
+    """Causal attention of this member's q [tq, H, d] over the ring's keys (with `window` W, only
+    the keys after each query's position - W: sliding-window attention).
 
     k, v: [tk, KVH, d], this member's rows of kv_segments[me].
     q_segments: positions of q's rows (default: kv_segments[me]).
@@ -99,7 +101,7 @@ def ring_attention(
                 ops.append(dist.P2POp(dist.irecv, next_block, prev_rank, group))
             transfer = dist.batch_isend_irecv(ops) if ops else []
         acc_out, acc_lse = _fold_block(
-            acc_out, acc_lse, q, q_segments, block[0], block[1], kv_segments[source], scale
+            acc_out, acc_lse, q, q_segments, block[0], block[1], kv_segments[source], scale, window
         )
         wait_ms = 0.0
         sent = 0
@@ -140,6 +142,7 @@ def _fold_block(
     v: torch.Tensor,
     kv_segments: Sequence[Segment],
     scale: float,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the attention of every query segment over one block's key segments into acc."""
     q_row = 0
@@ -153,8 +156,10 @@ def _fold_block(
             k_row += k_hi - k_lo
             if k_lo >= q_hi:  # every key after every query: nothing seen
                 continue
+            if window is not None and k_hi - 1 <= q_lo - window:  # every key before every window
+                continue
             out, lse = attention_with_lse(
-                q[rows], k[keys], v[keys], scale, causal=k_hi > q_lo, q_start=q_lo, k_start=k_lo
+                q[rows], k[keys], v[keys], scale, causal=k_hi > q_lo, q_start=q_lo, k_start=k_lo, window=window
             )
             outs.append(out)
             lses.append(lse)

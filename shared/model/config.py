@@ -75,21 +75,19 @@ class ModelConfig(BaseModel):
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # Tokens a query may look back (Mistral); None: full causal attention. Longer sequences are refused.
+    # Sliding-window attention (Mistral, Qwen2 with use_sliding_window): a query at position i sees
+    # the keys at positions j with i - W < j <= i, in the layers `sliding_layers` names; None: none.
     sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
 
     @property
     def kv_groups(self) -> int:
         """Query heads per key/value head (GQA)."""
         return self.num_attention_heads // self.num_key_value_heads
 
-    def check_sequence_length(self, seq_len: int) -> None:
-        """Refuse a sequence the sliding window would cut: only full causal attention is implemented."""
-        if self.sliding_window is not None and seq_len > self.sliding_window:
-            raise UnsupportedModel(
-                f"sequence of {seq_len} tokens exceeds the model's sliding_window of {self.sliding_window}; "
-                "sliding-window attention is not implemented"
-            )
+    def window_of(self, layer: int) -> int | None:
+        """The attention window of `layer` (None: full causal attention)."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
 
 def token_ids(value: Any) -> tuple[int, ...]:
@@ -128,6 +126,7 @@ def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
         qkv_bias = o_proj_bias = bool(raw.get("attention_bias", False))
 
     max_positions = raw["max_position_embeddings"]
+    window, sliding = _sliding_window(raw)
     return ModelConfig(
         model_type=model_type,
         vocab_size=raw["vocab_size"],
@@ -146,7 +145,8 @@ def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
         mlp_bias=bool(raw.get("mlp_bias", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=token_ids(raw.get("eos_token_id")),
-        sliding_window=_effective_sliding_window(raw),
+        sliding_window=window,
+        sliding_layers=sliding,
     )
 
 
@@ -195,19 +195,22 @@ def parse_rope_config(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
-def _effective_sliding_window(raw: dict[str, Any]) -> int | None:
-    """The window that actually limits attention, or None (transformers' rules per model type)."""
+def _sliding_window(raw: dict[str, Any]) -> tuple[int | None, tuple[int, ...]]:
+    """(window, the layers that slide), by transformers' rules per model type; (None, ()) if none."""
     window = raw.get("sliding_window")
+    layers = raw["num_hidden_layers"]
     if window is None:
-        return None
+        return None, ()
     # Qwen2 configs carry a sliding_window that is off unless use_sliding_window is set.
     if raw.get("model_type") == "qwen2" and not raw.get("use_sliding_window", False):
-        return None
+        return None, ()
     layer_types = raw.get("layer_types")
-    if layer_types is None and raw.get("model_type") == "qwen2":
+    if layer_types is not None:
+        sliding = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    elif raw.get("model_type") == "qwen2":
         # Qwen2 slides only in layers from max_window_layers on.
         first_sliding_layer = raw.get("max_window_layers", QWEN2_DEFAULT_MAX_WINDOW_LAYERS)
-        has_sliding_layer = raw["num_hidden_layers"] > first_sliding_layer
+        sliding = tuple(range(first_sliding_layer, layers))
     else:
-        has_sliding_layer = layer_types is None or "sliding_attention" in layer_types
-    return int(window) if has_sliding_layer else None
+        sliding = tuple(range(layers))
+    return (int(window), sliding) if sliding else (None, ())

@@ -168,9 +168,8 @@ class LlamaModel(nn.Module):
         """positions: [t] int64 -> cos, sin: [t, head_dim] float32.
 
         seq_len is the length of the whole sequence so far (prompt + generated), not of this chunk:
-        dynamic NTK scaling depends on it, and a sequence longer than a sliding window is refused.
+        dynamic NTK scaling depends on it.
         """
-        self.config.check_sequence_length(seq_len)
         if self._static_rope is not None:
             inv_freq, attention_factor = self._static_rope
             if inv_freq.device != positions.device:

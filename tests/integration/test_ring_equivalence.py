@@ -85,3 +85,29 @@ async def test_qwen2_and_mistral_over_a_two_worker_ring_match_transformers(tmp_p
         assert got == hf_greedy(model, ids)[: len(got)] and len(set(got)) > 1
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("family,workers", [("mistral", 1), ("mistral", 3), ("qwen2", 2)])
+async def test_sliding_window_models_match_transformers_far_past_the_window(tmp_path_factory, family, workers):
+    """Sliding-window attention, exact: a prompt many windows long, prefilled over rings of 1-3
+    workers in chunks that do not divide it, then decoded (each token sees only the window)."""
+    window = 5
+    if family == "mistral":
+        cfg = transformers.MistralConfig(**tiny_dims(sliding_window=window, eos_token_id=2))
+    else:  # Qwen2 slides in the layers from max_window_layers on: here layer 1 slides, layer 0 does not
+        cfg = transformers.Qwen2Config(**tiny_dims(sliding_window=window, use_sliding_window=True,
+                                                   max_window_layers=1, eos_token_id=2))
+    path = tmp_path_factory.mktemp(f"tiny-{family}-window")
+    model = save_tiny_checkpoint(cfg, path, seed=4)
+    stack = Stack(tmp_path_factory.mktemp(f"stack-{family}-window-{workers}"), workers=workers,
+                  env={"RINGSERVE_MODEL": str(path), "RINGSERVE_CHUNK_TOKENS": str(CHUNK)})
+    try:
+        await stack.wait_ready(workers)
+        ids = [(i * 31 + 11) % 297 + 3 for i in range(40)]  # 8 windows
+        reply = await stack.generate({"input_ids": ids, "max_new_tokens": NEW_TOKENS})
+        assert "error" not in reply, f"{reply}\n{stack.logs()}"
+        assert len(reply["placement"]["workers"]) == workers
+        got = reply["output_ids"]
+        assert got == hf_greedy(model, ids)[: len(got)] and len(set(got)) > 1
+    finally:
+        stack.stop()

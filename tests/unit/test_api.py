@@ -65,14 +65,10 @@ def test_limits_need_the_model():
     assert e.value.code == ErrorCode.TOO_LONG
 
 
-def test_sequences_longer_than_a_sliding_window_are_too_long():
+def test_sequences_longer_than_a_sliding_window_are_accepted():
     windowed = MODEL.model_copy(update={"sliding_window": 40})
-    req, _ = parse_generate(json.dumps({"input_ids": [1] * 30, "max_new_tokens": 10}).encode(), None, SETTINGS)
-    check_limits(req, req.input_ids, windowed, SETTINGS, "r")  # 30 + 10 fits the window exactly
-    req, _ = parse_generate(json.dumps({"input_ids": [1] * 30, "max_new_tokens": 11}).encode(), None, SETTINGS)
-    with pytest.raises(ApiError) as exc:
-        check_limits(req, req.input_ids, windowed, SETTINGS, "r")
-    assert exc.value.code == ErrorCode.TOO_LONG and "sliding_window" in exc.value.message
+    req, _ = parse_generate(json.dumps({"input_ids": [1] * 30, "max_new_tokens": 50}).encode(), None, SETTINGS)
+    check_limits(req, req.input_ids, windowed, SETTINGS, "r")  # sliding-window attention runs: no refusal
 
 
 def test_a_prompt_whose_prefill_command_cannot_fit_the_bus_is_too_long():

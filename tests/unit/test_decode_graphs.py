@@ -23,10 +23,12 @@ def test_buckets_cover_every_batch_size():
     assert buckets_up_to(64) == [1, 2, 4, 8, 16, 32, 64]
 
 
-def _model(device, dtype):
+def _model(device, dtype, window=None):
     raw = {"model_type": "llama", "vocab_size": 128, "hidden_size": 256, "intermediate_size": 512,
            "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
            "max_position_embeddings": 1024}
+    if window is not None:  # Mistral-style: every layer slides
+        raw.update(model_type="mistral", sliding_window=window)
     torch.manual_seed(0)
     model = LlamaModel(parse_model_config(raw)).eval()
     with torch.no_grad():
@@ -43,8 +45,9 @@ def _engine(model, graphs: bool) -> WorkerEngine:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graph_replay_equals_the_eager_step():
-    model = _model("cuda", torch.bfloat16)
+@pytest.mark.parametrize("window", [None, 40])
+def test_graph_replay_equals_the_eager_step(window):
+    model = _model("cuda", torch.bfloat16, window)
     runs = {}
     for graphs in (True, False):
         engine = _engine(model, graphs)

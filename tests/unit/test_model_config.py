@@ -77,11 +77,14 @@ def test_sliding_window_rules():
     assert parse_model_config(on).sliding_window is None  # 2 layers, all below max_window_layers=28
 
 
-def test_sequence_longer_than_the_window_is_refused():
-    config = parse_model_config(_raw(model_type="mistral", sliding_window=16))
-    config.check_sequence_length(16)
-    with pytest.raises(UnsupportedModel, match="sliding_window"):
-        config.check_sequence_length(17)
+def test_sliding_layers_follow_each_model_type():
+    mistral = parse_model_config(_raw(model_type="mistral", sliding_window=16))
+    assert mistral.sliding_layers == (0, 1) and mistral.window_of(1) == 16
+    qwen2 = parse_model_config(_raw(model_type="qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=1))
+    assert qwen2.sliding_layers == (1,) and qwen2.window_of(0) is None and qwen2.window_of(1) == 8
+    typed = parse_model_config(_raw(model_type="mistral", sliding_window=8,
+                                    layer_types=["sliding_attention", "full_attention"]))
+    assert typed.sliding_layers == (0,) and typed.window_of(1) is None
 
 
 def test_llama_shaped_architecture_with_another_model_type_is_accepted():

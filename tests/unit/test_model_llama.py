@@ -73,13 +73,6 @@ def test_bfloat16_layers_take_float32_attention_output():
     assert model.logits(out).dtype == torch.float32
 
 
-def test_sequences_longer_than_a_sliding_window_are_refused():
-    model = _model(model_type="mistral", sliding_window=16, rope_scaling=None)
-    model.rope(torch.arange(16), 16)
-    with pytest.raises(UnsupportedModel, match="sliding_window"):
-        model.rope(torch.tensor([16]), 17)
-
-
 def test_softmax_scale_is_inverse_sqrt_head_dim():
     assert _model(head_dim=16).attn_scale == pytest.approx(0.25)
 

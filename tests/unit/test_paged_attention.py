@@ -150,6 +150,30 @@ def test_triton_matches_reference_and_replays_from_a_graph(heads, kv_heads, dim,
     assert_close_bf16(got, paged_decode_attention_reference(q, k_pool, v_pool, table, seq_lens, scale))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads,kv_heads,dim,page", [(8, 2, 64, 16), (32, 8, 128, 256)])
+def test_triton_with_window_starts_matches_reference(heads, kv_heads, dim, page):
+    """Sliding windows: rows before each sequence's start are not attended; a start at or past
+    its length (every row left the window, a ring member's shard) gives an empty partial."""
+    pytest.importorskip("triton")
+    scale = 1 / math.sqrt(dim)
+    lens = [1, page + 1, 7 * page + 5, 40 * page - 1, 3 * page, 2 * page]
+    starts = [0, 1, 3 * page + 2, 39 * page, 3 * page, 2 * page + 7]
+    q, k_pool, v_pool, table, seq_lens, _ = make_cache(lens, heads, kv_heads, dim, page, torch.bfloat16, "cuda")
+    seq_starts = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    want = paged_decode_attention_reference(q, k_pool, v_pool, table, seq_lens, scale, seq_starts)
+    assert_close_bf16(paged_decode_attention(q, k_pool, v_pool, table, seq_lens, scale, seq_starts=seq_starts), want)
+    assert_close_bf16(paged_decode_attention(q, k_pool, v_pool, table, seq_lens, scale, splits=1,
+                                             seq_starts=seq_starts), want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = paged_decode_attention(q, k_pool, v_pool, table, seq_lens, scale, seq_starts=seq_starts)
+    seq_starts.copy_(torch.tensor([0, 0, page, 20 * page + 3, 0, 0], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_bf16(got, paged_decode_attention_reference(q, k_pool, v_pool, table, seq_lens, scale, seq_starts))
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1)])
 def test_without_lse_one_fused_call_gives_the_reference_output(heads, kv_heads):
     """The path of a batch with nothing to merge: the rows of every sequence gathered to the

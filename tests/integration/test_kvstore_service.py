@@ -10,7 +10,9 @@ import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from services.kvstore.service import ACCESS, BYTES, PINNED_REQUESTS, SHARD_GRACE_S, KVStoreService, member, pins_key
+from services.kvstore.keyspace import ACCESS, BYTES, PINNED_REQUESTS, member, pins_key
+from services.kvstore.service import KVStoreService
+from services.kvstore.shards import SHARD_GRACE_S
 from shared.kv.keys import BlockRef, block_chain
 from shared.kv.messages import (
     KVCommitBlock,

@@ -1,12 +1,12 @@
 """The scheduler service: the public API (`ringserve.v1.generate|cancel|status`), worker liveness,
-the torch.distributed world, and one RequestRunner per request.
+the torch.distributed world, and one RequestRunner per request. Admission (waiting, loads,
+placement) is `admission.py`; the line to the workers is `port.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import structlog
 from nats.aio.msg import Msg
@@ -14,26 +14,18 @@ from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
 from shared import codec, subjects
-from shared.bus import BusError, PayloadTooLarge
 from shared.checkpoint import resolve_checkpoint
 from shared.kv.client import KVIndexClient
 from shared.messages import (
-    AbortCommand,
     CancelReply,
     CancelRequest,
-    DecodeTokens,
     ErrorCode,
     FusionDrop,
-    KVQuant,
-    PrefillCommand,
-    RingPlan,
     PrefillProgress,
-    PrefillResult,
-    ReleaseCommand,
+    RingPlan,
     ServiceHeartbeat,
     ServiceStatus,
     StatusReply,
-    TokenItem,
     WorkerHeartbeat,
     WorkerStatus,
     WorldReady,
@@ -41,9 +33,10 @@ from shared.messages import (
 from shared.metrics import OK_CODE, RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
 from shared.settings import Settings
+from services.scheduler.admission import Admission
 from services.scheduler.api import ApiError, check_fits_bus, check_limits, encode_reply, new_request_id, parse_generate
-from services.scheduler.placement import WorkerLoad, choose_workers, fits_cluster, member_tokens, plan_ring
-from shared.attention.layout import chunk_tokens_for
+from services.scheduler.placement import kv_quant_for
+from services.scheduler.port import BusWorkerPort
 from services.scheduler.prefix import PrefixIndex
 from services.scheduler.registry import Registry
 from services.scheduler.runner import RequestRunner, RequestState, done_event
@@ -52,14 +45,9 @@ from services.scheduler.stops import StopChecker
 log = structlog.get_logger("scheduler")
 # Non-owners answer a cancel this much later, so the owner's answer wins.
 CANCEL_NOT_OWNER_DELAY_S = 0.25
-PREFILL_TIMEOUT_FACTOR = 1.0  # of request_timeout_s
 WORLD_RETRY_MARGIN_S = 2.0
-# How often a request waiting for workers with room retries its placement.
-PLACEMENT_POLL_S = 0.05
 # Request bodies and prompts this large are parsed and tokenized in a thread, off the event loop.
 OFF_LOOP_BYTES = 64 * 1024
-# The partition of a request no fusion service merges for (a worker holds it alone).
-NO_FUSION_PARTITION = ""
 # Of the drain timeout, kept to answer requests a drain has to cut off.
 DRAIN_REPLY_MARGIN_S = 1.0
 
@@ -68,55 +56,6 @@ def load_tokenizer(settings: Settings):
     from shared.model.tokenizer import load_tokenizer as load
 
     return load(resolve_checkpoint(settings))
-
-
-class BusWorkerPort:
-    """RequestRunner's view of the workers, over NATS. Ring leaders publish the tokens of this
-    instance's requests on its own subject; each goes to its request's queue."""
-
-    def __init__(self, bus, settings: Settings, instance: str):
-        self.bus = bus
-        self.settings = settings
-        self.instance = instance
-        self.events_subject = subjects.tokens(instance)
-        self._queues: dict[str, asyncio.Queue[TokenItem | None]] = {}
-
-    async def start(self) -> None:
-        await self.bus.subscribe(self.events_subject, self._on_tokens)
-
-    def watch(self, request_id: str) -> asyncio.Queue[TokenItem | None]:
-        return self._queues.setdefault(request_id, asyncio.Queue())
-
-    def unwatch(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
-
-    async def _on_tokens(self, msg: Msg) -> None:
-        try:
-            batch = codec.decode(msg.data, DecodeTokens)
-        except (codec.CodecError, ValidationError) as exc:
-            log.warning("bad_token_message", error=str(exc)[:300])
-            return
-        for item in batch.items:
-            queue = self._queues.get(item.request_id)
-            if queue is not None:  # else the request ended here already: late tokens are dropped
-                queue.put_nowait(item)
-
-    async def prefill(self, worker_id: str, cmd: PrefillCommand) -> PrefillResult:
-        try:
-            return await self.bus.request(subjects.worker_inbox(worker_id, "prefill"), cmd, PrefillResult,
-                                          timeout=self.settings.request_timeout_s * PREFILL_TIMEOUT_FACTOR)
-        except PayloadTooLarge as exc:
-            # The prompt's share of the ring does not fit one NATS message: more workers (a
-            # larger ring) or a larger server max_payload would carry it.
-            raise ApiError(ErrorCode.TOO_LONG, f"worker {worker_id}: {exc}", cmd.plan.request_id) from None
-        except BusError as exc:
-            raise ApiError(ErrorCode.UNAVAILABLE, f"worker {worker_id}: {exc}", cmd.plan.request_id) from None
-
-    async def release(self, worker_id: str, request_id: str) -> None:
-        await self.bus.publish(subjects.worker_inbox(worker_id, "release"), ReleaseCommand(request_id=request_id))
-
-    async def abort(self, worker_id: str, request_id: str) -> None:
-        await self.bus.publish(subjects.worker_inbox(worker_id, "abort"), AbortCommand(request_id=request_id))
 
 
 class SchedulerApp(ServiceApp):
@@ -130,7 +69,6 @@ class SchedulerApp(ServiceApp):
         self.runners: dict[str, RequestRunner] = {}
         self.inflight: set[asyncio.Task] = set()  # every public request being handled, admission included
         self.draining = False
-        self.waiting = 0
         self._workers_changed = asyncio.Event()
 
     # ------------------------------------------------------------------------------ wiring
@@ -140,8 +78,9 @@ class SchedulerApp(ServiceApp):
         await self.port.start()
         self.tracer = rt.telemetry.tracer
         self.prefix = PrefixIndex(KVIndexClient(rt.bus, self.settings), self.settings, self.tracer)
+        self.admission = Admission(self.settings, self.registry, self.tracer, self._placed_plans)
         self.metrics = RingserveMetrics(rt.telemetry.meter)
-        self.metrics.watch_queue("scheduler", lambda: self.waiting)
+        self.metrics.watch_queue("scheduler", lambda: self.admission.waiting)
         bus = rt.bus
         self._generate_sub = await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.STATUS, self._on_status, queue=subjects.SERVICE_QUEUE)
@@ -192,6 +131,9 @@ class SchedulerApp(ServiceApp):
             log.warning("world_join_failed", worker_id=ready.worker_id, error=ready.error)
         elif self.registry.world_ready:
             log.info("world_ready", generation=self.registry.generation, members=self.registry.members)
+
+    def _placed_plans(self) -> list[tuple[RingPlan, int]]:
+        return [(r.s.plan, r.s.request.max_new_tokens) for r in self.runners.values() if r.s.plan is not None]
 
     def _rings_active(self) -> bool:
         return any(r.s.plan is not None and r.s.plan.size > 1 for r in self.runners.values())
@@ -251,7 +193,7 @@ class SchedulerApp(ServiceApp):
                                   kv_capacity_tokens=e.beat.kv_capacity_tokens,
                                   last_seen_s=round(now - e.last_seen, 3))
                      for e in self.registry.workers.values()],
-            queued_requests=self.waiting,
+            queued_requests=self.admission.waiting,
             active_requests=len(self.runners),
             world_generation=self.registry.generation,
             world_ready=self.registry.world_ready,
@@ -343,7 +285,7 @@ class SchedulerApp(ServiceApp):
         if len(self.inflight) > self.settings.max_active_requests:
             raise ApiError(ErrorCode.OVERLOADED, f"{len(self.inflight) - 1} requests are running, the limit is "
                            f"{self.settings.max_active_requests}; retry later", request_id)
-        model = await self._wait_for_model(request_id)
+        model = await self.admission.wait_for_model(request_id)
         if req.input_ids is not None:
             prompt_ids = list(req.input_ids)
         elif self.tokenizer is None:
@@ -357,9 +299,9 @@ class SchedulerApp(ServiceApp):
         log.info("request_admitted", prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens)
 
         state = RequestState(request_id=request_id, request=req, prompt_ids=prompt_ids)
-        quant = (req.kv_quant or KVQuant(self.settings.kv_quant)).value
+        quant = kv_quant_for(req, self.settings)
         # The prompt's cached blocks stay pinned until the request ends, however it ends.
-        async with self.prefix.hold(request_id, model, prompt_ids, quant) as hit:
+        async with self.prefix.hold(request_id, model, prompt_ids, quant.value) as hit:
             emit = (lambda event: self._respond(msg, event, content_type)) if req.stream else None
             runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop), set(model.eos_token_ids),
                                    emit, cached_tokens=hit.cached_tokens, kv_blocks=hit.blocks,
@@ -368,7 +310,8 @@ class SchedulerApp(ServiceApp):
             self.runners[request_id] = runner
             progress_sub = None
             try:
-                plan = await self._wait_for_placement(request_id, len(prompt_ids), req, lambda: runner.s.cancelled)
+                plan = await self.admission.wait_for_placement(request_id, len(prompt_ids), req, quant,
+                                                               lambda: runner.s.cancelled)
                 if plan is None:  # cancelled while it waited for workers: nothing was sent to any
                     return runner.reply("cancelled", None)
                 with self.tracer.start_as_current_span("scheduler.placement", attributes={
@@ -406,97 +349,6 @@ class SchedulerApp(ServiceApp):
         """Surviving ring members may wait on a merge that will never complete: end it now."""
         if plan.size > 1:
             await self.rt.bus.publish(subjects.fusion_drop(plan.fusion_partition), FusionDrop(request_id=plan.request_id))
-
-    async def _wait_for_model(self, request_id: str):
-        """Wait (bounded) for a live worker; refuse when too many requests already wait."""
-        model = self.registry.model() if self.registry.live_workers() else None
-        if model is not None:
-            return model
-        if self.waiting >= self.settings.max_queued_requests:
-            raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
-        self.waiting += 1
-        log.info("request_waiting", reason="no_worker", waiting=self.waiting,
-                 timeout_s=self.settings.heartbeat_timeout_s)
-        try:
-            deadline = time.monotonic() + self.settings.heartbeat_timeout_s
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                if self.registry.live_workers() and (model := self.registry.model()) is not None:
-                    return model
-        finally:
-            self.waiting -= 1
-        raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
-
-    def _worker_loads(self) -> list[WorkerLoad]:
-        """Live workers as placement sees them. KV held: the larger of the heartbeat's count and
-        what this scheduler's own placed requests will hold there (heartbeats lag a new placement)."""
-        in_ring = {w for r in self.runners.values() if r.s.plan is not None and r.s.plan.size > 1 for w in r.s.plan.workers}
-        requests: dict[str, int] = {}
-        planned: dict[str, int] = {}
-        for r in self.runners.values():
-            plan = r.s.plan
-            if plan is not None:
-                # each member comes to hold its prompt rows, or an even share once decode adds up
-                even = -(-(plan.prompt_tokens + r.s.request.max_new_tokens) // plan.size)
-                for w, rows in zip(plan.workers, member_tokens(plan)):
-                    requests[w] = requests.get(w, 0) + 1
-                    planned[w] = planned.get(w, 0) + max(rows, even)
-        return [WorkerLoad(worker_id=b.worker_id, world_rank=self.registry.world_rank(b.worker_id),
-                           in_ring=b.worker_id in in_ring, active_requests=requests.get(b.worker_id, 0),
-                           kv_tokens=max(b.kv_tokens, planned.get(b.worker_id, 0)), capacity_tokens=b.kv_capacity_tokens)
-                for b in self.registry.live_workers()]
-
-    def _place(self, request_id: str, prompt_tokens: int, req) -> RingPlan | None:
-        """A plan for the request now, or None when the workers that could hold it are busy."""
-        loads = self._worker_loads()
-        if not loads:
-            raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
-        total = prompt_tokens + req.max_new_tokens
-        # A request held by one worker merges with nobody: only rings on the bus need a fusion service.
-        partition = self.registry.fusion_partition(request_id)
-        rings = self.registry.world_ready and (partition is not None or self.settings.fusion == "collective")
-        if not rings and partition is None and not any(w.capacity_tokens is None or w.capacity_tokens >= total
-                                                       for w in loads):
-            raise ApiError(ErrorCode.UNAVAILABLE, f"{total} tokens of KV need a ring of workers, and no fusion "
-                           "service is available to merge its decode", request_id)
-        if not fits_cluster(prompt_tokens, req.max_new_tokens, loads, self.settings, self.registry.world_ready):
-            raise ApiError(ErrorCode.TOO_LONG, f"{total} tokens of KV (prompt + max_new_tokens) do not fit the KV "
-                           f"capacity of {len(loads)} workers (max_ring_size {self.settings.max_ring_size or 'all'})",
-                           request_id)
-        chunk = chunk_tokens_for(prompt_tokens, self.settings)
-        # A collective-fusion ring exchanges partials point-to-point: it needs the world too.
-        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, rings, req.max_new_tokens)
-        if not ring:
-            return None
-        quant = req.kv_quant or KVQuant(self.settings.kv_quant)
-        return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation,
-                         partition or NO_FUSION_PARTITION, quant)
-
-    async def _wait_for_placement(self, request_id: str, prompt_tokens: int, req,
-                                  cancelled: Callable[[], bool]) -> RingPlan | None:
-        """Place now, or queue until workers with room are free (bounded by the request timeout
-        and max_queued_requests): a long prompt never falls back onto a worker it would overfill.
-        None when the request is cancelled while it waits."""
-        plan = self._place(request_id, prompt_tokens, req)
-        if plan is not None:
-            return plan
-        if self.waiting >= self.settings.max_queued_requests:
-            raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
-        log.info("request_queued", reason="no workers with room", prompt_tokens=prompt_tokens)
-        self.waiting += 1
-        # The wait shows in the request's trace (the queue depth gauge counts it).
-        with self.tracer.start_as_current_span("scheduler.queue", attributes={
-                "request_id": request_id, "reason": "no workers with room"}) as span:
-            try:
-                while plan is None:
-                    await asyncio.sleep(PLACEMENT_POLL_S)
-                    if cancelled():
-                        span.set_attribute("cancelled", True)
-                        return None
-                    plan = self._place(request_id, prompt_tokens, req)
-            finally:
-                self.waiting -= 1
-        return plan
 
     async def _respond(self, msg: Msg, message: BaseModel, content_type: str) -> None:
         if msg.reply:

@@ -13,14 +13,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.attention.layout import (
-    chunk_tokens_for,
     placement_unit_tokens,
     ring_size_for,
     split_chunks,
     zigzag_assign,
 )
-from shared.messages import KVQuant, RingPlan, Segment
+from shared.messages import GenerateRequest, KVQuant, RingPlan, Segment
 from shared.settings import Settings
+
+
+def chunk_tokens_for(context_len: int, settings: Settings) -> int:
+    """The policy chunk for a prompt, which sizes its ring: settings.chunk_tokens if set, else
+    small/medium/large by length."""
+    if settings.chunk_tokens is not None:
+        return settings.chunk_tokens
+    if context_len < settings.chunk_small_below:
+        return settings.chunk_small_tokens
+    if context_len <= settings.chunk_large_above:
+        return settings.chunk_medium_tokens
+    return settings.chunk_large_tokens
+
+
+def kv_quant_for(req: GenerateRequest, settings: Settings) -> KVQuant:
+    """The request's KV quantization: its own, else the cluster's default. Prefix lookups and the
+    ring plan must agree on it (blocks are stored per quantization)."""
+    return req.kv_quant or KVQuant(settings.kv_quant)
 
 
 @dataclass(frozen=True)

@@ -1,34 +1,18 @@
-"""Where a prompt's tokens live on a ring: chunk size, chunks, zigzag placement. Pure functions.
+"""Where a prompt's tokens live on a ring: units, chunks, zigzag placement. Pure functions.
 
 A segment is a half-open range of global token positions (start, end). A ring member holds
 the q/k/v rows of its segments concatenated in segment order.
 
 Zigzag placement balances causal work: with 2N units on N members, member i holds units i
 and 2N-1-i, so an early (cheap) unit pairs with a late (expensive) one. More units repeat
-the pattern over groups of 2N. The policy chunk (chunk_tokens_for) decides how many members a
-prompt needs; the units it is dealt in come from placement_unit_tokens, so that there are
-always whole groups of 2N of them.
+the pattern over groups of 2N. The policy chunk (chunk_tokens_for, a scheduling policy in
+services/scheduler/placement.py) decides how many members a prompt needs; the units it is dealt
+in come from placement_unit_tokens, so that there are always whole groups of 2N of them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # only read here: keeps the math importable without the service stack
-    from shared.settings import Settings
-
 Segment = tuple[int, int]
-
-
-def chunk_tokens_for(context_len: int, settings: Settings) -> int:
-    """Chunk size for a prompt: settings.chunk_tokens if set, else small/medium/large by length."""
-    if settings.chunk_tokens is not None:
-        return settings.chunk_tokens
-    if context_len < settings.chunk_small_below:
-        return settings.chunk_small_tokens
-    if context_len <= settings.chunk_large_above:
-        return settings.chunk_medium_tokens
-    return settings.chunk_large_tokens
 
 
 def placement_unit_tokens(total_tokens: int, chunk_tokens: int, ring_size: int, block_tokens: int | None = None) -> int:

@@ -1,11 +1,10 @@
-"""Placement math: chunk size policy, chunks, zigzag, ring size."""
+"""Placement math: chunks, zigzag, ring size (the chunk size policy is tested with placement)."""
 
 from __future__ import annotations
 
 import pytest
 
 from shared.attention.layout import (
-    chunk_tokens_for,
     merge_adjacent,
     placement_unit_tokens,
     ring_size_for,
@@ -15,16 +14,6 @@ from shared.attention.layout import (
     zigzag_segments,
 )
 from shared.settings import Settings
-
-
-def test_chunk_size_policy():
-    s = Settings()
-    assert chunk_tokens_for(s.chunk_small_below - 1, s) == s.chunk_small_tokens
-    assert chunk_tokens_for(s.chunk_small_below, s) == s.chunk_medium_tokens
-    assert chunk_tokens_for(s.chunk_large_above, s) == s.chunk_medium_tokens
-    assert chunk_tokens_for(s.chunk_large_above + 1, s) == s.chunk_large_tokens
-    assert chunk_tokens_for(10, Settings(chunk_tokens=5)) == 5
-    assert chunk_tokens_for(10**6, Settings(chunk_tokens=5)) == 5
 
 
 def test_split_chunks_last_one_shorter():

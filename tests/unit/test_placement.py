@@ -4,10 +4,34 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.placement import WorkerLoad, choose_workers, fits_cluster, member_tokens, plan_ring
-from shared.attention.layout import chunk_tokens_for, placement_unit_tokens, zigzag_segments
-from shared.messages import KVQuant
+from services.scheduler.placement import (
+    WorkerLoad,
+    choose_workers,
+    chunk_tokens_for,
+    fits_cluster,
+    kv_quant_for,
+    member_tokens,
+    plan_ring,
+)
+from shared.attention.layout import placement_unit_tokens, zigzag_segments
+from shared.messages import GenerateRequest, KVQuant
 from shared.settings import Settings
+
+
+def test_chunk_size_policy():
+    s = Settings()
+    assert chunk_tokens_for(s.chunk_small_below - 1, s) == s.chunk_small_tokens
+    assert chunk_tokens_for(s.chunk_small_below, s) == s.chunk_medium_tokens
+    assert chunk_tokens_for(s.chunk_large_above, s) == s.chunk_medium_tokens
+    assert chunk_tokens_for(s.chunk_large_above + 1, s) == s.chunk_large_tokens
+    assert chunk_tokens_for(10, Settings(chunk_tokens=5)) == 5
+    assert chunk_tokens_for(10**6, Settings(chunk_tokens=5)) == 5
+
+
+def test_kv_quant_is_the_request_s_else_the_cluster_default():
+    assert kv_quant_for(GenerateRequest(prompt="x"), Settings(kv_quant="int8")) == KVQuant.INT8
+    assert kv_quant_for(GenerateRequest(prompt="x", kv_quant="int4"), Settings(kv_quant="int8")) == KVQuant.INT4
+    assert kv_quant_for(GenerateRequest(prompt="x"), Settings()) == KVQuant.NONE
 
 
 def loads(n: int, **overrides: dict[str, object]) -> list[WorkerLoad]:

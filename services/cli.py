@@ -104,8 +104,11 @@ def format_status(status: StatusReply) -> str:
         f"{', ' + status.world_backend if status.world_backend else ''}"
         f"{', members ' + ' '.join(status.world_members) if status.world_members else ''}",
         f"requests: {status.active_requests} active, {status.queued_requests} queued",
-        f"workers: {len(status.workers)}",
     ]
+    # waiting for workers with room, in the order the scheduler will place them
+    lines += [f"  #{q.place}  {q.request_id}  {q.prefill_tokens} prefill tokens  waited {q.waited_s:.1f}s"
+              for q in status.queue]
+    lines.append(f"workers: {len(status.workers)}")
     for w in status.workers:
         state = "busy" if w.busy else "idle"
         lines.append(f"  {w.worker_id}  {w.device}  {state}  {w.active_requests} requests  "

@@ -186,16 +186,26 @@ class ServiceStatus(BaseModel):
     last_seen_s: float
 
 
+class QueuedRequest(_Strict):
+    """A request waiting for workers with room, as the scheduler orders them."""
+
+    request_id: StrictStr
+    place: StrictInt = Field(ge=1)  # 1: placed first once there is room
+    prefill_tokens: StrictInt = Field(ge=0)  # its prompt tokens no cached block covers: the order's key
+    waited_s: float = Field(ge=0)
+
+
 class StatusReply(BaseModel):
     model: str | None
     workers: list[WorkerStatus]
-    queued_requests: int
+    queued_requests: int  # waiting for a worker or for room (those for room are also in `queue`)
     active_requests: int
     world_generation: int
     world_ready: bool = False
     world_members: list[str] = Field(default_factory=list)
     world_backend: Literal["gloo", "nccl"] | None = None  # chosen from the members' devices
     services: list[ServiceStatus] = Field(default_factory=list)  # every scheduler, fusion, kvstore, gateway
+    queue: list[QueuedRequest] = Field(default_factory=list)  # in the order they will be placed
 
 
 # ================================================================================================

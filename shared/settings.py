@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=600.0, gt=0)
     # Requests waiting for workers beyond this count are refused with `overloaded`.
     max_queued_requests: int = Field(default=256, ge=1)
+    # Requests waiting for workers with room go shortest remaining prefill first; each second
+    # waited counts as this many tokens less prefill, so a long prompt is never starved: a 128K
+    # prompt goes ahead of fresh 8K ones after ~30 s of waiting.
+    admission_aging_tokens_per_s: float = Field(default=4096.0, gt=0)
     # Requests running at once (prefill or decode) on one scheduler; more are refused with
     # `overloaded`, which a client retries later or elsewhere, rather than slowing everyone.
     max_active_requests: int = Field(default=256, ge=1)

@@ -1,44 +1,66 @@
 """Admission: from a checked request to a RingPlan. A request waits (bounded) for a live worker,
-then for workers with room for it; placement sees the workers as their heartbeats and this
-scheduler's own placements tell.
+then, when the workers that could hold it are full, in the wait queue (queue.py's order) until
+workers with room are free. Placement sees the workers as their heartbeats and this scheduler's
+own placements tell.
 
-No NATS here: the registry, the running requests' plans and a tracer come in, so tests drive it
-directly.
+No NATS here: the registry and a tracer come in, so tests drive it directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
-from shared.messages import ErrorCode, GenerateRequest, KVQuant, ModelInfo, RingPlan
+from shared.messages import ErrorCode, GenerateRequest, KVQuant, ModelInfo, QueuedRequest, RingPlan
 from shared.settings import Settings
 from services.scheduler.api import ApiError
 from services.scheduler.placement import WorkerLoad, choose_workers, chunk_tokens_for, fits_cluster, member_tokens, plan_ring
+from services.scheduler.queue import WaitQueue, Waiter
 from services.scheduler.registry import Registry
 
 log = structlog.get_logger("scheduler")
 # How often a request waiting for a live worker looks again.
 WORKER_POLL_S = 0.05
-# How often a request waiting for workers with room retries its placement.
+# How often the wait queue retries its placements (room frees as requests end and heartbeats say so).
 PLACEMENT_POLL_S = 0.05
 # The partition of a request no fusion service merges for (a worker holds it alone).
 NO_FUSION_PARTITION = ""
+QUEUE_REASON = "no workers with room"
+# status and span figures: milliseconds are plenty
+WAITED_DIGITS = 3
 
-# The plans of the requests this scheduler runs, each with its request's max_new_tokens.
-PlacedPlans = Callable[[], Iterable[tuple[RingPlan, int]]]
+
+@dataclass
+class _Candidate:
+    """What placing a waiting request needs, and where its outcome goes."""
+
+    prompt_tokens: int
+    request: GenerateRequest
+    quant: KVQuant
+    outcome: asyncio.Future  # the RingPlan, or the error that refused it
 
 
 class Admission:
-    def __init__(self, settings: Settings, registry: Registry, tracer, placed: PlacedPlans):
+    def __init__(self, settings: Settings, registry: Registry, tracer):
         self.settings = settings
         self.registry = registry
         self.tracer = tracer
-        self.placed = placed
-        self.waiting = 0  # requests waiting for a worker or for room (the queue depth gauge)
+        self.queue = WaitQueue(settings.admission_aging_tokens_per_s)
+        self._candidates: dict[str, _Candidate] = {}
+        # The plans of this scheduler's requests from placement to their end, each with its
+        # request's max_new_tokens: they count in the loads before any heartbeat shows them.
+        self._placed: dict[str, tuple[RingPlan, int]] = {}
+        self._waiting_for_worker = 0
+        self._retry_task: asyncio.Task | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a worker or for room (the queue depth gauge and status)."""
+        return self._waiting_for_worker + len(self.queue)
 
     async def wait_for_model(self, request_id: str) -> ModelInfo:
         """Wait (bounded) for a live worker; refuse when too many requests already wait."""
@@ -47,7 +69,7 @@ class Admission:
             return model
         if self.waiting >= self.settings.max_queued_requests:
             raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
-        self.waiting += 1
+        self._waiting_for_worker += 1
         log.info("request_waiting", reason="no_worker", waiting=self.waiting,
                  timeout_s=self.settings.heartbeat_timeout_s)
         try:
@@ -57,13 +79,14 @@ class Admission:
                 if self.registry.live_workers() and (model := self.registry.model()) is not None:
                     return model
         finally:
-            self.waiting -= 1
+            self._waiting_for_worker -= 1
         raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
 
+    # ------------------------------------------------------------------------------ loads, one plan
     def worker_loads(self) -> list[WorkerLoad]:
         """Live workers as placement sees them. KV held: the larger of the heartbeat's count and
         what this scheduler's own placed requests will hold there (heartbeats lag a new placement)."""
-        placed = list(self.placed())
+        placed = list(self._placed.values())
         in_ring = {w for plan, _ in placed if plan.size > 1 for w in plan.workers}
         requests: dict[str, int] = {}
         planned: dict[str, int] = {}
@@ -103,28 +126,98 @@ class Admission:
         return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation,
                          partition or NO_FUSION_PARTITION, quant)
 
-    async def wait_for_placement(self, request_id: str, prompt_tokens: int, req: GenerateRequest, quant: KVQuant,
-                                 cancelled: Callable[[], bool]) -> RingPlan | None:
-        """Place now, or queue until workers with room are free (bounded by the request timeout
-        and max_queued_requests): a long prompt never falls back onto a worker it would overfill.
-        None when the request is cancelled while it waits."""
+    def release(self, request_id: str) -> None:
+        """The request ended (or never ran): its plan no longer holds room."""
+        self._placed.pop(request_id, None)
+
+    # ------------------------------------------------------------------------------ the wait queue
+    def admit_waiting(self) -> None:
+        """Place waiting requests in the queue's order while each can be placed. The first that
+        cannot holds back those after it: room that frees then goes to it, not to one behind
+        it that happens to fit, which is what lets aging bring a long prompt through."""
+        for waiter in self.queue.order(time.monotonic()):
+            candidate = self._candidates[waiter.request_id]
+            try:
+                plan = self.place(waiter.request_id, candidate.prompt_tokens, candidate.request, candidate.quant)
+            except Exception as exc:  # refused now (e.g. its workers left): that request fails alone
+                self._settle(waiter, exc)
+                continue
+            if plan is None:
+                return
+            self._placed[waiter.request_id] = (plan, candidate.request.max_new_tokens)
+            self.queue.admitted(waiter)
+            self._settle(waiter, plan)
+
+    def _settle(self, waiter: Waiter, outcome: RingPlan | BaseException) -> None:
+        self.queue.remove(waiter.request_id)
+        future = self._candidates.pop(waiter.request_id).outcome
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    async def wait_for_placement(self, request_id: str, prompt_tokens: int, prefill_tokens: int,
+                                 req: GenerateRequest, quant: KVQuant, cancelled: Callable[[], bool]) -> RingPlan | None:
+        """Place now when the request comes first in the queue's order and fits, else wait in the
+        queue (bounded by the request timeout and max_queued_requests): a long prompt never
+        falls back onto a worker it would overfill. None when the request is cancelled while
+        it waits. `prefill_tokens`: the prompt tokens no cached block covers (its queue order)."""
+        # Refusals (too long for any ring, no fusion service) come at once, before any wait.
         plan = self.place(request_id, prompt_tokens, req, quant)
-        if plan is not None:
+        if plan is not None and not len(self.queue):
+            self._placed[request_id] = (plan, req.max_new_tokens)
             return plan
-        if self.waiting >= self.settings.max_queued_requests:
-            raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
-        log.info("request_queued", reason="no workers with room", prompt_tokens=prompt_tokens)
-        self.waiting += 1
+        waiter = self.queue.add(request_id, prefill_tokens, time.monotonic())
+        outcome = asyncio.get_running_loop().create_future()
+        self._candidates[request_id] = _Candidate(prompt_tokens, req, quant, outcome)
+        try:
+            self.admit_waiting()  # others wait: it goes now only if the queue's order puts it first
+            if outcome.done():
+                return outcome.result()
+            if self.waiting > self.settings.max_queued_requests:  # this request counted
+                raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
+            return await self._wait(waiter, outcome, cancelled)
+        finally:
+            if request_id in self.queue:  # left early: refused, cancelled or timed out
+                self.queue.remove(request_id)
+                self._candidates.pop(request_id, None)
+            elif outcome.done() and not outcome.cancelled():
+                outcome.exception()  # read, so an outcome nobody awaited is not reported as lost
+
+    async def _wait(self, waiter: Waiter, outcome: asyncio.Future, cancelled: Callable[[], bool]) -> RingPlan | None:
+        log.info("request_queued", reason=QUEUE_REASON, prompt_tokens=self._candidates[waiter.request_id].prompt_tokens,
+                 prefill_tokens=waiter.prefill_tokens, place=waiter.place_at_entry, waiting=len(self.queue))
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.create_task(self._retry_while_waiting())
         # The wait shows in the request's trace (the queue depth gauge counts it).
         with self.tracer.start_as_current_span("scheduler.queue", attributes={
-                "request_id": request_id, "reason": "no workers with room"}) as span:
-            try:
-                while plan is None:
-                    await asyncio.sleep(PLACEMENT_POLL_S)
-                    if cancelled():
-                        span.set_attribute("cancelled", True)
-                        return None
-                    plan = self.place(request_id, prompt_tokens, req, quant)
-            finally:
-                self.waiting -= 1
-        return plan
+                "request_id": waiter.request_id, "reason": QUEUE_REASON, "queue.place": waiter.place_at_entry,
+                "queue.prefill_tokens": waiter.prefill_tokens}) as span:
+            while not outcome.done():
+                await asyncio.wait({outcome}, timeout=PLACEMENT_POLL_S)
+                if cancelled():
+                    span.set_attribute("cancelled", True)
+                    return None
+            waited_s = round(time.monotonic() - waiter.enqueued_at, WAITED_DIGITS)
+            span.set_attributes({"queue.waited_s": waited_s, "queue.overtaken_by": waiter.overtaken_by})
+            plan = outcome.result()  # a refusal raises here
+            log.info("request_dequeued", waited_s=waited_s, place=waiter.place_at_entry,
+                     overtaken_by=waiter.overtaken_by, prefill_tokens=waiter.prefill_tokens)
+            return plan
+
+    async def _retry_while_waiting(self) -> None:
+        """One retry loop for the whole queue, so the queue's order decides who gets room."""
+        while len(self.queue):
+            await asyncio.sleep(PLACEMENT_POLL_S)
+            self.admit_waiting()
+
+    def close(self) -> None:
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+
+    def queued(self) -> list[QueuedRequest]:
+        """The waiting requests in the order they will be placed, as `ringserve status` shows them."""
+        now = time.monotonic()
+        return [QueuedRequest(request_id=w.request_id, place=place, prefill_tokens=w.prefill_tokens,
+                              waited_s=round(now - w.enqueued_at, WAITED_DIGITS))
+                for place, w in enumerate(self.queue.order(now), start=1)]

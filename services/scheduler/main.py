@@ -22,7 +22,6 @@ from shared.messages import (
     ErrorCode,
     FusionDrop,
     PrefillProgress,
-    RingPlan,
     ServiceHeartbeat,
     ServiceStatus,
     StatusReply,
@@ -78,7 +77,7 @@ class SchedulerApp(ServiceApp):
         await self.port.start()
         self.tracer = rt.telemetry.tracer
         self.prefix = PrefixIndex(KVIndexClient(rt.bus, self.settings), self.settings, self.tracer)
-        self.admission = Admission(self.settings, self.registry, self.tracer, self._placed_plans)
+        self.admission = Admission(self.settings, self.registry, self.tracer)
         self.metrics = RingserveMetrics(rt.telemetry.meter)
         self.metrics.watch_queue("scheduler", lambda: self.admission.waiting)
         bus = rt.bus
@@ -104,6 +103,7 @@ class SchedulerApp(ServiceApp):
                 task.cancel()
             await wait_until(lambda: not self.inflight, DRAIN_REPLY_MARGIN_S / 2)
         self._world_task.cancel()
+        self.admission.close()
 
     # ------------------------------------------------------------------------------ liveness
     async def _on_heartbeat(self, msg: Msg) -> None:
@@ -131,9 +131,6 @@ class SchedulerApp(ServiceApp):
             log.warning("world_join_failed", worker_id=ready.worker_id, error=ready.error)
         elif self.registry.world_ready:
             log.info("world_ready", generation=self.registry.generation, members=self.registry.members)
-
-    def _placed_plans(self) -> list[tuple[RingPlan, int]]:
-        return [(r.s.plan, r.s.request.max_new_tokens) for r in self.runners.values() if r.s.plan is not None]
 
     def _rings_active(self) -> bool:
         return any(r.s.plan is not None and r.s.plan.size > 1 for r in self.runners.values())
@@ -194,6 +191,7 @@ class SchedulerApp(ServiceApp):
                                   last_seen_s=round(now - e.last_seen, 3))
                      for e in self.registry.workers.values()],
             queued_requests=self.admission.waiting,
+            queue=self.admission.queued(),
             active_requests=len(self.runners),
             world_generation=self.registry.generation,
             world_ready=self.registry.world_ready,
@@ -310,8 +308,9 @@ class SchedulerApp(ServiceApp):
             self.runners[request_id] = runner
             progress_sub = None
             try:
-                plan = await self.admission.wait_for_placement(request_id, len(prompt_ids), req, quant,
-                                                               lambda: runner.s.cancelled)
+                plan = await self.admission.wait_for_placement(
+                    request_id, len(prompt_ids), len(prompt_ids) - hit.cached_tokens, req, quant,
+                    lambda: runner.s.cancelled)
                 if plan is None:  # cancelled while it waited for workers: nothing was sent to any
                     return runner.reply("cancelled", None)
                 with self.tracer.start_as_current_span("scheduler.placement", attributes={
@@ -336,6 +335,7 @@ class SchedulerApp(ServiceApp):
                     raise
             finally:
                 self.runners.pop(request_id, None)
+                self.admission.release(request_id)
                 if progress_sub is not None:
                     await progress_sub.unsubscribe()
         if reply.output_ids:  # a request cancelled during its prefill has no first token

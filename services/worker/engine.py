@@ -124,6 +124,10 @@ class ActiveRequest:
     blocks: list[PromptBlock] = field(default_factory=list)  # stored prompt blocks overlapping this shard
 
 
+class RequestNotHeld(KeyError):
+    """A decode step of a request this worker no longer holds (released while the step waited)."""
+
+
 def failed(step: DecodeStep, member: int, exc: Exception) -> DecodeResult:
     return DecodeResult(request_id=step.request_id, member=member, step=step.step, ok=False,
                         error_code=decode_error_code(exc), error=str(exc)[:ERROR_TEXT_CHARS])
@@ -246,7 +250,10 @@ class WorkerEngine:
         results: list[DecodeResult | None] = [None] * len(steps)
         runnable = []
         for b, s in enumerate(steps):
-            r = self.requests[s.request_id]
+            r = self.requests.get(s.request_id)
+            if r is None:  # released after its step was batched (cancel, drain): it alone is dropped
+                results[b] = failed(s, -1, RequestNotHeld(f"request {s.request_id} is not held here"))
+                continue
             try:  # the page its new row goes to (a full pool fails this request, not the batch)
                 if s.append_member == r.member:
                     r.kv.reserve(r.kv.tokens + 1)

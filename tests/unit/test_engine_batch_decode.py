@@ -226,3 +226,16 @@ def test_a_failing_ring_merge_fails_its_request_only():
     by_id = {r.request_id: r for r in results}
     assert by_id["a"].ok and by_id["b"].ok and by_id["a"].token_id is not None
     assert not by_id["c"].ok and by_id["c"].error_code == ErrorCode.UNAVAILABLE and "no responders" in by_id["c"].error
+
+
+def test_a_step_of_a_request_released_meanwhile_fails_alone():
+    """A release (cancel, drain) can reach the compute thread between the batch's forming and its
+    step: that request's row fails, the others decode."""
+    model = tiny_model("default")
+    engine = make_engine(model)
+    first = prefill_all(engine)
+    engine.release("b")
+    results = engine.decode([step_of(rid, 0, first[rid]) for rid in PROMPTS], never_fuse)
+    by_id = {r.request_id: r for r in results}
+    assert not by_id["b"].ok and by_id["b"].error_code is not None
+    assert by_id["a"].ok and by_id["c"].ok

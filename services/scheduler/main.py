@@ -49,6 +49,7 @@ WORLD_RETRY_MARGIN_S = 2.0
 OFF_LOOP_BYTES = 64 * 1024
 # Of the drain timeout, kept to answer requests a drain has to cut off.
 DRAIN_REPLY_MARGIN_S = 1.0
+DRAIN_STOP_TAIL_S = 0.1  # what stop() still does after the cut-off requests' replies
 
 
 def load_tokenizer(settings: Settings):
@@ -93,6 +94,7 @@ class SchedulerApp(ServiceApp):
         request finds no responder), running ones finish within the drain timeout, and those
         still running then are answered `unavailable` rather than left without a reply."""
         self.draining = True
+        deadline = time.monotonic() + self.settings.drain_timeout_s  # stop() is cut off there
         # drain, not unsubscribe: requests already delivered to this instance are still handled
         await self._generate_sub.drain()
         log.info("scheduler_draining", requests=len(self.inflight))
@@ -101,7 +103,9 @@ class SchedulerApp(ServiceApp):
             log.warning("drain_cancelling_requests", requests=len(self.inflight))
             for task in list(self.inflight):
                 task.cancel()
-            await wait_until(lambda: not self.inflight, DRAIN_REPLY_MARGIN_S / 2)
+            # The cut-off requests still release their workers and fusion partitions, then reply:
+            # they get all the time left (the bus closes after stop() returns, losing a late reply).
+            await wait_until(lambda: not self.inflight, max(0.0, deadline - time.monotonic() - DRAIN_STOP_TAIL_S))
         self._world_task.cancel()
         self.admission.close()
 

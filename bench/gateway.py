@@ -27,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for shared.* and services.*
 
-from services.stack import LocalStack, http_url  # noqa: E402
+from services.cli.stack import LocalStack, http_url  # noqa: E402
 from shared.client import RingserveClient  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 

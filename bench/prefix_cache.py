@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for shared.*
 
-from services.stack import LocalStack  # noqa: E402
+from services.cli.stack import LocalStack  # noqa: E402
 from shared.bus import Bus  # noqa: E402
 from shared.client import RingserveClient  # noqa: E402
 from shared.kv.client import KVIndexClient  # noqa: E402

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for shared.* and services.*
 
-from services.stack import LocalStack, StackError, log_tail  # noqa: E402
+from services.cli.stack import LocalStack, StackError, log_tail  # noqa: E402
 from shared.client import RingserveClient, RingserveError  # noqa: E402
 from shared.messages import DoneEvent, TokenEvent  # noqa: E402
 from shared.model.loader import load_config  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.stack import LocalStack  # noqa: E402
+from services.cli.stack import LocalStack  # noqa: E402
 from shared.client import RingserveClient  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nats
 
-from services import stack
+from services.cli import stack
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ class Stack:
         log = open(self.workdir / f"{label}.log", "ab")
         env = self.env
         if service == "worker" and env.get("RINGSERVE_DEVICE") == "cuda":
-            from services.stack import visible_gpus
+            from services.cli.stack import visible_gpus
 
             gpus = visible_gpus()
             env = {**env, "CUDA_VISIBLE_DEVICES": gpus[len([p for p in self.procs if p.startswith("worker")]) % len(gpus)]}

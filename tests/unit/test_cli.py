@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from services import cli
+from services.cli import commands, main, terminal, traces, up
 from shared.messages import GenerateReply, ServiceStatus, StatusReply, Timings, Usage, WorkerStatus
 from tests.unit.test_client import ANSWER, free_port, private_nats, scheduler  # noqa: F401 (fixtures)
 
@@ -26,7 +26,7 @@ T0 = 1_700_000_000_000_000
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = cli.run(argv, out, err)
+    code = main.run(argv, out, err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -34,15 +34,15 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 def test_parser_reads_every_command():
-    parser = cli.build_parser()
+    parser = main.build_parser()
     up = parser.parse_args(["up", "--workers", "3", "--device", "cuda", "--model", "/m", "--demo-request"])
     assert (up.command, up.workers, up.device, up.model, up.demo_request) == ("up", 3, "cuda", "/m", True)
     gen = parser.parse_args(["generate", "some text", "--max-new-tokens", "5", "--temperature", "0.7", "--seed", "9"])
-    assert cli.generate_request(gen) == {"prompt": "some text", "max_new_tokens": 5, "temperature": 0.7, "seed": 9}
-    assert cli.generate_request(parser.parse_args(["generate", "x"])) == {"prompt": "x"}
+    assert commands.generate_request(gen) == {"prompt": "some text", "max_new_tokens": 5, "temperature": 0.7, "seed": 9}
+    assert commands.generate_request(parser.parse_args(["generate", "x"])) == {"prompt": "x"}
     assert parser.parse_args(["serve", "fusion"]).name == "fusion"
     assert parser.parse_args(["serve", "gateway"]).name == "gateway"
-    assert parser.parse_args(["trace", "req-1"]).jaeger == cli.JAEGER_URL
+    assert parser.parse_args(["trace", "req-1"]).jaeger == traces.JAEGER_URL
     assert parser.parse_args(["status", "--json"]).json
 
 
@@ -50,7 +50,7 @@ def test_parser_reads_every_command():
                                   ["generate"], ["health", "nobody"]])
 def test_parser_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as info:
-        cli.build_parser().parse_args(argv)
+        main.build_parser().parse_args(argv)
     assert info.value.code == 2
 
 
@@ -58,12 +58,12 @@ def test_parser_rejects_bad_arguments(argv):
 
 
 def test_render_progress():
-    assert cli.render_progress(0, 1000, width=10) == "prefill [..........]   0% 0/1000 tokens"
-    assert cli.render_progress(250, 1000, width=10) == "prefill [##........]  25% 250/1000 tokens"
-    assert cli.render_progress(1000, 1000, width=10) == "prefill [##########] 100% 1000/1000 tokens"
+    assert terminal.render_progress(0, 1000, width=10) == "prefill [..........]   0% 0/1000 tokens"
+    assert terminal.render_progress(250, 1000, width=10) == "prefill [##........]  25% 250/1000 tokens"
+    assert terminal.render_progress(1000, 1000, width=10) == "prefill [##########] 100% 1000/1000 tokens"
     # out-of-range counts are clamped, an empty prompt is complete
-    assert cli.render_progress(2000, 1000, width=4) == "prefill [####] 100% 1000/1000 tokens"
-    assert cli.render_progress(0, 0, width=4) == "prefill [####] 100% 0/0 tokens"
+    assert terminal.render_progress(2000, 1000, width=4) == "prefill [####] 100% 1000/1000 tokens"
+    assert terminal.render_progress(0, 0, width=4) == "prefill [####] 100% 0/0 tokens"
 
 
 def make_reply(tokens: int, ttft_ms: float, total_ms: float) -> GenerateReply:
@@ -74,26 +74,26 @@ def make_reply(tokens: int, ttft_ms: float, total_ms: float) -> GenerateReply:
 
 def test_decode_rate_and_summary():
     # 11 tokens: the first at 200 ms, 10 more in the following 500 ms
-    assert cli.decode_rate(make_reply(11, 200.0, 700.0)) == pytest.approx(20.0)
-    assert cli.decode_rate(make_reply(1, 250.0, 250.0)) == pytest.approx(4.0)
-    assert cli.summary_line(make_reply(11, 200.0, 700.0)) == "11 tokens, ttft 200 ms, 20.0 tok/s, finish length (r-1)"
+    assert terminal.decode_rate(make_reply(11, 200.0, 700.0)) == pytest.approx(20.0)
+    assert terminal.decode_rate(make_reply(1, 250.0, 250.0)) == pytest.approx(4.0)
+    assert terminal.summary_line(make_reply(11, 200.0, 700.0)) == "11 tokens, ttft 200 ms, 20.0 tok/s, finish length (r-1)"
 
 
 def test_unprinted_tail():
-    assert cli.unprinted_tail("Hello\ufffd", "Hello") == "\ufffd"
-    assert cli.unprinted_tail("Hello", "Hello") == ""
-    assert cli.unprinted_tail(None, "[5][6]") == ""  # no tokenizer: ids were printed
-    assert cli.unprinted_tail("other", "Hello") == ""  # never repeat or contradict what was printed
+    assert terminal.unprinted_tail("Hello\ufffd", "Hello") == "\ufffd"
+    assert terminal.unprinted_tail("Hello", "Hello") == ""
+    assert terminal.unprinted_tail(None, "[5][6]") == ""  # no tokenizer: ids were printed
+    assert terminal.unprinted_tail("other", "Hello") == ""  # never repeat or contradict what was printed
 
 
 def test_stop_message():
-    assert cli.stop_message({"scheduler": 0, "worker-0": 0}) == "stopped; all exited cleanly"
-    assert cli.stop_message({}) == "stopped; all exited cleanly"
-    assert cli.stop_message({"scheduler": 0, "worker-0": -9, "fusion": 1}) == \
+    assert up.stop_message({"scheduler": 0, "worker-0": 0}) == "stopped; all exited cleanly"
+    assert up.stop_message({}) == "stopped; all exited cleanly"
+    assert up.stop_message({"scheduler": 0, "worker-0": -9, "fusion": 1}) == \
         "stopped; exited uncleanly: worker-0 (-9), fusion (1)"
     # nats-server's normal status after SIGTERM, not a failure
-    assert cli.stop_message({"nats-server": 1, "redis-server": 0}) == "stopped; all exited cleanly"
-    assert cli.stop_message({"nats-server": -9}) == "stopped; exited uncleanly: nats-server (-9)"
+    assert up.stop_message({"nats-server": 1, "redis-server": 0}) == "stopped; all exited cleanly"
+    assert up.stop_message({"nats-server": -9}) == "stopped; exited uncleanly: nats-server (-9)"
 
 
 def test_format_status():
@@ -101,7 +101,7 @@ def test_format_status():
                             last_seen_s=0.4)]
     services = [ServiceStatus(service="fusion", instance="fusion-1", draining=False, last_seen_s=0.2),
                 ServiceStatus(service="scheduler", instance="scheduler-1", draining=True, last_seen_s=0.7)]
-    text = cli.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
+    text = terminal.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
                                          world_generation=5, world_ready=True, world_members=["w-a"],
                                          services=services))
     assert text.splitlines() == [
@@ -114,7 +114,7 @@ def test_format_status():
         "  fusion  fusion-1  serving  seen 0.2s ago",
         "  scheduler  scheduler-1  draining  seen 0.7s ago",
     ]
-    text = cli.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
+    text = terminal.format_status(StatusReply(model="demo", workers=workers, queued_requests=1, active_requests=2,
                                          world_generation=5, world_ready=True, world_members=["w-a"],
                                          world_backend="gloo"))
     assert text.splitlines()[1] == "world: generation 5, ready, gloo, members w-a"
@@ -143,7 +143,7 @@ SAMPLE_TRACE = {"data": [{
 
 
 def test_format_trace_is_an_indented_timeline():
-    assert cli.format_trace(SAMPLE_TRACE).splitlines() == [
+    assert traces.format_trace(SAMPLE_TRACE).splitlines() == [
         "trace abc  5 spans  100.0 ms",
         "      0.0 ms     100.0 ms |========================| ringserve-scheduler: generate",
         "      5.0 ms      55.0 ms | =============          |   ringserve-worker: prefill",
@@ -154,13 +154,13 @@ def test_format_trace_is_an_indented_timeline():
 
 
 def test_format_trace_without_traces():
-    assert cli.format_trace({"data": []}) == "no trace found"
+    assert traces.format_trace({"data": []}) == "no trace found"
 
 
 def test_trace_query_url():
-    by_trace_id = cli.trace_query_url("http://j:16686/", "4bf92f3577b34da6a3ce929d0e0e4736", "svc", now_s=0)
+    by_trace_id = traces.trace_query_url("http://j:16686/", "4bf92f3577b34da6a3ce929d0e0e4736", "svc", now_s=0)
     assert by_trace_id == "http://j:16686/api/traces/4bf92f3577b34da6a3ce929d0e0e4736"
-    url = urlsplit(cli.trace_query_url("http://j:16686", "req-1", "ringserve-scheduler", now_s=1000.0))
+    url = urlsplit(traces.trace_query_url("http://j:16686", "req-1", "ringserve-scheduler", now_s=1000.0))
     query = parse_qs(url.query)
     assert url.path == "/api/traces"
     assert json.loads(query["tags"][0]) == {"request_id": "req-1"}
@@ -245,7 +245,7 @@ def test_trace_command_prints_the_tree(fake_jaeger):
     url, requests = fake_jaeger
     code, out, _ = run_cli(["trace", "req-known", "--jaeger", url])
     assert code == 0
-    assert out.strip() == cli.format_trace(SAMPLE_TRACE)
+    assert out.strip() == traces.format_trace(SAMPLE_TRACE)
     assert requests and requests[0].startswith("/api/traces?")
     code, _, err = run_cli(["trace", "req-unknown", "--jaeger", url])
     assert code == 1 and "no trace found for req-unknown" in err
@@ -270,7 +270,7 @@ async def test_generate_streams_text_progress_and_summary(private_nats, schedule
     code, out, err = await in_thread(["generate", "hi", "--max-new-tokens", "3"])
     assert code == 0
     assert out == "".join(ANSWER) + "\n"
-    assert cli.render_progress(8, 8) in err  # the finished bar
+    assert terminal.render_progress(8, 8) in err  # the finished bar
     assert err.rstrip().endswith(f"{len(ANSWER)} tokens, ttft 20 ms, 50.0 tok/s, finish length (req-fake)")
 
 
@@ -298,7 +298,7 @@ def test_status_without_nats(monkeypatch):
 
 def test_up_without_servers_installed_exits_2_with_the_hint(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # neither nats-server nor redis-server can be found
-    monkeypatch.setattr("services.stack.EXTRA_BINARY_DIRS", ())
+    monkeypatch.setattr("services.cli.stack.EXTRA_BINARY_DIRS", ())
     monkeypatch.setenv("RINGSERVE_NATS_URL", f"nats://127.0.0.1:{free_port()}")
     code, _, err = run_cli(["up", "--state-dir", str(tmp_path / "state")])
     assert code == 2

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from services.stack import (
+from services.cli.stack import (
     PROJECT_ROOT,
     LocalStack,
     MissingServerError,

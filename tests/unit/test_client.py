@@ -34,7 +34,7 @@ from shared.messages import (
     WorkerStatus,
 )
 from shared.settings import Settings
-from services.stack import find_binary, nats_command, port_open
+from services.cli.stack import find_binary, nats_command, port_open
 
 ANSWER = ["Hel", "lo", "!"]
 PROMPT_TOKENS = 8

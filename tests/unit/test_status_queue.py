@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services import cli
+from services.cli import terminal
 from shared.messages import QueuedRequest, StatusReply
 
 
@@ -32,7 +32,7 @@ def test_ringserve_status_prints_each_place_in_the_queue():
     status = StatusReply(model="demo", workers=[], queued_requests=2, active_requests=1, world_generation=1,
                          queue=[QueuedRequest(request_id="short", place=1, prefill_tokens=40, waited_s=0.5),
                                 QueuedRequest(request_id="long", place=2, prefill_tokens=9000, waited_s=3.25)])
-    lines = cli.format_status(status).splitlines()
+    lines = terminal.format_status(status).splitlines()
     at = lines.index("requests: 1 active, 2 queued")
     assert lines[at + 1: at + 4] == ["  #1  short  40 prefill tokens  waited 0.5s",
                                      "  #2  long  9000 prefill tokens  waited 3.2s",

@@ -26,7 +26,7 @@ from shared.client import RingserveClient, RingserveError
 from shared.messages import StatusReply
 from shared.settings import Settings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVICE_NAMES = ("scheduler", "worker", "fusion", "kvstore", "gateway")
 # The services other than workers, in start order: the scheduler answers status once it runs;
 # the gateway, a NATS client like any other, after it.

@@ -2,9 +2,10 @@
 prefill and decode for the scheduler, and exchanges decode partials with the fusion service.
 
 All torch work runs in one compute thread (so heartbeats keep flowing during a long prefill);
-decode steps that arrive together are run as one batch. KV store I/O stays on the event loop:
-cached prompt blocks are loaded before a prefill is handed to the compute thread, computed blocks
-are stored and the decode shard is copied to Redis in the background, after the reply.
+decode steps that arrive together are run as one batch. KV store I/O: cached prompt blocks are
+loaded before a prefill is handed to the compute thread, computed blocks are stored and the
+decode shard is copied to Redis in the background, after the reply; their Redis traffic runs on
+an event loop of its own (io_loop.py), their kvstore requests on this one.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from services.worker.fusion_client import FusionClient
 from services.worker.owners import OwnerWatch
 from services.worker.kv_cache import KVPool, KVPoolFull, RequestKV
 from services.worker.prefix import CachedRows, PrefixCache, block_masses
+from services.worker.io_loop import IOLoop, IOLoopBlockStore, IOLoopShardStore
 from services.worker.shard_persist import ShardPersister
 from services.worker.world import World
 
@@ -91,6 +93,7 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None
         eos_token_ids=list(cfg.eos_token_ids),
         dtype=settings.torch_dtype_name,
         sliding_window=cfg.sliding_window,
+        sliding_layers=list(cfg.sliding_layers),
     )
     capacity = kv_capacity_tokens(settings, info, free_device_bytes(device))
     most = kv_pool_pages(settings, capacity)
@@ -148,8 +151,11 @@ class WorkerApp(ServiceApp):
         self.metrics = RingserveMetrics(rt.telemetry.meter)
         self.metrics.watch_queue("worker_decode", lambda: len(self.batcher.led) + len(self.batcher.followed))
         bus = rt.bus
+        # Redis traffic of the KV store on a loop of its own, so it never delays a decode step
+        self.kv_io = IOLoop(self.settings.kv_io_threads)
         self.prefix = PrefixCache(
-            KVBlockStore(self.settings, rt.telemetry.meter, hot_node=f"hot:{self.worker_id}"),
+            IOLoopBlockStore(KVBlockStore(self.settings, rt.telemetry.meter, hot_node=f"hot:{self.worker_id}"),
+                             self.kv_io),
             KVIndexClient(bus, self.settings), self.settings,
             self.model_info.name, self.model_info.num_layers, self.engine.dtype, self.engine.device,
             self.engine.kv_reusable,
@@ -158,7 +164,7 @@ class WorkerApp(ServiceApp):
                                    lambda rid: self.engine.requests[rid].plan.fusion_partition,
                                    lambda ms: self.metrics.record_ring_comm(ms, op="fusion"))
         persist = self.settings.kv_store_enabled and self.settings.kv_shard_persist
-        self.shards = ShardPersister(ShardStore(self.settings), self.settings.kv_block_tokens,
+        self.shards = ShardPersister(IOLoopShardStore(ShardStore(self.settings), self.kv_io), self.settings.kv_block_tokens,
                                      budget=self.prefix.index) if persist else None
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "prefill"), self._on_prefill)
         await bus.subscribe(subjects.worker_inbox(self.worker_id, "decode"), self._on_decode)
@@ -206,6 +212,7 @@ class WorkerApp(ServiceApp):
         await self.prefix.store.close()
         if self.shards is not None:
             await self.shards.close()
+        self.kv_io.close()
         await self.loop.run_in_executor(self.compute, self.world.close)
         await self.loop.run_in_executor(self.compute, self.fusion.close)
         self.compute.shutdown(wait=False, cancel_futures=True)
@@ -339,6 +346,8 @@ class WorkerApp(ServiceApp):
                 "layer": layer, "steps": len(layer_steps),
                 "bytes_sent": sum(s.bytes_sent for s in layer_steps),
                 "wait_ms": round(sum(s.wait_ms for s in layer_steps), 3),
+                "blocks": sum(s.blocks for s in layer_steps),
+                "blocks_skipped": sum(s.blocks_skipped for s in layer_steps),
             })
 
     async def _load_prefix(self, cmd: PrefillCommand) -> CachedRows | None:

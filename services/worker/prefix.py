@@ -25,6 +25,7 @@ from shared.kv.keys import BlockRef
 from shared.kv.store import KVBlockStore, PutItem
 from shared.messages import PrefillCommand, PromptBlock
 from shared.settings import Settings
+from services.worker.io_loop import IOLoopBlockStore
 from services.worker.kv_cache import RequestKV
 
 log = structlog.get_logger("worker")
@@ -104,7 +105,7 @@ class CachedRows:
 
 
 class PrefixCache:
-    def __init__(self, store: KVBlockStore, index: KVIndexClient, settings: Settings, model_id: str,
+    def __init__(self, store: KVBlockStore | IOLoopBlockStore, index: KVIndexClient, settings: Settings, model_id: str,
                  num_layers: int, dtype: torch.dtype, device: torch.device,
                  reusable: Callable[[int], bool]):
         self.store = store

@@ -22,6 +22,7 @@ import structlog
 
 from shared.kv.client import KVIndexClient
 from shared.kv.shards import ShardStore
+from services.worker.io_loop import IOLoopShardStore
 from services.worker.kv_cache import RequestKV
 
 log = structlog.get_logger("worker")
@@ -44,7 +45,7 @@ class _Progress:
 
 
 class ShardPersister:
-    def __init__(self, shards: ShardStore, every_tokens: int, budget: KVIndexClient | None = None):
+    def __init__(self, shards: ShardStore | IOLoopShardStore, every_tokens: int, budget: KVIndexClient | None = None):
         self.shards = shards
         self.every_tokens = every_tokens
         self.budget = budget

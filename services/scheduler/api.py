@@ -4,7 +4,6 @@ the scheduler can run, or a coded error. Pure functions, no NATS."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
@@ -22,14 +21,6 @@ class ApiError(Exception):
 
     def reply(self) -> ErrorReply:
         return ErrorReply(error=ErrorBody(code=self.code, message=self.message, request_id=self.request_id))
-
-
-@dataclass
-class ValidRequest:
-    request: GenerateRequest
-    request_id: str
-    prompt_ids: list[int]
-    content_type: str
 
 
 def describe(exc: ValidationError) -> str:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
+from shared.attention.pattern import KeyPattern
+
 SCHEMA_VERSION = 1
 RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
@@ -48,6 +50,52 @@ class KVQuant(str, enum.Enum):
     INT4 = "int4"
 
 
+class AttentionMode(str, enum.Enum):
+    FULL = "full"
+    SLIDING = "sliding"
+    STRIDED = "strided"
+    HYBRID = "hybrid"
+
+
+# The sizes each mode takes: all of them required, any other refused.
+ATTENTION_MODE_SIZES: dict[AttentionMode, tuple[str, ...]] = {
+    AttentionMode.FULL: (),
+    AttentionMode.SLIDING: ("window",),
+    AttentionMode.STRIDED: ("window", "stride"),
+    AttentionMode.HYBRID: ("window", "sinks"),
+}
+
+
+class AttentionSpec(_Strict):
+    """A request's attention pattern (shared/attention/pattern.py has the masks):
+    full: the model's own attention (causal; a model's own sliding layers keep their window);
+    sliding: the last `window` keys (i - W < j <= i); hybrid: the first `sinks` positions plus the
+    window; strided: the window plus every `stride`-th key position (j % K == 0). A mode other
+    than full applies in every layer."""
+
+    mode: AttentionMode
+    window: StrictInt | None = Field(default=None, ge=1)
+    sinks: StrictInt | None = Field(default=None, ge=1)
+    stride: StrictInt | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes_of_the_mode(self) -> "AttentionSpec":
+        wanted = ATTENTION_MODE_SIZES[self.mode]
+        for name in ("window", "sinks", "stride"):
+            given = getattr(self, name) is not None
+            if name in wanted and not given:
+                raise ValueError(f"attention mode {self.mode.value!r} needs '{name}'")
+            if name not in wanted and given:
+                raise ValueError(f"attention mode {self.mode.value!r} takes no '{name}'")
+        return self
+
+    def key_pattern(self) -> KeyPattern | None:
+        """The pattern's masks; None for full (the model's own attention)."""
+        if self.mode is AttentionMode.FULL:
+            return None
+        return KeyPattern(window=self.window, sinks=self.sinks or 0, stride=self.stride)
+
+
 class GenerateRequest(_Strict):
     # Strict types: "1", 1.0 and true are not token ids, "yes" is not a boolean (no coercion).
     prompt: StrictStr | None = None
@@ -65,6 +113,7 @@ class GenerateRequest(_Strict):
     logprobs: StrictBool = False
     request_id: RequestId | None = None
     kv_quant: KVQuant | None = None
+    attention: AttentionSpec | None = None  # None: full
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -97,6 +146,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    # fraction of the causal score matrix (prefill and decode, all layers) the pattern skipped
+    attention_sparsity: float = 0.0
 
 
 class Timings(BaseModel):
@@ -224,6 +275,7 @@ class ModelInfo(_Internal):
     dtype: str
     # Mistral-style sliding window of the model's sliding layers (None: full causal attention).
     sliding_window: int | None = None
+    sliding_layers: list[int] = Field(default_factory=list)  # the layers that slide (indices)
 
 
 class WorkerHeartbeat(_Internal):
@@ -360,6 +412,9 @@ class PrefillCommand(_Internal):
     kv_blocks: list[PromptBlock] = Field(default_factory=list)
     # the decode that follows on the worker (the leader runs it; the others follow its ticks)
     decode: DecodePlan | None = None
+    # the request's attention pattern, in prefill and in every decode step of every member
+    # (None: the model's own attention)
+    attention: AttentionSpec | None = None
 
 
 class PrefillProgress(_Internal):

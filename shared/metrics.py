@@ -103,6 +103,13 @@ class RingserveMetrics:
             description="fraction of attention blocks skipped (causally masked) per prefill",
             explicit_bucket_boundaries_advisory=RATIO_BUCKETS,
         )
+        self.request_attention_sparsity = meter.create_histogram(
+            "ringserve_attention_sparsity",
+            unit="1",
+            description="fraction of the causal score matrix (prefill and decode, all layers) a request's "
+                        "attention pattern skipped (sliding, hybrid, strided; 0 for full attention)",
+            explicit_bucket_boundaries_advisory=RATIO_BUCKETS,
+        )
         self.ttft = meter.create_histogram(
             "ringserve_ttft_milliseconds",
             unit="ms",
@@ -168,6 +175,9 @@ class RingserveMetrics:
     def record_attention_sparsity(self, skipped_blocks: int, total_blocks: int) -> None:
         if total_blocks > 0:
             self.attention_sparsity.record(skipped_blocks / total_blocks)
+
+    def record_request_attention_sparsity(self, fraction: float) -> None:
+        self.request_attention_sparsity.record(fraction)
 
     def record_ttft(self, ms: float) -> None:
         self.ttft.record(ms)

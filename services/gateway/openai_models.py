@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.messages import KVQuant
+from shared.messages import AttentionSpec, KVQuant
 
 # OpenAI's own bounds.
 MAX_STOP_SEQUENCES = 4
@@ -53,7 +53,7 @@ class _Sampling(_Request):
     # ringserve's own: passed to the NATS request
     top_k: int | None = Field(default=None, ge=0)
     kv_quant: KVQuant | None = None
-    attention: str | None = None
+    attention: AttentionSpec | None = None  # the NATS API's attention pattern, passed through
 
 
 class CompletionRequest(_Sampling):

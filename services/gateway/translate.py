@@ -46,8 +46,6 @@ def _refuse_unsupported(req: _Sampling) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise GatewayError.unsupported(f"{name} is not supported (only 0)", name)
-    if req.attention is not None:
-        raise GatewayError.unsupported("attention is not yet selectable per request", "attention")
 
 
 def _refuse_unsupported_completion(req: CompletionRequest) -> None:
@@ -95,7 +93,7 @@ def _sampling_fields(req: _Sampling) -> dict[str, Any]:
         "stop": _stop_list(req.stop),
         "stream": req.stream,
     }
-    for name in ("top_p", "top_k", "seed", "kv_quant"):
+    for name in ("top_p", "top_k", "seed", "kv_quant", "attention"):
         value = getattr(req, name)
         if value is not None:
             fields[name] = value

@@ -8,6 +8,7 @@ import uuid
 from pydantic import BaseModel, ValidationError
 
 from shared import codec
+from shared.attention.pattern import KeyPattern, layer_pattern
 from shared.messages import ErrorBody, ErrorCode, ErrorReply, GenerateRequest, ModelInfo
 from shared.settings import Settings
 
@@ -69,6 +70,28 @@ def check_limits(req: GenerateRequest, prompt_ids: list[int], model: ModelInfo, 
         raise ApiError(ErrorCode.TOO_LONG,
                        f"prompt ({len(prompt_ids)}) + max_new_tokens ({req.max_new_tokens}) exceeds the model's "
                        f"context of {model.max_position_embeddings} tokens", request_id)
+    check_attention(req, model, request_id)
+
+
+def check_attention(req: GenerateRequest, model: ModelInfo, request_id: str) -> None:
+    """A request's pattern replaces the model's attention in every layer: on a model with its own
+    sliding window, only a pattern with that same window keeps the model's sliding layers as they
+    were trained (a wider one would let them see keys they never saw, a narrower one is another
+    model), so any other window is `unsupported`."""
+    pattern = req.attention.key_pattern() if req.attention is not None else None
+    if pattern is None or model.sliding_window is None or pattern.window == model.sliding_window:
+        return
+    raise ApiError(ErrorCode.UNSUPPORTED,
+                   f"attention window {pattern.window} differs from this model's own sliding window of "
+                   f"{model.sliding_window} tokens: ask for window {model.sliding_window}, or for mode 'full'",
+                   request_id)
+
+
+def layer_patterns(req: GenerateRequest, model: ModelInfo) -> list[KeyPattern | None]:
+    """The pattern each of the model's layers runs for this request (None: full causal)."""
+    pattern = req.attention.key_pattern() if req.attention is not None else None
+    sliding = set(model.sliding_layers)
+    return [layer_pattern(pattern, model.sliding_window if i in sliding else None) for i in range(model.num_layers)]
 
 
 # A prefill command beyond its token ids: plan, segments, sampling, headers (generous).

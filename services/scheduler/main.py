@@ -33,7 +33,15 @@ from shared.metrics import OK_CODE, RingserveMetrics
 from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
 from shared.settings import Settings
 from services.scheduler.admission import Admission
-from services.scheduler.api import ApiError, check_fits_bus, check_limits, encode_reply, new_request_id, parse_generate
+from services.scheduler.api import (
+    ApiError,
+    check_fits_bus,
+    check_limits,
+    encode_reply,
+    layer_patterns,
+    new_request_id,
+    parse_generate,
+)
 from services.scheduler.placement import kv_quant_for
 from services.scheduler.port import BusWorkerPort
 from services.scheduler.prefix import PrefixIndex
@@ -303,11 +311,15 @@ class SchedulerApp(ServiceApp):
         state = RequestState(request_id=request_id, request=req, prompt_ids=prompt_ids)
         quant = kv_quant_for(req, self.settings)
         # The prompt's cached blocks stay pinned until the request ends, however it ends.
-        async with self.prefix.hold(request_id, model, prompt_ids, quant.value) as hit:
+        # K/V computed under a sparse pattern are not the full attention's: such requests neither
+        # load nor store prompt blocks (until the store keys blocks by pattern: issue 12 item 4).
+        cacheable = req.attention is None or req.attention.key_pattern() is None
+        async with self.prefix.hold(request_id, model, prompt_ids, quant.value, cacheable) as hit:
             emit = (lambda event: self._respond(msg, event, content_type)) if req.stream else None
             runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop), set(model.eos_token_ids),
                                    emit, cached_tokens=hit.cached_tokens, kv_blocks=hit.blocks,
-                                   token_timeout_s=self.settings.fusion_timeout_s + self.settings.dist_timeout_s)
+                                   token_timeout_s=self.settings.fusion_timeout_s + self.settings.dist_timeout_s,
+                                   layer_patterns=layer_patterns(req, model))
             runner.span = trace.get_current_span()  # scheduler.generate: a cancel is logged in its trace
             self.runners[request_id] = runner
             progress_sub = None
@@ -344,6 +356,7 @@ class SchedulerApp(ServiceApp):
                     await progress_sub.unsubscribe()
         if reply.output_ids:  # a request cancelled during its prefill has no first token
             self.metrics.record_ttft(reply.timings.ttft_ms)
+            self.metrics.record_request_attention_sparsity(reply.usage.attention_sparsity)
         if len(reply.output_ids) > 1:
             self.metrics.record_time_per_output_token(
                 (reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))

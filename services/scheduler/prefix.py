@@ -54,11 +54,12 @@ class PrefixIndex:
 
     @asynccontextmanager
     async def hold(
-        self, request_id: str, model: ModelInfo, prompt_ids: list[int], quant: str
+        self, request_id: str, model: ModelInfo, prompt_ids: list[int], quant: str, cacheable: bool = True
     ) -> AsyncIterator[PrefixHit]:
         """Look the prompt up and keep its cached blocks pinned for the body of the `async with`;
-        the blocks its workers compute and commit meanwhile are pinned to it as well."""
-        hit = await self.lookup(request_id, model, prompt_ids, quant)
+        the blocks its workers compute and commit meanwhile are pinned to it as well. Not
+        `cacheable`: no lookup and no blocks, so its workers neither load nor store any."""
+        hit = await self.lookup(request_id, model, prompt_ids, quant) if cacheable else PrefixHit()
         try:
             yield hit
         finally:

@@ -17,6 +17,7 @@ import structlog
 from opentelemetry import trace
 from pydantic import BaseModel
 
+from shared.attention.pattern import KeyPattern, attention_sparsity
 from shared.bus import inject_headers
 from shared.kv.keys import BlockRef
 from shared.messages import (
@@ -83,7 +84,7 @@ def member_ids(plan: RingPlan, prompt_ids: list[int], member: int) -> list[int]:
 class RequestRunner:
     def __init__(self, state: RequestState, port: WorkerPort, stops: StopChecker, eos_ids: set[int],
                  emit: Emit | None, cached_tokens: int = 0, kv_blocks: list[BlockRef] | None = None,
-                 token_timeout_s: float = 90.0):
+                 token_timeout_s: float = 90.0, layer_patterns: list[KeyPattern | None] | None = None):
         self.s = state
         self.port = port
         self.stops = stops
@@ -100,6 +101,8 @@ class RequestRunner:
         self.span: trace.Span = trace.INVALID_SPAN  # the request's root span, set by the scheduler
         self.prefilling = False  # the prefill commands are out and not all answered
         self.token_timeout_s = token_timeout_s  # the leader silent this long: it is gone
+        # each layer's attention pattern, for usage.attention_sparsity (empty: not known, 0.0)
+        self.layer_patterns = layer_patterns or []
         self._tokens: asyncio.Queue[TokenItem | None] | None = None
 
     async def cancel(self) -> bool:
@@ -144,7 +147,9 @@ class RequestRunner:
             finish_reason=finish,
             logprobs=self.logprobs if s.request.logprobs else None,
             usage=Usage(prompt_tokens=len(s.prompt_ids), completion_tokens=len(self.output_ids),
-                        cached_tokens=self.cached_tokens),
+                        cached_tokens=self.cached_tokens,
+                        attention_sparsity=attention_sparsity(self.layer_patterns, len(s.prompt_ids),
+                                                              len(self.output_ids)) if self.output_ids else 0.0),
             timings=Timings(
                 queue_ms=round((placed_at - s.arrival) * 1000, 3),
                 ttft_ms=round(((s.first_token_at or now) - s.arrival) * 1000, 3),
@@ -168,7 +173,7 @@ class RequestRunner:
         cmds = [
             PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, s.prompt_ids, m), sampling=sampling,
                            cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]),
-                           decode=decode)
+                           decode=decode, attention=s.request.attention)
             for m in range(plan.size)
         ]
         if s.cancelled:  # before its prefill was sent: no worker has heard of it

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from shared.attention.decode import collective_merge
 from shared.attention.paged import paged_key_attention_mass
+from shared.attention.pattern import KeyPattern, extra_key_rows, layer_pattern
 from shared.attention.ring import RingStep, ring_any, ring_attention
 from shared.messages import (
     DecodeResult,
@@ -122,6 +123,12 @@ class ActiveRequest:
     sampling: SamplingParams
     generator: torch.Generator | None
     blocks: list[PromptBlock] = field(default_factory=list)  # stored prompt blocks overlapping this shard
+    pattern: KeyPattern | None = None  # the request's own attention pattern (every layer); None: the model's
+
+    @property
+    def has_extra_keys(self) -> bool:
+        """Whether its decode attends sink or strided rows outside the window (eager steps)."""
+        return self.pattern is not None and self.pattern.has_extra_keys
 
 
 class RequestNotHeld(KeyError):
@@ -172,6 +179,7 @@ class WorkerEngine:
         positions = segment_positions(todo, self.device)
         ids = torch.tensor(cmd.input_ids[n_cached:], dtype=torch.long, device=self.device)
 
+        pattern = cmd.attention.key_pattern() if cmd.attention is not None else None
         kv = RequestKV(plan.request_id, member, self.pool)
         try:
             kv.reserve(len(cmd.input_ids))
@@ -194,7 +202,7 @@ class WorkerEngine:
                     q, k, v, scale=self.model.attn_scale, q_segments=todo,
                     kv_segments=segments, ring_ranks=ring_ranks(plan),
                     on_step=None if on_ring_step is None else functools.partial(on_ring_step, i),
-                    window=self.config.window_of(i),
+                    pattern=layer_pattern(pattern, self.config.window_of(i)),
                 )
                 self.pool.write(i, kv.pages, 0, k, v)
                 del q, k, v
@@ -214,7 +222,7 @@ class WorkerEngine:
             torch.cuda.current_stream(self.device).synchronize()
 
         active = ActiveRequest(plan, member, kv, cmd.sampling, request_generator(cmd.sampling, self.device),
-                               blocks=list(cmd.kv_blocks))
+                               blocks=list(cmd.kv_blocks), pattern=pattern)
         self.requests[plan.request_id] = active
         result = PrefillResult(request_id=plan.request_id, member=member, ok=True, kv_tokens=kv.tokens,
                                cached_tokens=n_cached)
@@ -264,9 +272,13 @@ class WorkerEngine:
         # would leave few steps for the graphs once requests are staggered) observes all its rows.
         self._steps += 1
         observe = bool(importance_every) and self._steps % importance_every == 0
-        local = [b for b in runnable if self.requests[steps[b].request_id].plan.size == 1]
-        ring = [b for b in runnable if self.requests[steps[b].request_id].plan.size > 1]
-        for rows in (local, ring):
+        held = {b: self.requests[steps[b].request_id] for b in runnable}
+        local = [b for b in runnable if held[b].plan.size == 1 and not held[b].has_extra_keys]
+        # hybrid/strided requests held here alone: a batch of their own, eager, so that the others
+        # keep the graphs
+        local_extra = [b for b in runnable if held[b].plan.size == 1 and held[b].has_extra_keys]
+        ring = [b for b in runnable if held[b].plan.size > 1]
+        for rows in (local, local_extra, ring):
             if not rows:
                 continue
             try:
@@ -283,8 +295,16 @@ class WorkerEngine:
         appends = [s.append_member == r.member for s, r in zip(steps, reqs)]
         slots = [r.kv.next_slot() if a else (SCRATCH_PAGE, 0) for r, a in zip(reqs, appends)]
         seq_lens = [r.kv.tokens + a for r, a in zip(reqs, appends)]
-        window = self.config.sliding_window  # sliding layers attend from the first row inside it
-        starts = [r.kv.rows_through(s.position - window) if window else 0 for s, r in zip(steps, reqs)]
+        # Sliding layers attend from the first row inside the window; a request's own pattern does
+        # in every layer (its window equals the model's, if the model has one: the API checks).
+        model_window = self.config.sliding_window
+        starts, full_layer_starts = [], []
+        for s, r in zip(steps, reqs):
+            window = r.pattern.window if r.pattern is not None else model_window
+            start = r.kv.rows_through(s.position - window) if window is not None else 0
+            starts.append(start)
+            full_layer_starts.append(start if r.pattern is not None else 0)
+        extra = any(r.has_extra_keys for r in reqs)
         leaders = [b for b, r in enumerate(reqs) if r.member == r.plan.leader()]
         spread = any(r.plan.size > 1 for r in reqs)
 
@@ -292,17 +312,22 @@ class WorkerEngine:
         results = [DecodeResult(request_id=s.request_id, member=r.member, step=s.step, ok=True)
                    for s, r in zip(steps, reqs)]
         greedy: dict[int, tuple[int, float]] = {}  # row -> (token, logprob) sampled in the graph
-        if self.graphs is not None and not spread and self.graphs.fits(pages):
-            logits, tokens, logprobs = self.graphs.run(steps, pages, slots, seq_lens, starts, record=observe)
+        if self.graphs is not None and not spread and not extra and self.graphs.fits(pages):
+            logits, tokens, logprobs = self.graphs.run(steps, pages, slots, seq_lens, starts, full_layer_starts,
+                                                       record=observe)
             logits_row = list(range(len(steps)))
             greedy = {b: (tokens[b], logprobs[b]) for b in range(len(steps)) if reqs[b].sampling.temperature == 0.0}
             if observe:
                 self._add_importance(reqs, self.graphs.recorded(len(steps)), self.graphs.last_inputs(len(steps)))
         else:
-            x = self._inputs(steps, pages, slots, seq_lens, starts)
+            x = self._inputs(steps, pages, slots, seq_lens, starts, full_layer_starts)
+            if extra:
+                x.extra_rows, x.extra_valid = self._extra_rows(steps, reqs)
             cos, sin = rope_for(self.model, x.positions, [s.position + 1 for s in steps])
             merge = self._merger(steps, reqs, fuse, collective) if spread else None
-            record = self._recording(len(steps), merged=spread) if observe else None
+            # the global lse for the importance pass: a ring's merged one, or the one that
+            # includes the sink and strided rows (the pass itself sees the window's rows)
+            record = self._recording(len(steps), merged=spread or extra) if observe else None
             h = decode_forward(self.model, self.pool, x, cos, sin, merge, record)
             if record is not None:
                 self._add_importance(reqs, record, x)
@@ -327,7 +352,7 @@ class WorkerEngine:
         return results
 
     def _inputs(self, steps: list[DecodeStep], pages: list[list[int]], slots: list[tuple[int, int]],
-                seq_lens: list[int], window_starts: list[int]) -> DecodeInputs:
+                seq_lens: list[int], window_starts: list[int], full_layer_starts: list[int]) -> DecodeInputs:
         width = max(len(p) for p in pages)
         table = torch.full((len(steps), width), SCRATCH_PAGE, dtype=torch.int32)
         for b, p in enumerate(pages):
@@ -341,7 +366,21 @@ class WorkerEngine:
             block_table=table.to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             window_starts=torch.tensor(window_starts, dtype=torch.int32, device=dev),
+            full_layer_starts=torch.tensor(full_layer_starts, dtype=torch.int32, device=dev),
         )
+
+    def _extra_rows(self, steps: list[DecodeStep], reqs: list[ActiveRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows each step attends outside its window (sinks, strided keys) of this member's
+        shard -> (rows [B, E] int64 padded with row 0, valid [B, E] bool)."""
+        per_row = [extra_key_rows(r.pattern, r.kv.positions, s.position) if r.has_extra_keys else []
+                   for s, r in zip(steps, reqs)]
+        width = max(1, max(len(rows) for rows in per_row))
+        rows = torch.zeros(len(steps), width, dtype=torch.long)
+        valid = torch.zeros(len(steps), width, dtype=torch.bool)
+        for b, found in enumerate(per_row):
+            rows[b, : len(found)] = torch.tensor(found, dtype=torch.long)
+            valid[b, : len(found)] = True
+        return rows.to(self.device), valid.to(self.device)
 
     def _merger(self, steps: list[DecodeStep], reqs: list[ActiveRequest], fuse: FuseFn | None, collective: bool):
         """The per-layer merge of the rows' partials with their ring peers' (a request held by
@@ -382,9 +421,10 @@ class WorkerEngine:
         pages_per_layer = self.pool.k_layers.shape[1]
         table = x.block_table.long() + layers[:, None] * pages_per_layer
         starts = None
-        if x.window_starts is not None and self.config.sliding_layers:  # rows whose layer slides
+        if x.window_starts is not None:  # each row from its window start at its layer
             slides = torch.tensor([self.config.window_of(i) is not None for i in layer_of]).to(self.device)
-            starts = torch.where(slides, x.window_starts, 0)
+            other = x.full_layer_starts if x.full_layer_starts is not None else torch.zeros_like(x.window_starts)
+            starts = torch.where(slides, x.window_starts, other)
         mass = paged_key_attention_mass(q, self.pool.k_layers.flatten(0, 1), table, x.seq_lens,
                                         self.model.attn_scale, lse, starts)  # [B, W * P]
         host = mass.cpu()

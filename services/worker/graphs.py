@@ -23,7 +23,7 @@ from services.worker.step import DecodeInputs, Recording, decode_forward
 
 WARMUP_RUNS = 2  # eager runs on the capture stream first: kernels compiled, workspaces allocated
 # Rows of the packed input buffer [FIELDS + max_pages, max_batch] int32, then the block table.
-IDS, POSITIONS, PAGE, SLOT, SEQ_LEN, WINDOW_START, FIELDS = range(7)
+IDS, POSITIONS, PAGE, SLOT, SEQ_LEN, WINDOW_START, FULL_LAYER_START, FIELDS = range(8)
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -63,7 +63,7 @@ class DecodeGraphs:
         end = FIELDS + (self.max_pages if width is None else width)
         return DecodeInputs(ids=p[IDS, :b], positions=p[POSITIONS, :b], write_page=p[PAGE, :b], write_slot=p[SLOT, :b],
                             block_table=p[FIELDS:end, :b].t(), seq_lens=p[SEQ_LEN, :b],
-                            window_starts=p[WINDOW_START, :b])
+                            window_starts=p[WINDOW_START, :b], full_layer_starts=p[FULL_LAYER_START, :b])
 
     def last_inputs(self, n: int) -> DecodeInputs:
         """The inputs of the last step's n rows, block tables as wide as its longest row's."""
@@ -106,21 +106,23 @@ class DecodeGraphs:
         return len(pages) <= self.max_batch and max(len(p) for p in pages) <= self.max_pages
 
     def run(self, steps: list[DecodeStep], pages: list[list[int]], slots: list[tuple[int, int]],
-            seq_lens: list[int], window_starts: list[int], record: bool = False,
+            seq_lens: list[int], window_starts: list[int], full_layer_starts: list[int], record: bool = False,
             ) -> tuple[torch.Tensor, list[int], list[float]]:
         """(logits [n, vocab] float32 on the device, greedy token of each row, its log-probability):
         one host synchronisation, for the greedy results. With `record`, the step's queries stay
-        in `recorded(n)` until the next step."""
+        in `recorded(n)` until the next step. Rows of sliding requests fit (their window starts);
+        hybrid and strided ones, whose sink and strided rows vary in number, run eager."""
         n = len(steps)
         b = next(size for size, _ in sorted(self.graphs) if size >= n)
         width = max(len(p) for p in pages)
         host = self._host
         host[:FIELDS, :n] = torch.tensor([[s.token_id for s in steps], [s.position for s in steps],
                                           [page for page, _ in slots], [slot for _, slot in slots], seq_lens,
-                                          window_starts], dtype=torch.int32)
+                                          window_starts, full_layer_starts], dtype=torch.int32)
         host[PAGE, n:b] = SCRATCH_PAGE  # padding rows
         host[SEQ_LEN, n:b] = 0
         host[WINDOW_START, n:b] = 0
+        host[FULL_LAYER_START, n:b] = 0
         host[FIELDS : FIELDS + width, :n] = torch.tensor([p + [SCRATCH_PAGE] * (width - len(p)) for p in pages],
                                                          dtype=torch.int32).t()
         self._packed[: FIELDS + width].copy_(host[: FIELDS + width], non_blocking=True)  # contiguous rows

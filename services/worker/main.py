@@ -93,6 +93,7 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None
         eos_token_ids=list(cfg.eos_token_ids),
         dtype=settings.torch_dtype_name,
         sliding_window=cfg.sliding_window,
+        sliding_layers=list(cfg.sliding_layers),
     )
     capacity = kv_capacity_tokens(settings, info, free_device_bytes(device))
     most = kv_pool_pages(settings, capacity)
@@ -345,6 +346,8 @@ class WorkerApp(ServiceApp):
                 "layer": layer, "steps": len(layer_steps),
                 "bytes_sent": sum(s.bytes_sent for s in layer_steps),
                 "wait_ms": round(sum(s.wait_ms for s in layer_steps), 3),
+                "blocks": sum(s.blocks for s in layer_steps),
+                "blocks_skipped": sum(s.blocks_skipped for s in layer_steps),
             })
 
     async def _load_prefix(self, cmd: PrefillCommand) -> CachedRows | None:

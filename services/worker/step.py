@@ -2,7 +2,9 @@
 eager path and the captured CUDA graphs run (gpt-fast's `decode_one_token`, batched and paged).
 
 Per layer: q/k/v of every row, each row's new K/V written to its slot (rows that append nothing
-write the scratch page), one paged attention call for the whole batch, then the rows' partials
+write the scratch page), one paged attention call for the whole batch (from each row's window
+start; the sink and strided rows of hybrid/strided requests in a second, gathered call merged
+into it: eager steps only, the graphs take no such rows), then the rows' partials
 merged with their ring peers' (`merge`, only for requests spread over several workers), and the
 rest of the layer. No host synchronisation anywhere: every input is a device tensor.
 """
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from shared.attention.paged import paged_decode_attention
+from shared.attention.merge import merge_partials
+from shared.attention.paged import paged_decode_attention, paged_rows_attention
 from services.worker.kv_cache import KVPool
 
 # merge(layer, out [B, H, d], lse [B, H]) -> the global (out, lse) of every row
@@ -40,7 +43,13 @@ class DecodeInputs:
     write_slot: Tensor  # [B] int64
     block_table: Tensor  # [B, W] int32, each row's pages in row order
     seq_lens: Tensor  # [B] int32, rows each one attends over (after this step's append)
-    window_starts: Tensor | None = None  # [B] int32, first row inside the window (sliding layers)
+    window_starts: Tensor | None = None  # [B] int32, first row inside the window (the model's sliding layers)
+    # [B] int32, first row attended in the model's other layers: a request pattern's window start
+    # (its pattern applies in every layer), 0 for full attention; None: 0 for every row
+    full_layer_starts: Tensor | None = None
+    # The sink and strided rows of hybrid/strided requests, outside their windows (every layer):
+    extra_rows: Tensor | None = None  # [B, E] int64 rows of each sequence, padded; None: no row has any
+    extra_valid: Tensor | None = None  # [B, E] bool, which of extra_rows count
 
 
 def decode_forward(model, pool: KVPool, x: DecodeInputs, cos: Tensor, sin: Tensor,
@@ -52,9 +61,14 @@ def decode_forward(model, pool: KVPool, x: DecodeInputs, cos: Tensor, sin: Tenso
         q, k, v = layer.qkv(h, cos, sin)  # q [B, H, d], k/v [B, KVH, d]
         pool.k[i][x.write_page, :, x.write_slot] = k
         pool.v[i][x.write_page, :, x.write_slot] = v
-        starts = x.window_starts if model.config.window_of(i) is not None else None
+        starts = x.window_starts if model.config.window_of(i) is not None else x.full_layer_starts
+        extra = x.extra_rows is not None
         out, lse = paged_decode_attention(q, pool.k[i], pool.v[i], x.block_table, x.seq_lens, model.attn_scale,
-                                          need_lse=merge is not None, seq_starts=starts)
+                                          need_lse=merge is not None or extra, seq_starts=starts)
+        if extra:  # the sinks / strided keys before the window: a disjoint key set, merged exactly
+            extra_out, extra_lse = paged_rows_attention(q, pool.k[i], pool.v[i], x.block_table, x.extra_rows,
+                                                        x.extra_valid, model.attn_scale)
+            out, lse = merge_partials([out, extra_out], [lse, extra_lse])
         if merge is not None:
             out, lse = merge(i, out, lse)
         if record is not None:

@@ -7,8 +7,11 @@ Shapes (flat tokens, no batch):
 Query head h reads KV head h // (H // KVH), as in Llama-style checkpoints.
 
 Masking is by global positions: query i sits at q_start + i, key j at k_start + j, and with
-`causal` a query sees the keys at positions <= its own; with a `window` W also only the keys
-after its own position - W (sliding-window attention, as transformers masks it). So the diagonal block of a causal
+`causal` a query sees the keys at positions <= its own; with a `pattern` (shared/attention/pattern.py)
+also only the keys the pattern keeps: a window W (the keys after its own position - W, as
+transformers masks a sliding window), plus sinks or strided keys. A block the pattern empties is
+skipped, one it cuts is masked per (query, key) on the plain path, and one it keeps whole (every
+causal pair seen) takes the fast paths below unchanged. So the diagonal block of a causal
 sequence (q_start == k_start), a block entirely in the past (full) and one entirely in the
 future (nothing seen) are all one call.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from shared.attention.merge import merge_partials
+from shared.attention.pattern import BlockCover, KeyPattern
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 # The plain path materialises float32 scores [H, query rows, tk]; this many elements at most.
@@ -63,16 +67,17 @@ def attention_with_lse(
     causal: bool = False,
     q_start: int = 0,
     k_start: int = 0,
-    window: int | None = None,
+    pattern: KeyPattern | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [tq, H, d] over k, v [tk, KVH, d] -> (out [tq, H, d], lse [tq, H]), float32."""
     _check_shapes(q, k, v)
-    if window is not None:
+    if pattern is not None and not pattern.is_full:
         tq, tk = q.shape[0], k.shape[0]
-        if k_start + tk - 1 <= q_start - window or tq == 0 or tk == 0:  # every key left every window
+        cover = BlockCover.EMPTY if tq == 0 or tk == 0 else pattern.cover(q_start, q_start + tq, k_start, k_start + tk)
+        if cover is BlockCover.EMPTY:
             return empty_partial(tq, q.shape[1], q.shape[2], q.device)
-        if k_start <= q_start + tq - 1 - window:  # the window cuts this block: masked per query
-            return attention_plain(q, k, v, scale, causal=causal, q_start=q_start, k_start=k_start, window=window)
+        if cover is BlockCover.CUT:  # masked per (query, key)
+            return attention_plain(q, k, v, scale, causal=causal, q_start=q_start, k_start=k_start, pattern=pattern)
     if q.is_cuda and q.dtype in FUSED_DTYPES:
         return _attention_fused_blocks(q, k, v, scale, causal, q_start, k_start)
     return attention_plain(q, k, v, scale, causal=causal, q_start=q_start, k_start=k_start)
@@ -87,9 +92,9 @@ def attention_plain(
     causal: bool = False,
     q_start: int = 0,
     k_start: int = 0,
-    window: int | None = None,
+    pattern: KeyPattern | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference path: plain torch in float32, any device, any mask offsets and window."""
+    """The reference path: plain torch in float32, any device, any mask offsets and pattern."""
     _check_shapes(q, k, v)
     tq, heads, dim = q.shape
     tk, kv_heads, _ = k.shape
@@ -107,13 +112,14 @@ def attention_plain(
         # [n, H, d] -> [KVH, group * n, d]: each KV head meets all query heads of its group.
         q_g = q[lo:hi].float().reshape(n, kv_heads, group, dim).permute(1, 2, 0, 3)
         scores = torch.bmm(q_g.reshape(kv_heads, group * n, dim), k_t) * scale  # [KVH, group*n, tk]
-        if causal or window is not None:
+        masked = pattern is not None and not pattern.is_full
+        if causal or masked:
             q_pos = q_start + torch.arange(lo, hi, device=q.device)
             hidden = torch.zeros(n, tk, dtype=torch.bool, device=q.device)
             if causal:
                 hidden |= k_pos[None, :] > q_pos[:, None]  # [n, tk]
-            if window is not None:
-                hidden |= k_pos[None, :] <= q_pos[:, None] - window
+            if masked:
+                hidden |= pattern.hidden(q_pos, k_pos)
             scores = scores.view(kv_heads, group, n, tk).masked_fill(hidden, float("-inf"))
             scores = scores.view(kv_heads, group * n, tk)
         block_lse = torch.logsumexp(scores, dim=-1)  # [KVH, group*n]

@@ -86,6 +86,38 @@ def paged_decode_attention_reference(
     return out, lse
 
 
+def paged_rows_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: torch.Tensor,
+    row_valid: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each sequence's query over a few chosen rows of its cache (the sink and
+    strided keys of a hybrid or strided pattern, outside its window), exact in float32.
+
+    rows [B, E] int64: row indices into each sequence (its block table's order), padded;
+    row_valid [B, E] bool: which of them count (a sequence with none gives out 0, lse -inf).
+    -> (out [B, H, d], lse [B, H]), a partial to merge with the window's (merge_partials)."""
+    batch, heads, dim = q.shape
+    kv_heads, page = k_pool.shape[1], k_pool.shape[2]
+    group = heads // kv_heads
+    pages = torch.gather(block_table.long(), 1, rows // page)  # [B, E]
+    slots = rows % page
+    k = k_pool[pages, :, slots].float()  # [B, E, KVH, d]
+    v = v_pool[pages, :, slots].float()
+    qg = q.float().reshape(batch, kv_heads, group, dim)
+    scores = torch.einsum("bhgd,behd->bhge", qg, k) * scale  # [B, KVH, G, E]
+    scores = scores.masked_fill(~row_valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, KVH, G]
+    # Rows that saw no key: every score is -inf; subtracting 0 keeps their weights at 0.
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.einsum("bhge,behd->bhgd", torch.exp(scores - safe_lse[..., None]), v)
+    return out.reshape(batch, heads, dim), lse.reshape(batch, heads)
+
+
 # Bytes of gathered keys per chunk of sequences in paged_key_attention_mass: a bounded
 # transient next to a pool that fills most of the device.
 MASS_GATHER_BYTES = 256 * 1024**2

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from shared.attention.layout import Segment, segment_tokens
 from shared.attention.local import attention_with_lse, empty_partial
 from shared.attention.merge import merge_partials
+from shared.attention.pattern import BlockCover, KeyPattern
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class RingStep:
     step: int
     bytes_sent: int  # K/V bytes this member sent on this step (0 on the last)
     wait_ms: float  # host time blocked on the transfer after the step's compute
+    blocks: int = 0  # (query segment, key segment) pairs of the step
+    blocks_skipped: int = 0  # of those, the ones not computed: keys all after the queries, or masked out
 
 
 def member_index(ring_ranks: Sequence[int]) -> int:
@@ -60,15 +63,16 @@ def ring_attention(
     q_segments: Sequence[Segment] | None = None,
     group: dist.ProcessGroup | None = None,
     on_step: Callable[[RingStep], None] | None = None,
-    window: int | None = None,
+    pattern: KeyPattern | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of this member's q [tq, H, d] over the ring's keys (with `window` W, only
-    the keys after each query's position - W: sliding-window attention).
+    """Causal attention of this member's q [tq, H, d] over the ring's keys (with `pattern`, only
+    the keys it keeps: a sliding window, plus sinks or strided keys; pattern.py).
 
     k, v: [tk, KVH, d], this member's rows of kv_segments[me].
     q_segments: positions of q's rows (default: kv_segments[me]).
-    on_step: called after each ring step with what it sent and how long the host waited for
-    the transfer after computing (tracing and the ring-latency metric use it).
+    on_step: called after each ring step with what it sent, how long the host waited for the
+    transfer after computing and how many (query segment, key segment) blocks it skipped
+    (tracing and the ring-latency metric use it).
     Returns (out [tq, H, d], lse [tq, H]) in float32.
     """
     ring_size = len(ring_ranks)
@@ -100,8 +104,8 @@ def ring_attention(
             if incoming_rows > 0:
                 ops.append(dist.P2POp(dist.irecv, next_block, prev_rank, group))
             transfer = dist.batch_isend_irecv(ops) if ops else []
-        acc_out, acc_lse = _fold_block(
-            acc_out, acc_lse, q, q_segments, block[0], block[1], kv_segments[source], scale, window
+        acc_out, acc_lse, skipped, blocks = _fold_block(
+            acc_out, acc_lse, q, q_segments, block[0], block[1], kv_segments[source], scale, pattern
         )
         wait_ms = 0.0
         sent = 0
@@ -113,7 +117,7 @@ def ring_attention(
             sent = block.numel() * block.element_size()
             block = next_block
         if on_step is not None:
-            on_step(RingStep(step=step, bytes_sent=sent, wait_ms=wait_ms))
+            on_step(RingStep(step=step, bytes_sent=sent, wait_ms=wait_ms, blocks=blocks, blocks_skipped=skipped))
     return acc_out, acc_lse
 
 
@@ -142,10 +146,11 @@ def _fold_block(
     v: torch.Tensor,
     kv_segments: Sequence[Segment],
     scale: float,
-    window: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge the attention of every query segment over one block's key segments into acc."""
-    q_row = 0
+    pattern: KeyPattern | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Merge the attention of every query segment over one block's key segments into acc
+    -> (acc_out, acc_lse, pairs skipped, pairs)."""
+    q_row, skipped, pairs = 0, 0, 0
     for q_lo, q_hi in q_segments:
         rows = slice(q_row, q_row + q_hi - q_lo)
         q_row += q_hi - q_lo
@@ -154,15 +159,18 @@ def _fold_block(
         for k_lo, k_hi in kv_segments:
             keys = slice(k_row, k_row + k_hi - k_lo)
             k_row += k_hi - k_lo
+            pairs += 1
             if k_lo >= q_hi:  # every key after every query: nothing seen
+                skipped += 1
                 continue
-            if window is not None and k_hi - 1 <= q_lo - window:  # every key before every window
+            if pattern is not None and pattern.cover(q_lo, q_hi, k_lo, k_hi) is BlockCover.EMPTY:
+                skipped += 1  # every key left every window, and none is a sink or strided
                 continue
             out, lse = attention_with_lse(
-                q[rows], k[keys], v[keys], scale, causal=k_hi > q_lo, q_start=q_lo, k_start=k_lo, window=window
+                q[rows], k[keys], v[keys], scale, causal=k_hi > q_lo, q_start=q_lo, k_start=k_lo, pattern=pattern
             )
             outs.append(out)
             lses.append(lse)
         if len(outs) > 1:
             acc_out[rows], acc_lse[rows] = merge_partials(outs, lses)
-    return acc_out, acc_lse
+    return acc_out, acc_lse, skipped, pairs

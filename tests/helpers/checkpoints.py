@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
+from shared.attention.pattern import KeyPattern
 from shared.model import LlamaModel
 
 # Weight scales of the random test models: large enough that logits differ clearly between tokens,
@@ -54,15 +55,20 @@ def save_tiny_checkpoint(config: PreTrainedConfig, directory: Path, seed: int = 
     return model.eval()
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_start: int) -> Tensor:
-    """q: [tq, H, d] at positions q_start.., k/v: [tk, KVH, d] at positions 0.. -> out [tq, H, d] float32."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_start: int,
+                     pattern: KeyPattern | None = None) -> Tensor:
+    """q: [tq, H, d] at positions q_start.., k/v: [tk, KVH, d] at positions 0.. -> out [tq, H, d] float32;
+    with `pattern`, the dense causal mask and the pattern's (the reference the blocks must equal)."""
     groups = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(groups, dim=1)
     v = v.float().repeat_interleave(groups, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale  # [H, tq, tk]
     q_pos = q_start + torch.arange(q.shape[0], device=q.device)
     k_pos = torch.arange(k.shape[0], device=q.device)
-    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    hidden = k_pos[None, :] > q_pos[:, None]
+    if pattern is not None:
+        hidden |= pattern.hidden(q_pos, k_pos)
+    scores = scores.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
 
@@ -78,8 +84,10 @@ def full_sequence_logits(model: LlamaModel, ids: list[int]) -> Tensor:
         return model(torch.tensor(ids, device=device), positions, attend)
 
 
-def greedy_generate(model: LlamaModel, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding with a local KV cache, driven through embed / rope / qkv / finish / logits.
+def greedy_generate(model: LlamaModel, prompt: list[int], new_tokens: int,
+                    pattern: KeyPattern | None = None) -> list[int]:
+    """Greedy decoding with a local KV cache, driven through embed / rope / qkv / finish / logits,
+    attention dense and masked (with `pattern`, in every layer).
 
     Stops after an end-of-sequence token, as transformers' `generate` does.
     """
@@ -99,7 +107,7 @@ def greedy_generate(model: LlamaModel, prompt: list[int], new_tokens: int) -> li
                 keys[i].append(k)
                 values[i].append(v)
                 out = causal_attention(q, torch.cat(keys[i]), torch.cat(values[i]), model.attn_scale,
-                                       q_start=int(positions[0]))
+                                       q_start=int(positions[0]), pattern=pattern)
                 h = layer.finish(h, out)
             next_id = int(model.logits(h[-1:])[0].argmax())
             generated.append(next_id)

@@ -3,7 +3,8 @@ import json
 import msgpack
 import pytest
 
-from services.scheduler.api import ApiError, check_limits, parse_generate
+from services.scheduler.api import ApiError, check_limits, layer_patterns, parse_generate
+from shared.attention.pattern import KeyPattern
 from shared.messages import ErrorCode, ModelInfo
 from shared.settings import Settings
 
@@ -112,3 +113,46 @@ def test_a_million_wrong_token_ids_are_refused_with_one_error_quickly():
         parse_generate(body, "application/json", Settings())
     assert err.value.code == ErrorCode.INVALID_REQUEST
     assert err.value.message.count("valid integer") == 1  # validation stopped at the first
+
+
+def _with_attention(attention) -> bytes:
+    return json.dumps({"input_ids": [1, 2, 3], "max_new_tokens": 4, "attention": attention}).encode()
+
+
+@pytest.mark.parametrize("attention", [
+    {"mode": "sparse", "window": 4},  # unknown mode
+    {"mode": "sliding"}, {"mode": "hybrid", "window": 4}, {"mode": "strided", "window": 4},  # missing sizes
+    {"mode": "sliding", "window": 0}, {"mode": "hybrid", "window": 4, "sinks": -1},  # non-positive
+    {"mode": "strided", "window": 4, "stride": 0},
+    {"mode": "sliding", "window": "4"}, {"mode": "sliding", "window": 4.0},  # not integers
+    {"mode": "full", "window": 4}, {"mode": "sliding", "window": 4, "sinks": 2},  # sizes the mode takes not
+    {"window": 4}, {"mode": "sliding", "window": 4, "extra": 1}, "sliding", [],
+])
+def test_malformed_attention_patterns_are_invalid_requests(attention):
+    assert _code(_with_attention(attention)) == ErrorCode.INVALID_REQUEST
+
+
+@pytest.mark.parametrize("attention, pattern", [
+    ({"mode": "full"}, None),
+    ({"mode": "sliding", "window": 8}, KeyPattern(window=8)),
+    ({"mode": "hybrid", "window": 8, "sinks": 4}, KeyPattern(window=8, sinks=4)),
+    ({"mode": "strided", "window": 8, "stride": 16}, KeyPattern(window=8, stride=16)),
+])
+def test_attention_patterns_parse_to_their_masks(attention, pattern):
+    req, _ = parse_generate(_with_attention(attention), None, SETTINGS)
+    assert req.attention.key_pattern() == pattern
+    check_limits(req, req.input_ids, MODEL, SETTINGS, "r")
+    assert layer_patterns(req, MODEL) == [pattern, pattern]
+
+
+def test_a_window_other_than_the_models_own_is_unsupported():
+    windowed = MODEL.model_copy(update={"sliding_window": 16, "sliding_layers": [1]})
+    req, _ = parse_generate(_with_attention({"mode": "hybrid", "window": 8, "sinks": 2}), None, SETTINGS)
+    with pytest.raises(ApiError) as exc:
+        check_limits(req, req.input_ids, windowed, SETTINGS, "r")
+    assert exc.value.code == ErrorCode.UNSUPPORTED and "16" in exc.value.message
+    same, _ = parse_generate(_with_attention({"mode": "hybrid", "window": 16, "sinks": 2}), None, SETTINGS)
+    check_limits(same, same.input_ids, windowed, SETTINGS, "r")
+    assert layer_patterns(same, windowed) == [KeyPattern(window=16, sinks=2)] * 2  # every layer
+    full, _ = parse_generate(_with_attention({"mode": "full"}), None, SETTINGS)
+    assert layer_patterns(full, windowed) == [None, KeyPattern(window=16)]  # the model's own

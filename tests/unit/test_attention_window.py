@@ -7,6 +7,7 @@ import torch
 from shared.attention.local import attention_with_lse
 from shared.attention.merge import merge_partials
 from shared.attention.paged import paged_decode_attention, paged_key_attention_mass
+from shared.attention.pattern import KeyPattern
 
 HEADS, KV_HEADS, DIM, SCALE = 4, 2, 8, 0.3
 
@@ -32,7 +33,7 @@ def test_key_blocks_with_a_window_merge_to_the_dense_windowed_softmax(window):
         outs, lses = [], []
         for k_lo, k_hi in ((0, 5), (5, 12), (12, 30)):
             o, l = attention_with_lse(q[q_lo:q_hi], k[k_lo:k_hi], v[k_lo:k_hi], SCALE, causal=k_hi > q_lo,
-                                      q_start=q_lo, k_start=k_lo, window=window)
+                                      q_start=q_lo, k_start=k_lo, pattern=KeyPattern(window=window))
             outs.append(o)
             lses.append(l)
         out, _ = merge_partials(outs, lses)
@@ -41,7 +42,7 @@ def test_key_blocks_with_a_window_merge_to_the_dense_windowed_softmax(window):
 
 def test_a_block_entirely_before_the_window_is_empty():
     q, k = torch.randn(2, HEADS, DIM), torch.randn(3, KV_HEADS, DIM)
-    out, lse = attention_with_lse(q, k, k, SCALE, causal=False, q_start=10, k_start=0, window=4)
+    out, lse = attention_with_lse(q, k, k, SCALE, causal=False, q_start=10, k_start=0, pattern=KeyPattern(window=4))
     assert torch.isinf(lse).all() and (lse < 0).all() and float(out.abs().sum()) == 0.0
 
 

@@ -81,7 +81,7 @@ def test_batched_or_empty_prompts_are_refused(prompt, code):
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"),
     ({"logprobs": 2}, "logprobs"), ({"logit_bias": {"1": 2.0}}, "logit_bias"),
-    ({"presence_penalty": 0.5}, "presence_penalty"), ({"attention": "sparse"}, "attention"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
 ])
 def test_what_ringserve_cannot_honour_is_unsupported(fields, param):
     with pytest.raises(GatewayError) as info:
@@ -104,6 +104,16 @@ def test_unknown_fields_are_refused_but_ours_pass():
         completion(kv_quant="int3")
     with pytest.raises(ValidationError):
         completion(temperature=2.5)  # OpenAI's bound
+
+
+def test_an_attention_pattern_passes_through_and_a_malformed_one_is_invalid():
+    req = completion_to_generate(completion(attention={"mode": "hybrid", "window": 64, "sinks": 4}), RID)
+    assert req.attention is not None and req.attention.key_pattern().sinks == 4
+    for bad in ({"mode": "sparse"}, {"mode": "sliding"}, {"mode": "sliding", "window": 0}, "sliding"):
+        with pytest.raises(ValidationError) as info:
+            completion(attention=bad)
+        error = GatewayError.from_validation(info.value)
+        assert error.code == "invalid_request" and error.param.startswith("attention")
 
 
 def test_nats_request_limits_become_invalid_request_with_the_field():

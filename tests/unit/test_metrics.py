@@ -79,6 +79,15 @@ def test_attention_sparsity_is_the_skipped_fraction(recorded):
     assert point.bucket_counts[RATIO_BUCKETS.index(0.8)] == 1
 
 
+def test_request_attention_sparsity_is_recorded_as_a_fraction(recorded):
+    metrics, points = recorded
+    metrics.record_request_attention_sparsity(0.85)
+    metrics.record_request_attention_sparsity(0.0)  # full attention: a sample of 0
+    (point,) = points("ringserve_attention_sparsity")
+    assert point.count == 2 and point.sum == pytest.approx(0.85)
+    assert tuple(point.explicit_bounds) == RATIO_BUCKETS
+
+
 def test_latency_histograms(recorded):
     metrics, points = recorded
     metrics.record_ttft(120.0)

@@ -42,6 +42,7 @@ from services.scheduler.api import (
     new_request_id,
     parse_generate,
 )
+from services.scheduler.identity import may_cancel, requester_of
 from services.scheduler.placement import kv_quant_for
 from services.scheduler.port import BusWorkerPort
 from services.scheduler.prefix import PrefixIndex
@@ -75,6 +76,7 @@ class SchedulerApp(ServiceApp):
         self.registry = Registry(timeout_s=settings.heartbeat_timeout_s)
         self.tokenizer = load_tokenizer(settings)
         self.runners: dict[str, RequestRunner] = {}
+        self.requesters: dict[str, str | None] = {}  # request -> its tenant (identity.py), for cancel
         self.inflight: set[asyncio.Task] = set()  # every public request being handled, admission included
         self.draining = False
         self._workers_changed = asyncio.Event()
@@ -226,6 +228,13 @@ class SchedulerApp(ServiceApp):
             await asyncio.sleep(CANCEL_NOT_OWNER_DELAY_S)
             await self._respond(msg, CancelReply(request_id=req.request_id, cancelled=False), content_type)
             return
+        canceller = requester_of(msg.headers)
+        if not may_cancel(self.requesters.get(req.request_id), canceller):
+            # another tenant's request: answered as if it were not here, so ids are not probed
+            log.warning("cancel_refused_other_tenant", request_id=req.request_id, canceller=canceller)
+            await asyncio.sleep(CANCEL_NOT_OWNER_DELAY_S)
+            await self._respond(msg, CancelReply(request_id=req.request_id, cancelled=False), content_type)
+            return
         # Decode stops before its next step; a prefill under way is aborted on its ring members.
         aborting = await runner.cancel()
         with trace.use_span(runner.span, end_on_exit=False):
@@ -322,6 +331,7 @@ class SchedulerApp(ServiceApp):
                                    layer_patterns=layer_patterns(req, model))
             runner.span = trace.get_current_span()  # scheduler.generate: a cancel is logged in its trace
             self.runners[request_id] = runner
+            self.requesters[request_id] = requester_of(msg.headers)
             progress_sub = None
             try:
                 plan = await self.admission.wait_for_placement(
@@ -351,6 +361,7 @@ class SchedulerApp(ServiceApp):
                     raise
             finally:
                 self.runners.pop(request_id, None)
+                self.requesters.pop(request_id, None)
                 self.admission.release(request_id)
                 if progress_sub is not None:
                     await progress_sub.unsubscribe()

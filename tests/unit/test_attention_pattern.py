@@ -129,13 +129,20 @@ def test_extra_key_rows_follow_a_members_runs():
     assert extra_key_rows(hybrid, runs, 3) == []  # nothing left the window yet
 
 
+# (device, dtype, page tokens, tolerance): the reference path; the Triton kernel (pages of 16+)
+PAGED_CASES = [("cpu", torch.float32, 4, 1e-6),
+               pytest.param("cuda", torch.bfloat16, 16, 2e-2,
+                            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device, dtype, page, tolerance", PAGED_CASES)
 @pytest.mark.parametrize("name", ["hybrid", "strided", "hybrid_strided"])
-def test_paged_decode_over_the_window_and_the_extra_rows_equals_the_dense_masked_softmax(name):
+def test_paged_decode_over_the_window_and_the_extra_rows_equals_the_dense_masked_softmax(
+        name, device, dtype, page, tolerance):
     """Each sequence's rows are a ring member's shard (runs of positions); its query attends the
     window's suffix of rows (seq_starts) and its gathered sink / strided rows, merged."""
     pattern = PATTERNS[name]
     torch.manual_seed(3)
-    page = 4
     shards = [[(0, 10), (30, 37)], [(0, 23)], [(10, 20), (25, 29)]]  # runs of positions, rows in order
     queries = [36, 22, 28]  # each the position of the sequence's last row
     lens = [sum(e - s for s, e in runs) for runs in shards]
@@ -155,9 +162,12 @@ def test_paged_decode_over_the_window_and_the_extra_rows_equals_the_dense_masked
     for b, x in enumerate(extras):
         rows[b, : len(x)], valid[b, : len(x)] = torch.tensor(x, dtype=torch.long), True
     seq_lens, seq_starts = torch.tensor(lens, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32)
-    window_out, window_lse = paged_decode_attention(q, pool_k, pool_v, table, seq_lens, SCALE, seq_starts=seq_starts)
-    extra_out, extra_lse = paged_rows_attention(q, pool_k, pool_v, table, rows, valid, SCALE)
+    pool_k, pool_v, q = (x.to(device, dtype) for x in (pool_k, pool_v, q))
+    on = [x.to(device) for x in (table, seq_lens, seq_starts, rows, valid)]
+    window_out, window_lse = paged_decode_attention(q, pool_k, pool_v, on[0], on[1], SCALE, seq_starts=on[2])
+    extra_out, extra_lse = paged_rows_attention(q, pool_k, pool_v, on[0], on[3], on[4], SCALE)
     out, lse = merge_partials([window_out, extra_out], [window_lse, extra_lse])
+    pool_k, pool_v, q, out = (x.cpu().float() for x in (pool_k, pool_v, q, out))
     assert valid.any()
     for b, (runs, i) in enumerate(zip(shards, queries)):
         k_rows = pool_k[table[b].long()].transpose(1, 2).reshape(-1, KV_HEADS, DIM)[: lens[b]]
@@ -166,7 +176,7 @@ def test_paged_decode_over_the_window_and_the_extra_rows_equals_the_dense_masked
         keep = dense_mask(1, i, int(positions.max()) + 1, pattern)[0, positions]  # [rows] of this shard
         # the kept rows, all of them seen: a query after the last of them, no window
         expected = dense_reference(q[b : b + 1], k_rows[keep], v_rows[keep], int(keep.sum()), KeyPattern(window=10**9))
-        torch.testing.assert_close(out[b].double(), expected[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[b].double(), expected[0], rtol=tolerance, atol=tolerance)
 
 
 def test_keys_seen_counts_the_dense_mask():

@@ -8,7 +8,7 @@ import torch
 from services.worker.engine import WorkerEngine
 from services.worker.graphs import DecodeGraphs, buckets_up_to
 from services.worker.kv_cache import KVPool
-from shared.messages import DecodeStep, PrefillCommand, RingPlan, SamplingParams, Segment
+from shared.messages import AttentionSpec, DecodeStep, PrefillCommand, RingPlan, SamplingParams, Segment
 from shared.model import LlamaModel, parse_model_config
 from shared.settings import Settings
 
@@ -45,9 +45,14 @@ def _engine(model, graphs: bool) -> WorkerEngine:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("window", [None, 40])
-def test_graph_replay_equals_the_eager_step(window):
+@pytest.mark.parametrize("window, patterns", [(None, False), (40, False), (None, True), (40, True)])
+def test_graph_replay_equals_the_eager_step(window, patterns):
+    """With `patterns`, request a slides with its own window (in the graphs: the window starts of
+    every layer) and b is hybrid (its sink rows: an eager batch of its own beside the graphs)."""
     model = _model("cuda", torch.bfloat16, window)
+    request_window = window or 24
+    attention = {"a": AttentionSpec(mode="sliding", window=request_window),
+                 "b": AttentionSpec(mode="hybrid", window=request_window, sinks=3)} if patterns else {}
     runs = {}
     for graphs in (True, False):
         engine = _engine(model, graphs)
@@ -57,7 +62,8 @@ def test_graph_replay_equals_the_eager_step(window):
                             segments=[[Segment(start=0, end=n)]], prompt_tokens=n, fusion_partition="p")
             ids = [(i * 7 + ord(rid)) % 128 for i in range(n)]
             sampling = SamplingParams(temperature=0.8, seed=5) if rid == "c" else SamplingParams()
-            last[rid] = engine.prefill(PrefillCommand(plan=plan, member=0, input_ids=ids, sampling=sampling)).token_id
+            last[rid] = engine.prefill(PrefillCommand(plan=plan, member=0, input_ids=ids, sampling=sampling,
+                                                      attention=attention.get(rid))).token_id
         tokens, logprobs = {rid: [] for rid in PROMPTS}, {rid: [] for rid in PROMPTS}
         for step in range(STEPS):
             order = list(PROMPTS)[: 1 + step % 3]  # batches of 1, 2, 3 (padded to 4)

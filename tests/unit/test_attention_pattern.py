@@ -17,7 +17,7 @@ from shared.attention.pattern import (
     keys_seen,
     layer_pattern,
 )
-from shared.attention.ring import _fold_block
+from shared.attention.ring import _fold_block, ring_attention
 
 HEADS, KV_HEADS, DIM, SCALE = 4, 2, 8, 0.3
 PATTERNS = {
@@ -216,3 +216,20 @@ def test_invalid_sizes_are_refused():
     for bad in ({"window": 0}, {"window": 3, "sinks": -1}, {"window": 3, "stride": 0}):
         with pytest.raises(ValueError):
             KeyPattern(**bad)
+
+
+def test_a_ring_step_reports_the_blocks_it_skipped():
+    """Three segments on a ring of one: 9 (query, key) segment pairs, 3 with keys after the
+    queries; a window of 4 also empties the one whose keys all left it (queries 20-29 against keys
+    0-9; 10-19 against 0-9 still reaches key 9 from query 10), sinks keep it."""
+    torch.manual_seed(0)
+    n = 30
+    q, k, v = torch.randn(n, HEADS, DIM), torch.randn(n, KV_HEADS, DIM), torch.randn(n, KV_HEADS, DIM)
+    segments = [[(0, 10), (10, 20), (20, 30)]]
+    for pattern, skipped in ((None, 3), (KeyPattern(window=4), 4), (KeyPattern(window=4, sinks=2), 3)):
+        steps = []
+        out, _ = ring_attention(q, k, v, scale=SCALE, kv_segments=segments, ring_ranks=[0], on_step=steps.append,
+                                pattern=pattern)
+        assert [(s.blocks, s.blocks_skipped) for s in steps] == [(9, skipped)], pattern
+        torch.testing.assert_close(out.double(), dense_reference(q, k, v, 0, pattern or KeyPattern(window=10**9)),
+                                   rtol=1e-5, atol=1e-6)

@@ -42,10 +42,11 @@ class IOLoop:
         """The result of `coro`, run on this loop, awaited from another one."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the loop and its thread (its executor first, on the loop itself), from another loop."""
+        await self.run(self.loop.shutdown_default_executor())
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        await asyncio.to_thread(self._thread.join)
         self.loop.close()
 
 

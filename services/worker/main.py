@@ -212,7 +212,7 @@ class WorkerApp(ServiceApp):
         await self.prefix.store.close()
         if self.shards is not None:
             await self.shards.close()
-        self.kv_io.close()
+        await self.kv_io.close()
         await self.loop.run_in_executor(self.compute, self.world.close)
         await self.loop.run_in_executor(self.compute, self.fusion.close)
         self.compute.shutdown(wait=False, cancel_futures=True)

@@ -18,10 +18,11 @@ LAYERS, HEADS, DIM, BLOCK = 2, 2, 4, 4
 
 
 @pytest.fixture
-def io_loop():
+async def io_loop():
     io = IOLoop(executor_threads=1)
     yield io
-    io.close()
+    await io.close()
+    assert io.loop.is_closed()
 
 
 async def test_a_call_runs_on_the_io_loops_thread(io_loop):

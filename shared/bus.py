@@ -5,6 +5,7 @@ carried in message headers (W3C traceparent)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -44,6 +45,24 @@ def extract_context(msg: Msg) -> otel_context.Context:
     return propagate.extract(dict(msg.headers or {}))
 
 
+CONNECT_TIMEOUT_S = 5.0
+RECONNECT_WAIT_S = 0.5
+FIRST_CONNECT_BOUND_S = 30.0
+
+
+def nats_auth_options(settings: Settings) -> dict[str, Any]:
+    """nats.connect's credentials and TLS options from the settings (every connection uses these)."""
+    options: dict[str, Any] = {}
+    if settings.nats_user:
+        options.update(user=settings.nats_user, password=settings.nats_password or "")
+    if settings.nats_tls_ca_file or settings.nats_tls_cert_file:
+        tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.nats_tls_ca_file)
+        if settings.nats_tls_cert_file:
+            tls.load_cert_chain(settings.nats_tls_cert_file, settings.nats_tls_key_file)
+        options["tls"] = tls
+    return options
+
+
 async def connect(settings: Settings, name: str) -> NATS:
     async def _disconnected() -> None:
         log.warning("nats_disconnected", client=name)
@@ -54,20 +73,20 @@ async def connect(settings: Settings, name: str) -> NATS:
     async def _error(exc: Exception) -> None:
         log.warning("nats_error", client=name, error=str(exc))
 
-    kwargs: dict[str, Any] = {}
-    if settings.nats_user:
-        kwargs.update(user=settings.nats_user, password=settings.nats_password or "")
-    return await nats.connect(
+    kwargs = nats_auth_options(settings)
+    # The first connection is bounded (nats-py waits forever on a TLS handshake it cannot
+    # complete): a service that cannot reach NATS at start fails, and is restarted.
+    return await asyncio.wait_for(nats.connect(
         settings.nats_url,
         name=name,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
+        reconnect_time_wait=RECONNECT_WAIT_S,
+        connect_timeout=CONNECT_TIMEOUT_S,
         disconnected_cb=_disconnected,
         reconnected_cb=_reconnected,
         error_cb=_error,
         **kwargs,
-    )
+    ), FIRST_CONNECT_BOUND_S)
 
 
 class Bus:

@@ -10,6 +10,7 @@ Any NATS client can speak the same protocol; this one only adds typing and error
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
 from shared import codec, subjects
+from shared.bus import nats_auth_options
 from shared.messages import (
     CancelReply,
     CancelRequest,
@@ -44,6 +46,7 @@ CONTROL_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 CONNECT_ATTEMPTS = 1
 RECONNECT_WAIT_S = 0.5
+CONNECT_BOUND_S = (CONNECT_ATTEMPTS + 1) * (CONNECT_TIMEOUT_S + RECONNECT_WAIT_S)
 # The NATS server answers a request nobody subscribes to with this status header.
 NO_RESPONDERS_STATUS = "503"
 
@@ -121,13 +124,14 @@ class RingserveClient:
         async def _quiet(_exc: Exception) -> None:
             return None  # failures surface as exceptions of the calls themselves
 
-        credentials: dict[str, Any] = {}
-        if settings.nats_user:
-            credentials.update(user=settings.nats_user, password=settings.nats_password or "")
+        credentials = nats_auth_options(settings)
         try:
-            nc = await nats.connect(settings.nats_url, name="ringserve-client", connect_timeout=CONNECT_TIMEOUT_S,
-                                    max_reconnect_attempts=CONNECT_ATTEMPTS, reconnect_time_wait=RECONNECT_WAIT_S,
-                                    error_cb=_quiet, **credentials)
+            # bounded as a whole: nats-py waits forever on a TLS handshake it cannot complete
+            nc = await asyncio.wait_for(
+                nats.connect(settings.nats_url, name="ringserve-client", connect_timeout=CONNECT_TIMEOUT_S,
+                             max_reconnect_attempts=CONNECT_ATTEMPTS, reconnect_time_wait=RECONNECT_WAIT_S,
+                             error_cb=_quiet, **credentials),
+                CONNECT_BOUND_S)
         except Exception as exc:  # nats-py raises several unrelated types for an unreachable server
             raise RingserveError(ErrorCode.UNAVAILABLE.value,
                                  f"cannot connect to NATS at {settings.nats_url}: {exc}") from None

@@ -19,7 +19,13 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     nats_user: str | None = None
     nats_password: str | None = None
+    # TLS to NATS (a tls:// URL, or any URL once a CA is set): the CA that signed the server's
+    # certificate, and a client certificate and key where the server asks for one.
+    nats_tls_ca_file: str | None = None
+    nats_tls_cert_file: str | None = None
+    nats_tls_key_file: str | None = None
     # Comma-separated list: several Redis nodes are used by consistent hashing of block keys.
+    # TLS: rediss://host:port/0?ssl_ca_certs=/ca.pem (and ssl_certfile, ssl_keyfile): redis-py's URL form.
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     # --- model -------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # Prefill runs each layer's MLP over at most this many tokens at once: the activations of a
     # long prompt stay small beside the KV pool, which takes kv_memory_fraction of the GPU.
     prefill_mlp_chunk_tokens: int = Field(default=8192, ge=1)
+    # A prompt one worker holds alone is prefilled this many positions at a time, the decode
+    # steps of its other requests running between two chunks (a ring prefills in one pass).
+    prefill_step_tokens: int = Field(default=8192, ge=1)
     # The KV pool of a worker without a capacity (CPU) starts this large, in tokens, and grows.
     kv_pool_initial_tokens: int = Field(default=16384, ge=1)
 

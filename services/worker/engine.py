@@ -34,6 +34,7 @@ from shared.messages import (
     SamplingParams,
 )
 from shared.sampling import request_generator, sample_batch
+from services.worker.chunked_prefill import PrefillChunks, run_chunk
 from services.worker.errors import decode_error_code
 from services.worker.kv_cache import SCRATCH_PAGE, KVPool, KVPoolFull, RequestKV
 from services.worker.step import DecodeInputs, Recording, decode_forward, rope_for
@@ -230,6 +231,56 @@ class WorkerEngine:
             last_row = row_of(todo, plan.prompt_tokens - 1)  # the last position is never cached
             logits = self.model.logits(h[last_row : last_row + 1])
             (result.token_id,), (result.logprob,) = sample_batch(logits, [cmd.sampling], [active.generator])
+        return result
+
+    # ---- chunked (a request held by one worker: other requests' decode steps run between chunks)
+    def prefill_begin(self, cmd: PrefillCommand, cached: CachedRows | None = None) -> PrefillChunks:
+        """A chunked prefill of `cmd` (one_worker_positions(cmd)), its loaded prefix rows written."""
+        n_cached = cached.tokens if cached is not None else 0
+        if len(cmd.input_ids) != cmd.plan.prompt_tokens or (cached is not None and cached.upto != n_cached):
+            raise ValueError(f"a chunked prefill holds the whole prompt: {len(cmd.input_ids)} ids, {n_cached} cached")
+        kv = RequestKV(cmd.plan.request_id, cmd.member, self.pool)
+        try:
+            kv.reserve(len(cmd.input_ids))
+            kv.note_positions(0, cmd.plan.prompt_tokens)
+            if cached is not None:
+                for i in range(len(self.model.layers)):
+                    self.pool.write(i, kv.pages, 0, cached.keys[i], cached.values[i])
+        except BaseException:
+            kv.free()
+            raise
+        ids = torch.tensor(cmd.input_ids, dtype=torch.long, device=self.device)
+        pattern = cmd.attention.key_pattern() if cmd.attention is not None else None
+        return PrefillChunks(cmd, kv, ids, done=n_cached, cached=n_cached, pattern=pattern)
+
+    def prefill_chunk(self, state: PrefillChunks, tokens: int, progress: ProgressFn | None = None,
+                      should_abort: AbortFn | None = None) -> None:
+        """The next `tokens` positions; an abort asked for before it drops the request's rows."""
+        layers = len(self.model.layers)
+        try:
+            if should_abort is not None and should_abort():
+                raise PrefillAborted(0, layers, True)
+            run_chunk(state, self.model, self.config, self.dtype, tokens, self.finish_chunk_tokens)
+        except BaseException:
+            state.kv.free()
+            raise
+        if progress is not None:
+            progress(layers * (state.done - state.cached) // max(state.total - state.cached, 1))
+
+    @torch.inference_mode()
+    def prefill_end(self, state: PrefillChunks) -> PrefillResult:
+        """The request joins the held ones; its first token, sampled from the last position."""
+        cmd, kv = state.cmd, state.kv
+        kv.tokens = state.total
+        if self.device.type == "cuda":  # the rows are finished before anyone reads them (I/O stream)
+            torch.cuda.current_stream(self.device).synchronize()
+        active = ActiveRequest(cmd.plan, cmd.member, kv, cmd.sampling, request_generator(cmd.sampling, self.device),
+                               blocks=list(cmd.kv_blocks), pattern=state.pattern)
+        self.requests[cmd.plan.request_id] = active
+        result = PrefillResult(request_id=cmd.plan.request_id, member=cmd.member, ok=True, kv_tokens=kv.tokens,
+                               cached_tokens=state.cached)
+        logits = self.model.logits(state.last_hidden)
+        (result.token_id,), (result.logprob,) = sample_batch(logits, [cmd.sampling], [active.generator])
         return result
 
     def _ring_aborts(self, plan: RingPlan, here: bool) -> bool:

@@ -59,6 +59,7 @@ from services.worker.batcher import DecodeBatcher, followers
 from services.worker.capacity import free_device_bytes, kv_capacity_tokens, kv_pool_pages
 from services.worker.engine import PrefillAborted, WorkerEngine, causal_block_sparsity
 from services.worker.errors import decode_error_code
+from services.worker.chunked_prefill import one_worker_positions
 from services.worker.fusion_client import FusionClient
 from services.worker.owners import OwnerWatch
 from services.worker.kv_cache import KVPool, KVPoolFull, RequestKV
@@ -291,9 +292,18 @@ class WorkerApp(ServiceApp):
                 cached = await self._load_prefix(cmd)
                 # Asked before every layer; on a ring the members agree there, so every member
                 # stops at the same layer (or none does) and nobody is left in a transfer.
-                result = await self._run(self.engine.prefill, cmd, progress, cached,
-                                         lambda layer, step: ring_steps.append((layer, step)),
-                                         functools.partial(self.aborts.is_set, rid))
+                should_abort = functools.partial(self.aborts.is_set, rid)
+                step_tokens = self.settings.prefill_step_tokens
+                if one_worker_positions(cmd) and cmd.plan.prompt_tokens - cmd.cached_tokens > step_tokens:
+                    # chunk by chunk: the decode steps queued meanwhile run between two chunks
+                    span.set_attribute("prefill.step_tokens", step_tokens)
+                    chunks = await self._run(self.engine.prefill_begin, cmd, cached)
+                    while not chunks.finished:
+                        await self._run(self.engine.prefill_chunk, chunks, step_tokens, progress, should_abort)
+                    result = await self._run(self.engine.prefill_end, chunks)
+                else:
+                    result = await self._run(self.engine.prefill, cmd, progress, cached,
+                                             lambda layer, step: ring_steps.append((layer, step)), should_abort)
                 self._report_ring_steps(span, ring_steps)
             except PrefillAborted as exc:
                 self._report_ring_steps(span, ring_steps)

@@ -279,11 +279,12 @@ def test_summary():
     """The table of docs/RELIABILITY.md, with its counts; every fault answered but the known gaps."""
     if len(RESULTS) != len(CASES):
         pytest.skip(f"{len(RESULTS)} of {len(CASES)} faults ran")
-    rows = ["| fault | phase | the client receives | after (s) | tokens identical |", "|---|---|---|---|---|"]
+    rows = ["| fault | phase | the client receives | after (s) | tokens streamed | tokens identical | message |",
+            "|---|---|---|---|---|---|---|"]
     for (fault, phase), r in RESULTS.items():
         what = {IDENTICAL: "done", LOST: "nothing"}.get(r.outcome, f"error `{r.outcome}`")
         rows.append(f"| {fault} | {phase} | {what} | {r.answer_s if r.answer_s is not None else '-'} | "
-                    f"{'yes' if r.outcome == IDENTICAL else 'no'} |")
+                    f"{r.tokens_streamed} | {'yes' if r.outcome == IDENTICAL else 'no'} | {r.message} |")
     identical = sum(r.outcome == IDENTICAL for r in RESULTS.values())
     lost = sum(r.outcome == LOST for r in RESULTS.values())
     coded = len(RESULTS) - identical - lost

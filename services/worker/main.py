@@ -251,6 +251,12 @@ class WorkerApp(ServiceApp):
 
     # ------------------------------------------------------------------------------ prefill
     async def _on_prefill(self, msg: Msg) -> None:
+        # Each command in a task of its own: the subscription hands over the next one at once, so
+        # a short prompt's chunks and a long prompt's take turns on the compute thread (a worker
+        # is in one multi-worker ring at a time, so rings never wait on each other's order).
+        self._keep(asyncio.create_task(self._handle_prefill(msg)))
+
+    async def _handle_prefill(self, msg: Msg) -> None:
         try:
             cmd = codec.decode(msg.data, PrefillCommand)
         except (codec.CodecError, ValidationError) as exc:

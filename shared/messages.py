@@ -10,11 +10,15 @@ import enum
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, model_validator,
+)
 
 from shared.attention.pattern import KeyPattern
 
 SCHEMA_VERSION = 1
+# top_k above any vocabulary; bounded so every command it travels in encodes (msgpack: 64-bit ints)
+MAX_TOP_K = 2**31 - 1
 RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
 
@@ -102,9 +106,9 @@ class GenerateRequest(_Strict):
     # fail_fast: a million wrong ids give one error, not a million (which took seconds to report)
     input_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(fail_fast=True)] | None = None
     max_new_tokens: StrictInt = Field(default=64, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(default=0, ge=0)
+    temperature: StrictFloat = Field(default=0.0, ge=0.0, le=100.0)  # an int is a float; true and "1" are not
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(default=0, ge=0, le=MAX_TOP_K)
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: list[Annotated[StrictStr, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=list, max_length=64,

@@ -401,6 +401,10 @@ class DecodePlan(_Internal):
     owner: str = ""
     # W3C trace headers of the request's root span: the workers' decode spans hang under it
     trace: dict[str, str] = Field(default_factory=dict)
+    # The client's reply subject and encoding: if the owner goes silent, the leader tells the
+    # client (`unavailable`) instead of leaving it waiting for a reply nobody will send.
+    reply: str = ""
+    reply_content_type: str = ""
 
 
 class PrefillCommand(_Internal):

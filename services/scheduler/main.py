@@ -317,7 +317,8 @@ class SchedulerApp(ServiceApp):
             raise ApiError(ErrorCode.UNSUPPORTED, "stop strings need a tokenizer", request_id)
         log.info("request_admitted", prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens)
 
-        state = RequestState(request_id=request_id, request=req, prompt_ids=prompt_ids)
+        state = RequestState(request_id=request_id, request=req, prompt_ids=prompt_ids, reply=msg.reply or "",
+                             content_type=content_type)
         quant = kv_quant_for(req, self.settings)
         # The prompt's cached blocks stay pinned until the request ends, however it ends.
         # K/V computed under a sparse pattern are not the full attention's: such requests neither

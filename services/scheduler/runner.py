@@ -70,6 +70,8 @@ class RequestState:
     first_token_at: float | None = None
     cancelled: bool = False
     plan: RingPlan | None = None
+    reply: str = ""  # the client's reply subject, and its encoding
+    content_type: str = ""
 
 
 def sampling_of(req: GenerateRequest) -> SamplingParams:
@@ -169,7 +171,8 @@ class RequestRunner:
         s = self.s
         sampling = sampling_of(s.request)
         decode = DecodePlan(max_new_tokens=s.request.max_new_tokens, stop_token_ids=sorted(self.eos_ids),
-                            events=self.port.events_subject, owner=self.port.instance, trace=inject_headers())
+                            events=self.port.events_subject, owner=self.port.instance, trace=inject_headers(),
+                            reply=s.reply, reply_content_type=s.content_type)
         cmds = [
             PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, s.prompt_ids, m), sampling=sampling,
                            cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]),

@@ -51,6 +51,7 @@ class LedRequest:
 class Ended:
     request_id: str
     followers: list[str]  # ring members to tell (a `finish` tick), led requests only
+    decode: DecodePlan | None = None  # a led request's plan (its owner, the client's reply subject)
 
 
 class DecodeBatcher:
@@ -80,7 +81,7 @@ class DecodeBatcher:
         led = self.led.pop(request_id, None)
         self.followed.pop(request_id, None)
         if led is not None:
-            return Ended(request_id, led.followers)
+            return Ended(request_id, led.followers, led.decode)
         return None
 
     @property

@@ -34,10 +34,13 @@ from shared.kv.shards import ShardStore
 from shared.kv.store import KVBlockStore
 from shared.messages import (
     AbortCommand,
+    DecodePlan,
     DecodeResult,
     DecodeStep,
     DecodeTokens,
+    ErrorBody,
     ErrorCode,
+    ErrorReply,
     ModelInfo,
     PrefillCommand,
     PrefillProgress,
@@ -127,6 +130,7 @@ class WorkerApp(ServiceApp):
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.batcher = DecodeBatcher(settings.decode_max_batch)
         self.owners = OwnerWatch(settings.heartbeat_timeout_s)  # the schedulers of led requests
+        self._ended_plans: dict[str, DecodePlan] = {}  # requests ended here, their owner not heard since
         self._wake = asyncio.Event()  # something for the decode loop: a request joined, a tick came
         self._trace_context: dict[str, otel_context.Context] = {}  # request -> its prefill's trace
         self._busy = 0
@@ -473,7 +477,7 @@ class WorkerApp(ServiceApp):
                 except Exception as exc:  # the scheduler's runner times out those requests
                     log.warning("decode_tokens_publish_failed", subject=subject, error=str(exc)[:300])
             for end in finished:  # in the background: the release queues behind compute work
-                self._keep(asyncio.create_task(self._end_request(end.request_id, end.followers)))
+                self._keep(asyncio.create_task(self._end_request(end.request_id, end.followers, end.decode)))
             if self.shards is not None:
                 for result in results:
                     if result.ok:
@@ -544,11 +548,34 @@ class WorkerApp(ServiceApp):
         """Requests led here whose scheduler went silent are ended: nobody reads their tokens."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+            for rid in self.owners.settled():  # ended here, and the owner lived to reply
+                self.owners.forget(rid)
+                self._ended_plans.pop(rid, None)
             for rid in self.owners.orphans():
                 log.warning("request_orphaned", request_id=rid, timeout_s=self.settings.heartbeat_timeout_s)
+                led = self.batcher.led.get(rid)
+                decode = led.decode if led is not None else self._ended_plans.pop(rid, None)
+                if decode is not None:
+                    await self._tell_client_owner_lost(decode, rid)
+                if self.owners.was_ended(rid):  # its KV is gone already
+                    self.owners.forget(rid)
+                    continue
                 ended = self.batcher.drop(rid)
                 self._keep(asyncio.create_task(self._end_request(rid, ended.followers if ended else [])))
                 self.owners.forget(rid)
+
+    async def _tell_client_owner_lost(self, decode: DecodePlan, request_id: str) -> None:
+        """The client's answer when its scheduler died: `unavailable`, on its own reply subject."""
+        if not decode.reply:
+            return
+        reply = ErrorReply(error=ErrorBody(code=ErrorCode.UNAVAILABLE, request_id=request_id,
+                                           message="the scheduler running this request stopped answering; retry"))
+        content_type = decode.reply_content_type or codec.JSON
+        try:
+            await self.rt.bus.nc.publish(decode.reply, codec.dump_public(reply, content_type),
+                                         headers={"Content-Type": content_type})
+        except Exception as exc:  # the client may be gone too
+            log.warning("orphan_reply_failed", request_id=request_id, error=str(exc)[:200])
 
     # ------------------------------------------------------------------------------ abort
     async def _on_abort(self, msg: Msg) -> None:
@@ -576,11 +603,16 @@ class WorkerApp(ServiceApp):
         ended = self.batcher.drop(cmd.request_id)
         await self._end_request(cmd.request_id, ended.followers if ended is not None else [])
 
-    async def _end_request(self, request_id: str, followers: list[str]) -> None:
+    async def _end_request(self, request_id: str, followers: list[str], finished: DecodePlan | None = None) -> None:
         """Drop a request's KV here (after any step of it already queued in the compute thread)
-        and, for a ring led here, tell the members to drop theirs."""
+        and, for a ring led here, tell the members to drop theirs. `finished`: it ended here on
+        its own (its plan), so its owner is watched a while longer (OwnerWatch.ended)."""
         self.batcher.drop(request_id)
-        self.owners.forget(request_id)
+        if finished is not None and finished.owner:
+            self.owners.ended(request_id)
+            self._ended_plans[request_id] = finished
+        else:
+            self.owners.forget(request_id)
         context = self._trace_context.pop(request_id, None)
         token = otel_context.attach(context) if context is not None else None  # logs name its trace
         try:

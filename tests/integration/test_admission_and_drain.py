@@ -180,16 +180,21 @@ async def test_without_a_fusion_service_one_worker_requests_run_and_a_ring_is_un
         stack.stop()
 
 
-async def test_a_worker_ends_the_requests_of_a_scheduler_that_died(tmp_path):
+async def test_a_worker_ends_the_requests_of_a_scheduler_that_died_and_tells_the_client(tmp_path):
     stack = Stack(tmp_path, workers=1, env={"RINGSERVE_HEARTBEAT_INTERVAL_S": "0.25",
                                             "RINGSERVE_HEARTBEAT_TIMEOUT_S": "1.0"})
     try:
         await stack.wait_ready(1)
         nc = await nats.connect(stack.servers.nats_url)
         try:
-            await _stream_until_first_token(nc, {"prompt": "orphan me", "max_new_tokens": 4000,
-                                                 "request_id": "orphan-1"})
+            events_in, _ = await _stream_until_first_token(nc, {"prompt": "orphan me", "max_new_tokens": 4000,
+                                                               "request_id": "orphan-1"})
+            stack.killed.add("scheduler")
             stack.procs["scheduler"].kill()  # SIGKILL: no drain, no release
+            # the client is told, on its own reply subject, within a few seconds
+            while "error" not in (event := await asyncio.wait_for(events_in.get(), 10)):
+                assert event.get("type") in ("token", "progress"), event
+            assert event["error"]["code"] == "unavailable" and event["error"]["request_id"] == "orphan-1", event
             worker_log = tmp_path / "worker0.log"
             for _ in range(100):
                 events = [json.loads(line) for line in worker_log.read_text().splitlines() if line.startswith("{")]

@@ -16,8 +16,8 @@ table and the doc are updated with it. The gaps, against issue 11's Build sectio
 - a lost worker fails its request `unavailable` (item 2 wants it completed, identical);
 - a lost fusion service fails a ring's request `unavailable`, in decode only after the fusion
   timeout (item 1 wants `unavailable` at once);
-- a SIGKILLed scheduler's requests are lost: the client hears nothing (item 3 wants them
-  completed by another scheduler or answered `unavailable` within a few seconds).
+- a SIGKILLed scheduler's requests are answered `unavailable` by their ring's leader once the
+  scheduler's heartbeats stop (item 3 also allows completing them on another scheduler: not built).
 
 The summary (the last test) prints the table; `pytest -s` shows it.
 """
@@ -71,8 +71,9 @@ EXPECTED: dict[tuple[str, str], str | tuple[str, ...]] = {
     ("fusion", "decode"): UNAVAILABLE,  # gap: item 1 (only after RINGSERVE_FUSION_TIMEOUT_S)
     ("kvstore", "prefill"): IDENTICAL,
     ("kvstore", "decode"): IDENTICAL,
-    ("scheduler", "prefill"): LOST,  # gap: item 3
-    ("scheduler", "decode"): LOST,  # gap: item 3
+    # item 3: the ring's leader tells the client once the scheduler's heartbeats stop
+    ("scheduler", "prefill"): UNAVAILABLE,
+    ("scheduler", "decode"): UNAVAILABLE,
     ("redis", "prefill"): IDENTICAL,
     ("redis", "decode"): IDENTICAL,
     ("nats", "prefill"): (UNAVAILABLE, IDENTICAL),
@@ -290,5 +291,5 @@ def test_summary():
     coded = len(RESULTS) - identical - lost
     print("\n" + "\n".join(rows))
     print(f"faults injected {len(RESULTS)}, completed identical {identical}, answered with a code {coded}, lost {lost}")
-    # Lost only where the table says so (the scheduler: issue 11 item 3).
+    # Lost only where the table says so: nowhere.
     assert {k for k, r in RESULTS.items() if r.outcome == LOST} == {k for k, v in EXPECTED.items() if v == LOST}

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     # A block lives this long in Redis after its last use (write, lookup hit, pin, touch).
     kv_ttl_s: int = Field(default=3600, ge=1)
     kv_store_enabled: bool = True
+    # The device tier of the prefix cache: a one-worker request's full prompt blocks stay in the
+    # worker's KV pool after it ends (until the pool needs the pages), and a later prompt with
+    # that prefix maps them instead of loading them from Redis.
+    kv_resident_prefix: bool = True
     kv_hot_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
     kv_io_concurrency: int = Field(default=8, ge=1)
     # Threads of a worker that copy KV rows to the host and encode or decode blocks.

@@ -35,6 +35,7 @@ from shared.messages import (
 )
 from shared.sampling import request_generator, sample_batch
 from services.worker.chunked_prefill import PrefillChunks, run_chunk
+from services.worker.resident_prefix import ResidentPrefix
 from services.worker.errors import decode_error_code
 from services.worker.kv_cache import SCRATCH_PAGE, KVPool, KVPoolFull, RequestKV
 from services.worker.step import DecodeInputs, Recording, decode_forward, rope_for
@@ -154,6 +155,7 @@ class WorkerEngine:
         self.requests: dict[str, ActiveRequest] = {}
         self._steps = 0  # decode batches run: every importance_every-th is observed
         self.groups = RingGroups(None if dist_timeout_s is None else datetime.timedelta(seconds=dist_timeout_s))
+        self.resident: ResidentPrefix | None = None  # prompt blocks kept in the pool (the device tier)
 
     # ------------------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -234,13 +236,16 @@ class WorkerEngine:
         return result
 
     # ---- chunked (a request held by one worker: other requests' decode steps run between chunks)
-    def prefill_begin(self, cmd: PrefillCommand, cached: CachedRows | None = None) -> PrefillChunks:
-        """A chunked prefill of `cmd` (one_worker_positions(cmd)), its loaded prefix rows written."""
-        n_cached = cached.tokens if cached is not None else 0
-        if len(cmd.input_ids) != cmd.plan.prompt_tokens or (cached is not None and cached.upto != n_cached):
-            raise ValueError(f"a chunked prefill holds the whole prompt: {len(cmd.input_ids)} ids, {n_cached} cached")
-        kv = RequestKV(cmd.plan.request_id, cmd.member, self.pool)
+    def prefill_begin(self, cmd: PrefillCommand, cached: CachedRows | None = None,
+                      resident: list[int] | None = None) -> PrefillChunks:
+        """A chunked prefill of `cmd` (one_worker_positions(cmd)): its loaded prefix rows written,
+        or its `resident` prefix pages (take_resident) mapped as its first pages."""
+        n_cached = cached.tokens if cached is not None else len(resident or []) * self.pool.page_tokens
+        kv = RequestKV(cmd.plan.request_id, cmd.member, self.pool, pages=list(resident or []))  # freed on failure
         try:
+            if len(cmd.input_ids) != cmd.plan.prompt_tokens or (cached is not None and cached.upto != n_cached):
+                raise ValueError(f"a chunked prefill holds the whole prompt: {len(cmd.input_ids)} ids, "
+                                 f"{n_cached} cached")
             kv.reserve(len(cmd.input_ids))
             kv.note_positions(0, cmd.plan.prompt_tokens)
             if cached is not None:
@@ -485,8 +490,25 @@ class WorkerEngine:
     def release(self, request_id: str) -> ActiveRequest | None:
         active = self.requests.pop(request_id, None)
         if active is not None:
+            if self.resident is not None and self._keeps_blocks(active):
+                self.resident.keep(active.blocks, active.kv.pages)  # its full prompt blocks stay
             active.kv.free()
         return active
+
+    def _keeps_blocks(self, active: ActiveRequest) -> bool:
+        """Whether a request's prompt blocks may serve later prompts from the pool: held whole
+        here, in position order, with the model's own attention, reusable K/V."""
+        return (active.plan.size == 1 and active.pattern is None and bool(active.blocks)
+                and self.kv_reusable(active.plan.prompt_tokens))
+
+    def take_resident(self, cmd: PrefillCommand) -> list[int] | None:
+        """The pool pages of the prompt's cached blocks, held for this prefill, if all are resident."""
+        if self.resident is None or cmd.attention is not None:
+            return None
+        below = [b for b in cmd.kv_blocks if b.end <= cmd.cached_tokens]
+        if len(below) * self.pool.page_tokens != cmd.cached_tokens:
+            return None
+        return self.resident.take(below)
 
     @property
     def kv_tokens(self) -> int:

@@ -67,6 +67,7 @@ class IOLoopBlockStore:
     def __init__(self, store: KVBlockStore, io: IOLoop):
         self.store = store
         self.io = io
+        self.metrics = store.metrics  # thread-safe (OpenTelemetry instruments)
 
     async def put_blocks(self, items: list[PutItem], model_id: str, quant: str) -> int:
         return await self.io.run(self.store.put_blocks(items, model_id, quant))

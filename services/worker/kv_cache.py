@@ -16,6 +16,7 @@ stores, shard copies) while it holds the sequence (`held()`), so its pages are n
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,9 @@ class KVPool:
         self.v_layers = torch.zeros((num_layers, *shape), dtype=dtype, device=device)
         self.k, self.v = list(self.k_layers.unbind(0)), list(self.v_layers.unbind(0))
         self._free = list(range(shape[0] - 1, SCRATCH_PAGE, -1))  # popped from the end: low ids first
+        self._extra_refs: dict[int, int] = {}  # page -> holders beyond the first (shared pages)
+        # reclaim(n): free up to n pages that are kept but not needed (resident prefix blocks)
+        self.reclaim: Callable[[int], int] | None = None
         self._lock = threading.Lock()
         # Copies to the host (prefix stores, shard copies) run on their own stream, beside the
         # compute stream, instead of queueing behind (and between) prefill and decode work.
@@ -71,6 +75,8 @@ class KVPool:
         return -(-rows // self.page_tokens)
 
     def alloc(self, n: int) -> list[int]:
+        if n > len(self._free) and self.reclaim is not None:  # kept prefix blocks make room first
+            self.reclaim(n - len(self._free))
         with self._lock:
             if n > len(self._free):
                 need = self.pages + n - len(self._free)
@@ -82,8 +88,25 @@ class KVPool:
             return taken[::-1]
 
     def free(self, pages: list[int]) -> None:
+        """One holder lets go of these pages: back to the free list once nobody else holds them."""
         with self._lock:
-            self._free.extend(sorted(pages, reverse=True))
+            last = []
+            for p in pages:
+                extra = self._extra_refs.get(p, 0)
+                if extra:
+                    self._extra_refs[p] = extra - 1
+                    if extra == 1:
+                        del self._extra_refs[p]
+                else:
+                    last.append(p)
+            self._free.extend(sorted(last, reverse=True))
+
+    def retain(self, pages: list[int]) -> None:
+        """Another holder of these (allocated) pages: each `free` of them lets go of one holder.
+        How prefix blocks stay in the pool after their request, and are shared by later ones."""
+        with self._lock:
+            for p in pages:
+                self._extra_refs[p] = self._extra_refs.get(p, 0) + 1
 
     def _grow(self, at_least: int) -> None:
         old = self.k[0].shape[0]

@@ -67,6 +67,7 @@ from services.worker.fusion_client import FusionClient
 from services.worker.owners import OwnerWatch
 from services.worker.kv_cache import KVPool, KVPoolFull, RequestKV
 from services.worker.prefix import CachedRows, PrefixCache, block_masses
+from services.worker.resident_prefix import ResidentPrefix
 from services.worker.io_loop import IOLoop, IOLoopBlockStore, IOLoopShardStore
 from services.worker.shard_persist import ShardPersister
 from services.worker.world import World
@@ -115,6 +116,8 @@ def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None
         graphs = DecodeGraphs(model, pool, settings)
     engine = WorkerEngine(model, device, dtype, pool, dist_timeout_s=settings.dist_timeout_s, graphs=graphs,
                           finish_chunk_tokens=settings.prefill_mlp_chunk_tokens)
+    if settings.kv_store_enabled and settings.kv_resident_prefix:
+        engine.resident = ResidentPrefix(pool, max_pages=pool.pages)
     return engine, info, capacity
 
 
@@ -294,20 +297,29 @@ class WorkerApp(ServiceApp):
             log.info("prefill_started", request_id=rid, member=cmd.member, ring_size=cmd.plan.size,
                      tokens=len(cmd.input_ids), cached_tokens=cmd.cached_tokens)
             t0 = time.perf_counter()
-            cached = None
+            cached, resident = None, None
             ring_steps: list[tuple[int, RingStep]] = []
             try:
                 if cmd.plan.size > 1 and cmd.plan.world_generation != self.world.generation:
                     raise RuntimeError(f"ring formed for world generation {cmd.plan.world_generation}, worker is in {self.world.generation}")
-                cached = await self._load_prefix(cmd)
+                # The device tier first: a prompt whose cached blocks are still in this worker's
+                # pool maps their pages (resident_prefix.py); else they come from Redis.
+                if one_worker_positions(cmd) and cmd.cached_tokens and self.engine.resident is not None:
+                    resident = await self._run(self.engine.take_resident, cmd)
+                if resident:
+                    span.set_attribute("kv.resident_blocks", len(resident))
+                    log.info("kv_prefix_resident_hit", request_id=rid, blocks=len(resident))
+                    self.prefix.record_resident_hit(len(resident))
+                else:
+                    cached = await self._load_prefix(cmd)
                 # Asked before every layer; on a ring the members agree there, so every member
                 # stops at the same layer (or none does) and nobody is left in a transfer.
                 should_abort = functools.partial(self.aborts.is_set, rid)
                 step_tokens = self.settings.prefill_step_tokens
-                if one_worker_positions(cmd) and cmd.plan.prompt_tokens - cmd.cached_tokens > step_tokens:
+                if resident or (one_worker_positions(cmd) and cmd.plan.prompt_tokens - cmd.cached_tokens > step_tokens):
                     # chunk by chunk: the decode steps queued meanwhile run between two chunks
                     span.set_attribute("prefill.step_tokens", step_tokens)
-                    chunks = await self._run(self.engine.prefill_begin, cmd, cached)
+                    chunks = await self._run(self.engine.prefill_begin, cmd, cached, resident)
                     while not chunks.finished:
                         await self._run(self.engine.prefill_chunk, chunks, step_tokens, progress, should_abort)
                     result = await self._run(self.engine.prefill_end, chunks)
@@ -344,7 +356,8 @@ class WorkerApp(ServiceApp):
         active = self.engine.requests.get(rid) if result.ok else None
         if active is not None:  # absent when a failed ring peer got the request released already
             if active.kv.acquire():  # its pages stay this request's until the blocks are stored
-                self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, cached)))
+                loaded = cached is not None or bool(resident)
+                self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, loaded)))
             if self.shards is not None:
                 self.shards.track(rid, cmd.member, active.kv)
             # its decode spans hang under the request's root span
@@ -386,20 +399,20 @@ class WorkerApp(ServiceApp):
             span.set_attribute("kv.loaded_tokens", cached.tokens if cached is not None else 0)
             return cached
 
-    async def _store_prefix(self, cmd: PrefillCommand, kv: RequestKV, cached: CachedRows | None) -> None:
+    async def _store_prefix(self, cmd: PrefillCommand, kv: RequestKV, loaded: bool) -> None:
         """Store the blocks this prefill computed; `kv` was acquired for it, and is let go here."""
         try:
-            await self._store_prefix_held(cmd, kv, cached)
+            await self._store_prefix_held(cmd, kv, loaded)
         finally:
             kv.unacquire()
 
-    async def _store_prefix_held(self, cmd: PrefillCommand, kv: RequestKV, cached: CachedRows | None) -> None:
+    async def _store_prefix_held(self, cmd: PrefillCommand, kv: RequestKV, loaded: bool) -> None:
         with self.tracer.start_as_current_span("worker.kv_store", attributes={
             "request_id": cmd.plan.request_id, "kv.quant": cmd.plan.kv_quant.value,
         }) as span:
             try:
                 rid = cmd.plan.request_id
-                stored = await self.prefix.store_computed(cmd, kv, cached,
+                stored = await self.prefix.store_computed(cmd, kv, loaded,
                                                           running=lambda: rid in self.engine.requests)
             except Exception as exc:  # a cache write failing must never reach the request
                 log.warning("kv_prefix_store_failed", request_id=cmd.plan.request_id, error=str(exc)[:300])

@@ -118,6 +118,10 @@ class PrefixCache:
         # reusable(prompt_tokens): whether stored K/V of this prompt length mean the same in another prompt
         self.reusable = reusable
 
+    def record_resident_hit(self, blocks: int) -> None:
+        """Blocks a prefill mapped from the worker's own pool (the device tier), in the store's metrics."""
+        self.store.metrics.blocks("hit", blocks, "pool")
+
     def enabled(self, cmd: PrefillCommand) -> bool:
         return self.settings.kv_store_enabled and bool(cmd.kv_blocks) and self.reusable(cmd.plan.prompt_tokens)
 
@@ -142,18 +146,18 @@ class PrefixCache:
             return None
         return CachedRows(cmd.cached_tokens, keys, values)
 
-    async def store_computed(self, cmd: PrefillCommand, kv: RequestKV, cached: CachedRows | None,
+    async def store_computed(self, cmd: PrefillCommand, kv: RequestKV, loaded: bool,
                              running: Callable[[], bool] = lambda: False) -> int:
         """Store the blocks inside this member's segments that it computed; returns the blocks stored.
 
-        Blocks below `cmd.cached_tokens` are already stored. A member whose load missed stores
-        those too: the store had lost them. While `running()` (the request is still held here)
+        Blocks below `cmd.cached_tokens` are already stored when they were `loaded` (from Redis
+        or the pool). A member whose load missed stores those too: the store had lost them. While `running()` (the request is still held here)
         each commit pins its blocks to the request, so they outlive it at least: the scheduler
         unpins at its end. Once it has ended, a commit pins nothing (no unpin would follow)."""
         if not self.enabled(cmd):
             return 0
         runs = member_runs(cmd)
-        missed = cached is None and bool(clip_runs(runs, 0, cmd.cached_tokens))
+        missed = not loaded and bool(clip_runs(runs, 0, cmd.cached_tokens))
         done_below = 0 if missed else cmd.cached_tokens
         refs = [r for r in blocks_inside(block_refs(cmd.kv_blocks), runs) if r.start >= done_below]
         refs = refs[: self.settings.kv_store_max_blocks]

@@ -86,20 +86,51 @@ async def _wait_stored(stack, path, ids, blocks, quant="none"):
         await nc.close()
 
 
-async def test_a_shared_prefix_is_loaded_on_one_worker(single_stack, tiny_llama):  # noqa: F811
-    path, model = tiny_llama
-    prefix = _ids(5 * BLOCK, 1)
-    first_ids, other_ids = prefix + _ids(10, 2), prefix + _ids(9, 3)
+@pytest.fixture(scope="module")
+def redis_tier_stack(tmp_path_factory, tiny_llama):  # noqa: F811
+    """One worker that keeps no prompt blocks in its pool: every hit is loaded from Redis."""
+    path, _ = tiny_llama
+    stack = Stack(tmp_path_factory.mktemp("prefix-redis"), workers=1, services=SERVICES,
+                  env=_env(path, RINGSERVE_KV_RESIDENT_PREFIX="false"))
+    try:
+        asyncio.run(stack.wait_ready(1))
+        yield stack
+    finally:
+        stack.stop()
 
-    first = await _generate(single_stack, first_ids)
+
+def _worker_events(stack, event: str) -> list[dict]:
+    lines = (stack.workdir / "worker0.log").read_text().splitlines()
+    return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == event]
+
+
+async def _shared_prefix_hits(stack, path, model, salt: int) -> None:
+    prefix = _ids(5 * BLOCK, salt)
+    first_ids, other_ids = prefix + _ids(10, salt + 1), prefix + _ids(9, salt + 2)
+
+    first = await _generate(stack, first_ids)
     assert first["usage"]["cached_tokens"] == 0
-    await _wait_stored(single_stack, path, first_ids, 5)
-    again = await _generate(single_stack, first_ids)
-    other = await _generate(single_stack, other_ids)
+    await _wait_stored(stack, path, first_ids, 5)
+    again = await _generate(stack, first_ids)
+    other = await _generate(stack, other_ids)
 
     assert again["usage"]["cached_tokens"] == 5 * BLOCK and again["output_ids"] == first["output_ids"]
     assert other["usage"]["cached_tokens"] == 5 * BLOCK
     assert _matches_transformers(model, first_ids, first) and _matches_transformers(model, other_ids, other)
+
+
+async def test_a_shared_prefix_is_mapped_from_the_workers_pool(single_stack, tiny_llama):  # noqa: F811
+    """The device tier: the kept blocks' pages, no Redis read."""
+    path, model = tiny_llama
+    before = len(_worker_events(single_stack, "kv_prefix_resident_hit"))
+    await _shared_prefix_hits(single_stack, path, model, salt=1)
+    assert len(_worker_events(single_stack, "kv_prefix_resident_hit")) - before == 2, single_stack.logs()
+
+
+async def test_a_shared_prefix_is_loaded_from_redis_on_one_worker(redis_tier_stack, tiny_llama):  # noqa: F811
+    path, model = tiny_llama
+    await _shared_prefix_hits(redis_tier_stack, path, model, salt=11)
+    assert _worker_events(redis_tier_stack, "kv_prefix_resident_hit") == []
 
 
 async def test_decode_attention_mass_reaches_the_kvstore_as_block_importance(single_stack, tiny_llama):  # noqa: F811

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     # worker's KV pool after it ends (until the pool needs the pages), and a later prompt with
     # that prefix maps them instead of loading them from Redis.
     kv_resident_prefix: bool = True
+    # Prompt blocks whose worker the scheduler remembers, to place a later prompt with that
+    # prefix there (cache-aware placement), least recently recorded forgotten first.
+    placement_block_homes: int = Field(default=1_000_000, ge=0)
     kv_hot_cache_bytes: int = Field(default=256 * 1024**2, ge=0)
     kv_io_concurrency: int = Field(default=8, ge=1)
     # Threads of a worker that copy KV rows to the host and encode or decode blocks.

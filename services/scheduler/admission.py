@@ -42,6 +42,7 @@ class _Candidate:
     request: GenerateRequest
     quant: KVQuant
     outcome: asyncio.Future  # the RingPlan, or the error that refused it
+    prefer: str | None = None  # the worker that may hold its cached blocks
 
 
 class Admission:
@@ -101,8 +102,10 @@ class Admission:
                            kv_tokens=max(b.kv_tokens, planned.get(b.worker_id, 0)), capacity_tokens=b.kv_capacity_tokens)
                 for b in self.registry.live_workers()]
 
-    def place(self, request_id: str, prompt_tokens: int, req: GenerateRequest, quant: KVQuant) -> RingPlan | None:
-        """A plan for the request now, or None when the workers that could hold it are busy."""
+    def place(self, request_id: str, prompt_tokens: int, req: GenerateRequest, quant: KVQuant,
+              prefer: str | None = None) -> RingPlan | None:
+        """A plan for the request now, or None when the workers that could hold it are busy.
+        `prefer`: a worker that may hold the prompt's cached blocks, chosen when it can be."""
         loads = self.worker_loads()
         if not loads:
             raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
@@ -120,7 +123,7 @@ class Admission:
                            request_id)
         chunk = chunk_tokens_for(prompt_tokens, self.settings)
         # A collective-fusion ring exchanges partials point-to-point: it needs the world too.
-        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, rings, req.max_new_tokens)
+        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, rings, req.max_new_tokens, prefer)
         if not ring:
             return None
         return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation,
@@ -138,7 +141,8 @@ class Admission:
         for waiter in self.queue.order(time.monotonic()):
             candidate = self._candidates[waiter.request_id]
             try:
-                plan = self.place(waiter.request_id, candidate.prompt_tokens, candidate.request, candidate.quant)
+                plan = self.place(waiter.request_id, candidate.prompt_tokens, candidate.request, candidate.quant,
+                                  candidate.prefer)
             except Exception as exc:  # refused now (e.g. its workers left): that request fails alone
                 self._settle(waiter, exc)
                 continue
@@ -157,19 +161,20 @@ class Admission:
             future.set_result(outcome)
 
     async def wait_for_placement(self, request_id: str, prompt_tokens: int, prefill_tokens: int,
-                                 req: GenerateRequest, quant: KVQuant, cancelled: Callable[[], bool]) -> RingPlan | None:
+                                 req: GenerateRequest, quant: KVQuant, cancelled: Callable[[], bool],
+                                 prefer: str | None = None) -> RingPlan | None:
         """Place now when the request comes first in the queue's order and fits, else wait in the
         queue (bounded by the request timeout and max_queued_requests): a long prompt never
         falls back onto a worker it would overfill. None when the request is cancelled while
         it waits. `prefill_tokens`: the prompt tokens no cached block covers (its queue order)."""
         # Refusals (too long for any ring, no fusion service) come at once, before any wait.
-        plan = self.place(request_id, prompt_tokens, req, quant)
+        plan = self.place(request_id, prompt_tokens, req, quant, prefer)
         if plan is not None and not len(self.queue):
             self._placed[request_id] = (plan, req.max_new_tokens)
             return plan
         waiter = self.queue.add(request_id, prefill_tokens, time.monotonic())
         outcome = asyncio.get_running_loop().create_future()
-        self._candidates[request_id] = _Candidate(prompt_tokens, req, quant, outcome)
+        self._candidates[request_id] = _Candidate(prompt_tokens, req, quant, outcome, prefer)
         try:
             self.admit_waiting()  # others wait: it goes now only if the queue's order puts it first
             if outcome.done():

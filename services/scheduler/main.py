@@ -42,6 +42,7 @@ from services.scheduler.api import (
     new_request_id,
     parse_generate,
 )
+from services.scheduler.block_homes import BlockHomes
 from services.scheduler.identity import may_cancel, requester_of
 from services.scheduler.placement import kv_quant_for
 from services.scheduler.port import BusWorkerPort
@@ -77,6 +78,7 @@ class SchedulerApp(ServiceApp):
         self.tokenizer = load_tokenizer(settings)
         self.runners: dict[str, RequestRunner] = {}
         self.requesters: dict[str, str | None] = {}  # request -> its tenant (identity.py), for cancel
+        self.block_homes = BlockHomes(self.settings.placement_block_homes)  # cache-aware placement
         self.inflight: set[asyncio.Task] = set()  # every public request being handled, admission included
         self.draining = False
         self._workers_changed = asyncio.Event()
@@ -335,9 +337,11 @@ class SchedulerApp(ServiceApp):
             self.requesters[request_id] = requester_of(msg.headers)
             progress_sub = None
             try:
+                cached_hashes = [b.chain_hash for b in hit.blocks if b.end <= hit.cached_tokens]
+                home = self.block_homes.home_of(cached_hashes)
                 plan = await self.admission.wait_for_placement(
                     request_id, len(prompt_ids), len(prompt_ids) - hit.cached_tokens, req, quant,
-                    lambda: runner.s.cancelled)
+                    lambda: runner.s.cancelled, prefer=home)
                 if plan is None:  # cancelled while it waited for workers: nothing was sent to any
                     return runner.reply("cancelled", None)
                 with self.tracer.start_as_current_span("scheduler.placement", attributes={
@@ -350,8 +354,12 @@ class SchedulerApp(ServiceApp):
                         await runner.on_progress(p.layers_done, p.layers)
                     progress_sub = await self.rt.bus.nc.subscribe(subjects.progress(request_id), cb=on_progress)
                 runner.task = asyncio.current_task()
+                if home is not None:
+                    trace.get_current_span().set_attribute("placement.block_home", home)
                 try:
                     reply = await runner.run(plan)
+                    if plan.size == 1 and hit.blocks and cacheable:  # its blocks now sit in that worker's pool
+                        self.block_homes.record(plan.workers[0], [b.chain_hash for b in hit.blocks])
                 except asyncio.CancelledError:
                     await self._drop_fusion(plan)
                     if runner.lost_workers:

@@ -89,7 +89,7 @@ def member_max_tokens(prompt_tokens: int, max_new_tokens: int, ring_size: int, s
 
 
 def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLoad], settings: Settings,
-                   world_ready: bool, max_new_tokens: int = 0) -> list[WorkerLoad]:
+                   world_ready: bool, max_new_tokens: int = 0, prefer: str | None = None) -> list[WorkerLoad]:
     """The ring for a prompt: as many free workers as its policy chunks need (up to all, up to
     max_ring_size); one worker when the prompt is one chunk or no ring can be formed now.
     Free: in the world and not already in a multi-worker ring (the deadlock rule above).
@@ -98,8 +98,9 @@ def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLo
     [] when the request cannot be placed now: the caller waits or refuses (fits_cluster)."""
     if not workers:
         return []
+    # `prefer`: the worker that may still hold the prompt's cached blocks (block_homes.py), first if it has room
     single = sorted((w for w in workers if w.has_room(prompt_tokens + max_new_tokens)),
-                    key=lambda w: (w.active_requests, w.kv_tokens, w.worker_id))[:1]
+                    key=lambda w: (w.worker_id != prefer, w.active_requests, w.kv_tokens, w.worker_id))[:1]
     if not world_ready:
         return single
     free = sorted((w for w in workers if not w.in_ring and w.world_rank is not None),

@@ -257,3 +257,53 @@ async def test_a_redis_restart_loses_no_request_and_caching_resumes(single_stack
         assert asyncio.get_running_loop().time() < deadline, single_stack.logs()
         await asyncio.sleep(0.2)
     assert after["usage"]["cached_tokens"] == 3 * BLOCK and _matches_transformers(model, ids, after)
+
+
+async def _until_workers(stack, nc, condition, timeout=20.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        workers = (await stack.status(nc))["workers"]
+        if condition(workers):
+            return workers
+        assert asyncio.get_running_loop().time() < deadline, workers
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def two_worker_stack(tmp_path_factory, tiny_llama):  # noqa: F811
+    """Two workers, every prompt on one of them (a chunk longer than any prompt here)."""
+    path, _ = tiny_llama
+    stack = Stack(tmp_path_factory.mktemp("prefix-two"), workers=2, services=SERVICES,
+                  env=_env(path, RINGSERVE_CHUNK_TOKENS="4096"))
+    try:
+        asyncio.run(stack.wait_ready(2))
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def test_a_prompt_goes_to_the_worker_that_holds_its_prefix(two_worker_stack, tiny_llama):  # noqa: F811
+    """Cache-aware placement: the least loaded worker would be the other one (a long request
+    runs on the blocks' worker), but the prompt goes where its blocks are, and maps them."""
+    path, model = tiny_llama
+    stack = two_worker_stack
+    prefix = _ids(4 * BLOCK, 21)
+    first = await _generate(stack, prefix + _ids(7, 22))
+    home = first["placement"]["workers"]
+    await _wait_stored(stack, path, prefix + _ids(7, 22), 4)
+    nc = await nats.connect(stack.servers.nats_url)
+    try:
+        await _until_workers(stack, nc, lambda ws: all(w["active_requests"] == 0 for w in ws))
+        busy = asyncio.create_task(stack.generate({"input_ids": _ids(20, 23), "max_new_tokens": 150}))
+        # both idle, so the long request goes where `first` went (the same tie-break): to the home
+        workers = await _until_workers(stack, nc, lambda ws: any(w["active_requests"] for w in ws))
+    finally:
+        await nc.close()
+    assert [w["worker_id"] for w in workers if w["active_requests"]] == home, workers
+    try:
+        other = await _generate(stack, prefix + _ids(9, 24))
+        assert other["placement"]["workers"] == home, (home, other["placement"])
+        assert other["usage"]["cached_tokens"] == 4 * BLOCK
+        assert _matches_transformers(model, prefix + _ids(9, 24), other)
+    finally:
+        await busy

@@ -26,6 +26,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 OK_CODE = "ok"
 
 # Whole-request latencies (TTFT): long prompts take minutes to prefill.
+MS_PER_S = 1000.0
 REQUEST_LATENCY_BUCKETS_MS = (10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000)
 # Per-token decode latency: tens of milliseconds when healthy.
 TOKEN_LATENCY_BUCKETS_MS = (1, 2, 5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1_000, 2_500)
@@ -110,6 +111,12 @@ class RingserveMetrics:
                         "attention pattern skipped (sliding, hybrid, strided; 0 for full attention)",
             explicit_bucket_boundaries_advisory=RATIO_BUCKETS,
         )
+        self.queue_time = meter.create_histogram(
+            "ringserve_queue_time_milliseconds",
+            unit="ms",
+            description="time a request waited in the scheduler's queue for workers with room (queued ones only)",
+            explicit_bucket_boundaries_advisory=REQUEST_LATENCY_BUCKETS_MS,
+        )
         self.ttft = meter.create_histogram(
             "ringserve_ttft_milliseconds",
             unit="ms",
@@ -181,6 +188,9 @@ class RingserveMetrics:
 
     def record_ttft(self, ms: float) -> None:
         self.ttft.record(ms)
+
+    def record_queue_time(self, seconds: float) -> None:
+        self.queue_time.record(seconds * MS_PER_S)
 
     def record_time_per_output_token(self, ms: float) -> None:
         self.time_per_output_token.record(ms)

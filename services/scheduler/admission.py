@@ -46,10 +46,12 @@ class _Candidate:
 
 
 class Admission:
-    def __init__(self, settings: Settings, registry: Registry, tracer):
+    def __init__(self, settings: Settings, registry: Registry, tracer,
+                 on_dequeued: Callable[[float], None] = lambda waited_s: None):
         self.settings = settings
         self.registry = registry
         self.tracer = tracer
+        self.on_dequeued = on_dequeued  # seconds a placed request waited in the queue (a metric)
         self.queue = WaitQueue(settings.admission_aging_tokens_per_s)
         self._candidates: dict[str, _Candidate] = {}
         # The plans of this scheduler's requests from placement to their end, each with its
@@ -208,6 +210,7 @@ class Admission:
             plan = outcome.result()  # a refusal raises here
             log.info("request_dequeued", waited_s=waited_s, place=waiter.place_at_entry,
                      overtaken_by=waiter.overtaken_by, prefill_tokens=waiter.prefill_tokens)
+            self.on_dequeued(time.monotonic() - waiter.enqueued_at)
             return plan
 
     async def _retry_while_waiting(self) -> None:

@@ -90,8 +90,8 @@ class SchedulerApp(ServiceApp):
         await self.port.start()
         self.tracer = rt.telemetry.tracer
         self.prefix = PrefixIndex(KVIndexClient(rt.bus, self.settings), self.settings, self.tracer)
-        self.admission = Admission(self.settings, self.registry, self.tracer)
         self.metrics = RingserveMetrics(rt.telemetry.meter)
+        self.admission = Admission(self.settings, self.registry, self.tracer, self.metrics.record_queue_time)
         self.metrics.watch_queue("scheduler", lambda: self.admission.waiting)
         bus = rt.bus
         self._generate_sub = await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)

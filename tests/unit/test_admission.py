@@ -52,6 +52,8 @@ async def until(condition, timeout_s: float = 5.0) -> None:
 
 async def test_a_short_prompt_is_placed_before_a_long_one_that_waited_longer():
     adm, spans = admission()
+    waited: list[float] = []
+    adm.on_dequeued = waited.append
     hold = await start(adm, "hold", 50, 40)  # 90 of 100 KV tokens: neither below fits beside it
     assert hold.workers == ["w0"]
     with capture_logs() as logs:
@@ -74,6 +76,8 @@ async def test_a_short_prompt_is_placed_before_a_long_one_that_waited_longer():
                    if s.name == "scheduler.queue"}
     assert queue_spans["short"]["queue.place"] == 1 and queue_spans["long"]["queue.overtaken_by"] == 1
     assert queue_spans["long"]["queue.waited_s"] > 0
+    # and the queue-time metric got each placed waiter's wait
+    assert len(waited) == 2 and waited[1] >= waited[0] > 0
 
 
 async def test_the_first_in_order_holds_back_those_behind_it():

@@ -36,27 +36,24 @@ def _env(path, **extra):
             "RINGSERVE_CHUNK_TOKENS": str(CHUNK), **extra}
 
 
-@pytest.fixture(scope="module")
-def single_stack(tmp_path_factory, tiny_llama):  # noqa: F811
-    path, _ = tiny_llama
-    stack = Stack(tmp_path_factory.mktemp("prefix-one"), workers=1, services=SERVICES, env=_env(path))
+def _stack(tmp_path_factory, name: str, workers: int, env: dict):
+    """A module's stack of `workers` workers (a generator for a fixture: stopped after the module)."""
+    stack = Stack(tmp_path_factory.mktemp(name), workers=workers, services=SERVICES, env=env)
     try:
-        asyncio.run(stack.wait_ready(1))
+        asyncio.run(stack.wait_ready(workers))
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def single_stack(tmp_path_factory, tiny_llama):  # noqa: F811
+    yield from _stack(tmp_path_factory, "prefix-one", 1, _env(tiny_llama[0]))
 
 
 @pytest.fixture(scope="module")
 def ring_stack(tmp_path_factory, tiny_llama):  # noqa: F811
-    path, _ = tiny_llama
-    stack = Stack(tmp_path_factory.mktemp("prefix-ring"), workers=3, services=SERVICES,
-                  env=_env(path, RINGSERVE_MAX_RING_SIZE="2"))
-    try:
-        asyncio.run(stack.wait_ready(3))
-        yield stack
-    finally:
-        stack.stop()
+    yield from _stack(tmp_path_factory, "prefix-ring", 3, _env(tiny_llama[0], RINGSERVE_MAX_RING_SIZE="2"))
 
 
 async def _generate(stack, ids, **fields):
@@ -89,14 +86,7 @@ async def _wait_stored(stack, path, ids, blocks, quant="none"):
 @pytest.fixture(scope="module")
 def redis_tier_stack(tmp_path_factory, tiny_llama):  # noqa: F811
     """One worker that keeps no prompt blocks in its pool: every hit is loaded from Redis."""
-    path, _ = tiny_llama
-    stack = Stack(tmp_path_factory.mktemp("prefix-redis"), workers=1, services=SERVICES,
-                  env=_env(path, RINGSERVE_KV_RESIDENT_PREFIX="false"))
-    try:
-        asyncio.run(stack.wait_ready(1))
-        yield stack
-    finally:
-        stack.stop()
+    yield from _stack(tmp_path_factory, "prefix-redis", 1, _env(tiny_llama[0], RINGSERVE_KV_RESIDENT_PREFIX="false"))
 
 
 def _worker_events(stack, event: str) -> list[dict]:
@@ -272,14 +262,7 @@ async def _until_workers(stack, nc, condition, timeout=20.0):
 @pytest.fixture(scope="module")
 def two_worker_stack(tmp_path_factory, tiny_llama):  # noqa: F811
     """Two workers, every prompt on one of them (a chunk longer than any prompt here)."""
-    path, _ = tiny_llama
-    stack = Stack(tmp_path_factory.mktemp("prefix-two"), workers=2, services=SERVICES,
-                  env=_env(path, RINGSERVE_CHUNK_TOKENS="4096"))
-    try:
-        asyncio.run(stack.wait_ready(2))
-        yield stack
-    finally:
-        stack.stop()
+    yield from _stack(tmp_path_factory, "prefix-two", 2, _env(tiny_llama[0], RINGSERVE_CHUNK_TOKENS="4096"))
 
 
 async def test_a_prompt_goes_to_the_worker_that_holds_its_prefix(two_worker_stack, tiny_llama):  # noqa: F811

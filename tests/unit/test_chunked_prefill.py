@@ -9,23 +9,13 @@ from services.worker.chunked_prefill import one_worker_positions
 from services.worker.engine import PrefillAborted
 from services.worker.prefix import CachedRows
 from shared.messages import PrefillCommand, RingPlan, SamplingParams, Segment
-from shared.model import LlamaModel, parse_model_config
-from tests.helpers.engines import make_engine
+from tests.helpers.engines import make_engine, tiny_llama
 
 PROMPT = 37
 
 
-def tiny_model(window: int | None = None) -> LlamaModel:
-    raw = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 256}
-    if window is not None:
-        raw.update(model_type="mistral", sliding_window=window)
-    torch.manual_seed(0)
-    model = LlamaModel(parse_model_config(raw)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8)  # greedy tokens that vary
-    return model
+def tiny_model(window: int | None = None):
+    return tiny_llama() if window is None else tiny_llama(model_type="mistral", sliding_window=window)
 
 
 def command(rid: str, n: int = PROMPT) -> PrefillCommand:

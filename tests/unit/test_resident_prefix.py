@@ -10,21 +10,9 @@ from services.worker.kv_cache import KVPool
 from services.worker.resident_prefix import ResidentPrefix
 from shared.kv.keys import block_chain
 from shared.messages import PrefillCommand, PromptBlock, RingPlan, SamplingParams, Segment
-from shared.model import LlamaModel, parse_model_config
-from tests.helpers.engines import make_engine
+from tests.helpers.engines import make_engine, tiny_llama
 
 PAGE = 8  # tests.helpers.engines' page size must match: make_engine(page_tokens=PAGE)
-
-
-def tiny_model() -> LlamaModel:
-    raw = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 256}
-    torch.manual_seed(0)
-    model = LlamaModel(parse_model_config(raw)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8)
-    return model
 
 
 def command(rid: str, ids: list[int], cached: int = 0) -> PrefillCommand:
@@ -55,7 +43,7 @@ def test_shared_pages_go_back_when_every_holder_lets_go():
 
 
 def test_a_later_prompt_maps_the_kept_blocks_and_computes_what_a_fresh_prefill_does():
-    model = tiny_model()
+    model = tiny_llama()
     engine, fresh = make_engine(model, page_tokens=PAGE), make_engine(model, page_tokens=PAGE)
     engine.resident = ResidentPrefix(engine.pool, max_pages=64)
     prefix = [(i * 5 + 1) % 97 for i in range(3 * PAGE)]  # 3 full blocks

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.attention.paged import gather_rows
+from shared.settings import Settings
 
 SCRATCH_PAGE = 0
 CPU_GROWTH = 2  # a CPU pool that runs out of pages grows by this factor
-DEFAULT_COPY_CHUNK_BYTES = 4 * 1024**2  # the worker passes Settings.kv_io_copy_chunk_bytes
+DEFAULT_COPY_CHUNK_BYTES: int = Settings.model_fields["kv_io_copy_chunk_bytes"].default  # the worker passes its own
 
 
 class KVPoolFull(RuntimeError):

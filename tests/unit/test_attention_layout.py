@@ -13,7 +13,6 @@ from shared.attention.layout import (
     zigzag_assign,
     zigzag_segments,
 )
-from shared.settings import Settings
 
 
 def test_split_chunks_last_one_shorter():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.model import LlamaModel, UnsupportedModel, parse_model_config
+from shared.model import LlamaModel, parse_model_config
 from tests.helpers.checkpoints import causal_attention
 
 TOKENS = 12

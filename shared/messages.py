@@ -113,6 +113,9 @@ class GenerateRequest(_Strict):
     stop: list[Annotated[StrictStr, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=list, max_length=64,
                                                                     fail_fast=True)
+    # As vLLM's ignore_eos: the model's EOS does not end the request (stop_token_ids still do);
+    # benchmarks and tests use it to get exactly max_new_tokens from any checkpoint.
+    ignore_eos: StrictBool = False
     stream: StrictBool = False
     logprobs: StrictBool = False
     request_id: RequestId | None = None

@@ -52,6 +52,7 @@ class _Sampling(_Request):
     user: str | None = None
     # ringserve's own: passed to the NATS request
     top_k: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None  # as vLLM's extra sampling parameter
     kv_quant: KVQuant | None = None
     attention: AttentionSpec | None = None  # the NATS API's attention pattern, passed through
 

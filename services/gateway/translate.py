@@ -93,7 +93,7 @@ def _sampling_fields(req: _Sampling) -> dict[str, Any]:
         "stop": _stop_list(req.stop),
         "stream": req.stream,
     }
-    for name in ("top_p", "top_k", "seed", "kv_quant", "attention"):
+    for name in ("top_p", "top_k", "seed", "ignore_eos", "kv_quant", "attention"):
         value = getattr(req, name)
         if value is not None:
             fields[name] = value

@@ -328,7 +328,8 @@ class SchedulerApp(ServiceApp):
         cacheable = req.attention is None or req.attention.key_pattern() is None
         async with self.prefix.hold(request_id, model, prompt_ids, quant.value, cacheable) as hit:
             emit = (lambda event: self._respond(msg, event, content_type)) if req.stream else None
-            runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop), set(model.eos_token_ids),
+            runner = RequestRunner(state, self.port, StopChecker(self.tokenizer, req.stop),
+                                   set() if req.ignore_eos else set(model.eos_token_ids),
                                    emit, cached_tokens=hit.cached_tokens, kv_blocks=hit.blocks,
                                    token_timeout_s=self.settings.fusion_timeout_s + self.settings.dist_timeout_s,
                                    layer_patterns=layer_patterns(req, model))

@@ -83,7 +83,8 @@ async def test_a_drain_out_of_time_answers_unavailable_and_releases_the_workers(
         await stack.wait_ready(1)
         nc = await nats.connect(stack.servers.nats_url)
         try:
-            events, sub = await _stream_until_first_token(nc, {"prompt": "long one", "max_new_tokens": 4000})
+            events, sub = await _stream_until_first_token(nc, {"prompt": "long one", "max_new_tokens": 4000,
+                                                                 "ignore_eos": True})
             stack.killed.add("scheduler")
             stack.procs["scheduler"].send_signal(signal.SIGTERM)
             await _wait_for_draining_scheduler(nc)

@@ -36,7 +36,7 @@ JSON, MSGPACK = "application/json", "application/msgpack"
 ENV = {"RINGSERVE_MAX_PROMPT_TOKENS": "20000", "RINGSERVE_KV_BLOCK_TOKENS": "64"}
 BASE = {"input_ids": [5, 6, 7], "max_new_tokens": 2}
 FIELDS = ["prompt", "input_ids", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-          "stop_token_ids", "stream", "logprobs", "request_id", "kv_quant", "attention"]
+          "stop_token_ids", "ignore_eos", "stream", "logprobs", "request_id", "kv_quant", "attention"]
 # Wrong (or edge) values of every JSON type; none makes a valid request run long.
 WRONG = ["1", "", "yes", 1.5, -1, 0, 2**63, 2**70, -(2**70), True, False, None, [], {}, [1, "2"], [[1]], {"a": 1},
          [None], ["1"] * 50, [1.0, 2.0], "\u0000", "é" * 10, float("inf"), float("nan"), -0.0, 1e308]

@@ -131,6 +131,24 @@ async def test_stop_strings_and_stop_token_ids(demo_stack):
         await nc.close()
 
 
+async def test_ignore_eos_runs_past_the_models_end_of_sequence(demo_stack):
+    # The demo model's greedy answer to these ids ("<s>p45") ends with EOS after 7 tokens.
+    body = {"input_ids": [256, 112, 52, 53], "max_new_tokens": 20}
+    nc = await nats.connect(demo_stack.servers.nats_url)
+    try:
+        ended = await _request(nc, body)
+        assert ended["finish_reason"] == "stop" and len(ended["output_ids"]) < 20, ended
+        past = await _request(nc, {**body, "ignore_eos": True})
+        assert past["finish_reason"] == "length" and len(past["output_ids"]) == 20, past
+        assert past["output_ids"][: len(ended["output_ids"])] == ended["output_ids"]
+        eos = ended["output_ids"][-1]
+        # an explicit stop id still ends it
+        cut = await _request(nc, {**body, "ignore_eos": True, "stop_token_ids": [eos]})
+        assert cut["output_ids"] == ended["output_ids"] and cut["finish_reason"] == "stop"
+    finally:
+        await nc.close()
+
+
 def _decode(msg):
     """Replies use the request's encoding and say which in Content-Type."""
     if msg.headers["Content-Type"] == "application/json":

@@ -147,6 +147,23 @@ class Bus:
         self._subs.append(sub)
         return sub
 
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+        try:
+            await sub.unsubscribe()
+        except nats.errors.BadSubscriptionError:  # the connection closed it already
+            pass
+
+    @property
+    def is_connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def close(self) -> None:
+        """Close at once, without draining (a client whose own loop is ending)."""
+        if not self.nc.is_closed:
+            await self.nc.close()
+
     async def drain(self) -> None:
         for sub in self._subs:
             try:

@@ -312,6 +312,11 @@ class ServiceHeartbeat(_Internal):
     draining: bool = False
 
 
+class FusionHeartbeat(ServiceHeartbeat):
+    partition: str  # the fusion instance's partition: requests placed on it send their partials there
+    pending_groups: int = 0
+
+
 class WorldForm(_Internal):
     """The scheduler's decision of who is in the torch.distributed world, and in what rank order."""
 

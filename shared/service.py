@@ -1,9 +1,9 @@
 """What every ringserve service process shares: NATS connection, `nats.micro` registration (so
 `$SRV.PING`/`$SRV.INFO` discover it), heartbeats, a health file for container health checks,
-and a clean drain on SIGTERM/SIGINT.
+a clean drain on SIGTERM/SIGINT, and typed endpoints (`serve`).
 
-A service supplies `start(runtime)` (subscribe its subjects) and optionally `heartbeat()` and
-`stop()`; `run_service` wires the rest.
+A service supplies `start(runtime)` (subscribe its subjects with `serve`) and optionally
+`heartbeat()` and `stop()`; `run_service` wires the rest.
 """
 
 from __future__ import annotations
@@ -17,14 +17,19 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from nats.micro import add_service
 from nats.micro.service import Service, ServiceConfig
-from pydantic import BaseModel
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry import trace
+from pydantic import BaseModel, ValidationError
 
-from shared import subjects
+from shared import codec, subjects
 from shared.bus import Bus, connect
+from shared.errors import error_text
 from shared.logs import setup_logging
 from shared.messages import ServiceHeartbeat
 from shared.settings import Settings
@@ -32,6 +37,61 @@ from shared.telemetry import Telemetry, setup_telemetry
 
 log = structlog.get_logger("service")
 VERSION = "0.1.0"
+M = TypeVar("M", bound=BaseModel)
+
+
+async def serve(
+    bus: Bus,
+    subject: str,
+    model: type[M],
+    handler: Callable[[M, Msg], Awaitable[BaseModel | None]],
+    *,
+    queue: str = "",
+    invalid: Callable[[str], BaseModel] | None = None,
+    failed: Callable[[Exception], BaseModel] | None = None,
+    span: str | None = None,
+    tracer: trace.Tracer | None = None,
+    quiet: bool = False,
+) -> Subscription:
+    """A typed endpoint: every message on `subject` is decoded into `model` (msgpack, strictly
+    validated) and handed to `handler(request, msg)`; what it returns (if anything) is the reply.
+
+    invalid: the reply to a message that does not decode (given the error text); without it the
+    message is dropped. Either way it is logged (`bad_message`), unless `quiet` (heartbeats,
+    whose bad ones the scheduler logs). failed: the reply when the handler raises; without it the
+    exception is logged and the sender times out. span: the name of a span around the handler
+    (handlers that start their own spans leave it out), from `tracer` (the service's). A
+    message never ends the service.
+    """
+    tracer = tracer or trace.get_tracer("ringserve.service")
+
+    async def handle(msg: Msg) -> None:
+        try:
+            request = codec.decode(msg.data, model)
+        except (codec.CodecError, ValidationError) as exc:
+            text = error_text(f"invalid {model.__name__}: {exc}")
+            if not quiet:
+                log.warning("bad_message", subject=msg.subject, service=bus.name, error=text)
+            if invalid is not None:
+                await bus.reply(msg, invalid(text))
+            return
+        try:
+            if span is None:
+                reply = await handler(request, msg)
+            else:
+                with tracer.start_as_current_span(span, attributes={"subject": msg.subject}):
+                    reply = await handler(request, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if failed is None:
+                raise  # the bus logs it (handler_failed)
+            log.exception("request_failed", subject=msg.subject, service=bus.name)
+            reply = failed(exc)
+        if reply is not None:
+            await bus.reply(msg, reply)
+
+    return await bus.subscribe(subject, handle, queue=queue)
 
 
 def health_file(service: str) -> Path:

@@ -17,6 +17,11 @@ def heartbeat(service: str, instance: str) -> str:
     return f"{HEARTBEAT}.{service}.{instance}"
 
 
+def heartbeats(service: str) -> str:
+    """Every instance's heartbeats of one service."""
+    return f"{HEARTBEAT}.{service}.>"
+
+
 def worker_inbox(worker_id: str, verb: str) -> str:
     """Commands addressed to one worker: prefill, decode, release, abort (a prefill cancelled)."""
     return f"{_INTERNAL}.worker.{worker_id}.{verb}"

@@ -11,11 +11,12 @@ import asyncio
 
 import structlog
 from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 from shared import codec, subjects
-from shared.messages import FusionDrop, FusionReply, FusionRequest, ServiceHeartbeat, WorkerHeartbeat
-from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
+from shared.messages import FusionDrop, FusionHeartbeat, FusionReply, FusionRequest, WorkerHeartbeat
+from shared.errors import error_text
+from shared.service import (ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, serve,
+                            wait_until)
 from shared.settings import Settings
 from services.fusion.table import FusionError, FusionTable, PartitionUsers
 
@@ -26,11 +27,6 @@ def traced_step(request: FusionRequest, every: int) -> bool:
     """Merges are sampled for tracing by decode step (a span per layer per token would cost more
     than the merge itself): step 0 and every `every`-th step of each request."""
     return any(item.step % every == 0 for item in request.items)
-
-
-class FusionHeartbeat(ServiceHeartbeat):
-    partition: str
-    pending_groups: int
 
 
 class FusionApp(ServiceApp):
@@ -49,9 +45,10 @@ class FusionApp(ServiceApp):
         meter = rt.telemetry.meter
         self._merges = meter.create_counter("ringserve_fusion_merges", description="partial-attention merges")
         self._batch = meter.create_histogram("ringserve_fusion_batch_items", description="partials per fusion message")
-        await rt.bus.subscribe(subjects.fusion_partials(rt.instance), self._on_partials)
-        await rt.bus.subscribe(subjects.fusion_drop(rt.instance), self._on_drop)
-        await rt.bus.subscribe(f"{subjects.HEARTBEAT}.worker.>", self._on_worker_heartbeat)
+        await serve(rt.bus, subjects.fusion_partials(rt.instance), FusionRequest, self._on_partials,
+                    invalid=lambda text: FusionReply(items=[], error=text))
+        await serve(rt.bus, subjects.fusion_drop(rt.instance), FusionDrop, self._on_drop)
+        await serve(rt.bus, f"{subjects.HEARTBEAT}.worker.>", WorkerHeartbeat, self._on_worker_heartbeat, quiet=True)
         self._reaper = asyncio.create_task(self._reap())
 
     def heartbeat(self, rt: ServiceRuntime) -> FusionHeartbeat:
@@ -75,10 +72,9 @@ class FusionApp(ServiceApp):
         if self._reaper:
             self._reaper.cancel()
 
-    async def _on_partials(self, msg: Msg) -> None:
+    async def _on_partials(self, request: FusionRequest, msg: Msg) -> FusionReply | None:
+        before = self.table.merges
         try:
-            request = codec.decode(msg.data, FusionRequest)
-            before = self.table.merges
             if traced_step(request, self.trace_every):
                 with self.rt.telemetry.tracer.start_as_current_span("fusion.merge", attributes={
                     "worker_id": request.worker_id, "items": len(request.items),
@@ -89,28 +85,18 @@ class FusionApp(ServiceApp):
                     replies = self.table.add(request, msg.reply)
             else:
                 replies = self.table.add(request, msg.reply)
-        except (codec.CodecError, ValidationError, FusionError) as exc:
-            log.warning("fusion_bad_message", error=str(exc)[:300])
-            if msg.reply:
-                await self.rt.bus.publish_raw(msg.reply, codec.encode(FusionReply(items=[], error=str(exc)[:300])))
-            return
+        except FusionError as exc:  # partials that do not fit their group: the sender's error
+            log.warning("fusion_bad_partials", worker_id=request.worker_id, error=error_text(exc))
+            return FusionReply(items=[], error=error_text(exc))
         self._batch.record(len(request.items))
         self._merges.add(self.table.merges - before)
         await self._send(replies)
+        return None
 
-    async def _on_worker_heartbeat(self, msg: Msg) -> None:
-        try:
-            beat = codec.decode(msg.data, WorkerHeartbeat)
-        except (codec.CodecError, ValidationError):
-            return  # the scheduler logs bad heartbeats
+    async def _on_worker_heartbeat(self, beat: WorkerHeartbeat, _msg: Msg) -> None:
         self.users.on_heartbeat(beat.worker_id, beat.fusion_partitions)
 
-    async def _on_drop(self, msg: Msg) -> None:
-        try:
-            drop = codec.decode(msg.data, FusionDrop)
-        except (codec.CodecError, ValidationError) as exc:
-            log.warning("fusion_bad_message", error=str(exc)[:300])
-            return
+    async def _on_drop(self, drop: FusionDrop, _msg: Msg) -> None:
         replies = self.table.drop_request(drop.request_id)
         if replies:
             log.info("fusion_request_dropped", request_id=drop.request_id, waiters=len(replies))

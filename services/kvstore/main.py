@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from shared import codec, subjects
+from shared import subjects
 from shared.kv.messages import (
     KVErrorReply,
     KVCommitRequest,
@@ -27,13 +27,11 @@ from shared.kv.messages import (
     KVStatsRequest,
     KVTouchRequest,
 )
-from shared.service import ServiceApp, ServiceRuntime, main as service_main, run_service
+from shared.service import ServiceApp, ServiceRuntime, main as service_main, run_service, serve
 from shared.settings import Settings
 from services.kvstore.service import KVStoreService
 
 log = structlog.get_logger("kvstore")
-# Validation errors are echoed back, cut to this length.
-MAX_ERROR_CHARS = 500
 
 
 class KVStoreApp(ServiceApp):
@@ -47,16 +45,23 @@ class KVStoreApp(ServiceApp):
 
     async def start(self, rt: ServiceRuntime) -> None:
         self.service = service = KVStoreService(self.settings, meter=rt.telemetry.meter)
+
+        async def stats(_request: KVStatsRequest) -> BaseModel:
+            return await service.stats()
+
         routes: list[tuple[str, type[BaseModel], Callable[[BaseModel], Awaitable[BaseModel]]]] = [
             (subjects.KV_LOOKUP, KVLookupRequest, service.lookup),
             (subjects.KV_COMMIT, KVCommitRequest, service.commit),
             (subjects.KV_TOUCH, KVTouchRequest, service.touch),
             (subjects.KV_PIN, KVPinRequest, service.pin),
             (subjects.KV_SHARD, KVShardRequest, service.shard),
-            (subjects.KV_STATS, KVStatsRequest, lambda _request: service.stats()),
+            (subjects.KV_STATS, KVStatsRequest, stats),
         ]
         for subject, model, method in routes:
-            await rt.bus.subscribe(subject, _handler(rt, model, method), queue=subjects.SERVICE_QUEUE)
+            await serve(rt.bus, subject, model, _ignoring_msg(method), queue=subjects.SERVICE_QUEUE,
+                        invalid=lambda text: KVErrorReply(error=text),
+                        failed=lambda exc: KVErrorReply(error=f"internal error: {type(exc).__name__}"),
+                        span=f"kvstore.{method.__name__}", tracer=rt.telemetry.tracer)
         self._sweeper = asyncio.create_task(self._sweep(service))
 
     async def stop(self, rt: ServiceRuntime) -> None:
@@ -79,22 +84,9 @@ class KVStoreApp(ServiceApp):
                 log.exception("kv_sweep_failed")
 
 
-def _handler(rt: ServiceRuntime, model: type[BaseModel], method: Callable[[BaseModel], Awaitable[BaseModel]]):
-    async def handle(msg: Msg) -> None:
-        try:
-            request = codec.decode(msg.data, model)
-        except (codec.CodecError, ValidationError) as exc:
-            log.warning("kv_bad_request", subject=msg.subject, error=str(exc)[:MAX_ERROR_CHARS])
-            await rt.bus.reply(msg, KVErrorReply(error=f"invalid {model.__name__}: {str(exc)[:MAX_ERROR_CHARS]}"))
-            return
-        try:
-            with rt.telemetry.tracer.start_as_current_span(f"kvstore.{method.__name__}",
-                                                           attributes={"subject": msg.subject}):
-                reply = await method(request)
-        except Exception as exc:
-            log.exception("kv_request_failed", subject=msg.subject)
-            reply = KVErrorReply(error=f"internal error: {type(exc).__name__}")
-        await rt.bus.reply(msg, reply)
+def _ignoring_msg(method: Callable[[BaseModel], Awaitable[BaseModel]]):
+    async def handle(request: BaseModel, _msg: Msg) -> BaseModel:
+        return await method(request)
 
     return handle
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from shared import codec
 from shared.attention.pattern import KeyPattern, layer_pattern
 from shared.messages import ErrorBody, ErrorCode, ErrorReply, GenerateRequest, ModelInfo
+from shared.errors import error_text
 from shared.settings import Settings
 
 
@@ -41,7 +42,7 @@ def parse_generate(data: bytes, content_type_header: str | None, settings: Setti
     try:
         body = codec.load_public(data, content_type)
     except codec.CodecError as exc:
-        raise ApiError(ErrorCode.INVALID_REQUEST, str(exc)[:300]) from None
+        raise ApiError(ErrorCode.INVALID_REQUEST, error_text(exc)) from None
     if not isinstance(body, dict):
         raise ApiError(ErrorCode.INVALID_REQUEST, "the body must be an object")
     client_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None

@@ -21,6 +21,7 @@ from shared.messages import (
     CancelRequest,
     ErrorCode,
     FusionDrop,
+    FusionHeartbeat,
     PrefillProgress,
     ServiceHeartbeat,
     ServiceStatus,
@@ -30,7 +31,9 @@ from shared.messages import (
     WorldReady,
 )
 from shared.metrics import OK_CODE, RingserveMetrics
-from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
+from shared.errors import error_text
+from shared.service import (ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, serve,
+                            wait_until)
 from shared.settings import Settings
 from services.scheduler.admission import Admission
 from services.scheduler.api import (
@@ -60,6 +63,9 @@ OFF_LOOP_BYTES = 64 * 1024
 # Of the drain timeout, kept to answer requests a drain has to cut off.
 DRAIN_REPLY_MARGIN_S = 1.0
 DRAIN_STOP_TAIL_S = 0.1  # what stop() still does after the cut-off requests' replies
+# Services whose instances `ringserve status` lists from their plain heartbeats (workers and
+# fusion send richer ones, read on their own subjects)
+OTHER_SERVICES = ("scheduler", "kvstore")
 
 
 def load_tokenizer(settings: Settings):
@@ -97,8 +103,11 @@ class SchedulerApp(ServiceApp):
         self._generate_sub = await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.STATUS, self._on_status, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.CANCEL, self._on_cancel)  # every instance: only the owner can cancel
-        await bus.subscribe(f"{subjects.HEARTBEAT}.>", self._on_heartbeat)
-        await bus.subscribe(subjects.WORLD_READY, self._on_world_ready)
+        await serve(bus, subjects.heartbeats("worker"), WorkerHeartbeat, self._on_worker_heartbeat)
+        await serve(bus, subjects.heartbeats("fusion"), FusionHeartbeat, self._on_fusion_heartbeat)
+        for service in OTHER_SERVICES:
+            await serve(bus, subjects.heartbeats(service), ServiceHeartbeat, self._on_service_heartbeat)
+        await serve(bus, subjects.WORLD_READY, WorldReady, self._on_world_ready)
         self._world_task = asyncio.create_task(self._world_loop())
 
     async def stop(self, rt: ServiceRuntime) -> None:
@@ -122,26 +131,21 @@ class SchedulerApp(ServiceApp):
         self.admission.close()
 
     # ------------------------------------------------------------------------------ liveness
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        service = msg.subject.split(".")[4] if msg.subject.count(".") >= 5 else ""
-        try:
-            if service == "worker":
-                beat = codec.decode(msg.data, WorkerHeartbeat)
-                known = beat.worker_id in self.registry.workers
-                self.registry.on_worker(beat)
-                if not known:
-                    log.info("worker_joined", worker_id=beat.worker_id)
-                    self._workers_changed.set()
-            else:
-                beat = codec.decode(msg.data, ServiceHeartbeat)
-                self.registry.on_service(beat.service, beat.instance, beat.draining)
-                if service == "fusion":
-                    self.registry.on_fusion(str(codec.unpack(msg.data).get("partition")), beat.draining)
-        except (codec.CodecError, ValidationError) as exc:
-            log.warning("bad_heartbeat", subject=msg.subject, error=str(exc)[:200])
+    async def _on_worker_heartbeat(self, beat: WorkerHeartbeat, _msg: Msg) -> None:
+        known = beat.worker_id in self.registry.workers
+        self.registry.on_worker(beat)
+        if not known:
+            log.info("worker_joined", worker_id=beat.worker_id)
+            self._workers_changed.set()
 
-    async def _on_world_ready(self, msg: Msg) -> None:
-        ready = codec.decode(msg.data, WorldReady)
+    async def _on_service_heartbeat(self, beat: ServiceHeartbeat, _msg: Msg) -> None:
+        self.registry.on_service(beat.service, beat.instance, beat.draining)
+
+    async def _on_fusion_heartbeat(self, beat: FusionHeartbeat, msg: Msg) -> None:
+        await self._on_service_heartbeat(beat, msg)
+        self.registry.on_fusion(beat.partition, beat.draining)
+
+    async def _on_world_ready(self, ready: WorldReady, _msg: Msg) -> None:
         self.registry.on_ready(ready.worker_id, ready.generation, ready.ok)
         if not ready.ok:
             log.warning("world_join_failed", worker_id=ready.worker_id, error=ready.error)
@@ -223,7 +227,7 @@ class SchedulerApp(ServiceApp):
         try:
             req = CancelRequest.model_validate(codec.load_public(msg.data, content_type))
         except (codec.CodecError, ValidationError) as exc:
-            await self._respond(msg, ApiError(ErrorCode.INVALID_REQUEST, str(exc)[:300]).reply(), content_type)
+            await self._respond(msg, ApiError(ErrorCode.INVALID_REQUEST, error_text(exc)).reply(), content_type)
             return
         runner = self.runners.get(req.request_id)
         if runner is None:
@@ -296,7 +300,7 @@ class SchedulerApp(ServiceApp):
                 outcome = ErrorCode.INTERNAL.value
                 log.exception("request_crashed")
                 span.record_exception(exc)
-                await self._respond(msg, ApiError(ErrorCode.INTERNAL, str(exc)[:300], request_id).reply(), content_type)
+                await self._respond(msg, ApiError(ErrorCode.INTERNAL, error_text(exc), request_id).reply(), content_type)
             finally:
                 self.metrics.record_request(outcome)
                 structlog.contextvars.unbind_contextvars("request_id")
@@ -350,10 +354,10 @@ class SchedulerApp(ServiceApp):
                     log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
                              prompt_tokens=len(prompt_ids))
                 if req.stream:
-                    async def on_progress(m: Msg) -> None:
-                        p = codec.decode(m.data, PrefillProgress)
+                    async def on_progress(p: PrefillProgress, _msg: Msg) -> None:
                         await runner.on_progress(p.layers_done, p.layers)
-                    progress_sub = await self.rt.bus.nc.subscribe(subjects.progress(request_id), cb=on_progress)
+                    progress_sub = await serve(self.rt.bus, subjects.progress(request_id), PrefillProgress,
+                                               on_progress)
                 runner.task = asyncio.current_task()
                 if home is not None:
                     trace.get_current_span().set_attribute("placement.block_home", home)
@@ -374,7 +378,7 @@ class SchedulerApp(ServiceApp):
                 self.requesters.pop(request_id, None)
                 self.admission.release(request_id)
                 if progress_sub is not None:
-                    await progress_sub.unsubscribe()
+                    await self.rt.bus.unsubscribe(progress_sub)
         if reply.output_ids:  # a request cancelled during its prefill has no first token
             self.metrics.record_ttft(reply.timings.ttft_ms)
             self.metrics.record_request_attention_sparsity(reply.usage.attention_sparsity)
@@ -391,10 +395,10 @@ class SchedulerApp(ServiceApp):
     async def _respond(self, msg: Msg, message: BaseModel, content_type: str) -> None:
         if msg.reply:
             try:
-                await self.rt.bus.nc.publish(msg.reply, encode_reply(message, content_type),
-                                             headers={"Content-Type": content_type})
+                await self.rt.bus.publish_raw(msg.reply, encode_reply(message, content_type),
+                                              headers={"Content-Type": content_type})
             except Exception as exc:  # a vanished client must not crash the request's task
-                log.warning("reply_failed", error=str(exc)[:200])
+                log.warning("reply_failed", error=error_text(exc))
 
 
 async def off_loop_if_large(size: int, fn, *args):

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 
-import structlog
 from nats.aio.msg import Msg
-from pydantic import ValidationError
 
-from shared import codec, subjects
+from shared import subjects
 from shared.bus import BusError, PayloadTooLarge
 from shared.messages import AbortCommand, DecodeTokens, ErrorCode, PrefillCommand, PrefillResult, ReleaseCommand, TokenItem
+from shared.service import serve
 from shared.settings import Settings
 from services.scheduler.api import ApiError
 
-log = structlog.get_logger("scheduler")
 PREFILL_TIMEOUT_FACTOR = 1.0  # of request_timeout_s
 
 
@@ -32,7 +30,7 @@ class BusWorkerPort:
         self._queues: dict[str, asyncio.Queue[TokenItem | None]] = {}
 
     async def start(self) -> None:
-        await self.bus.subscribe(self.events_subject, self._on_tokens)
+        await serve(self.bus, self.events_subject, DecodeTokens, self._on_tokens)
 
     def watch(self, request_id: str) -> asyncio.Queue[TokenItem | None]:
         return self._queues.setdefault(request_id, asyncio.Queue())
@@ -40,12 +38,7 @@ class BusWorkerPort:
     def unwatch(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
-    async def _on_tokens(self, msg: Msg) -> None:
-        try:
-            batch = codec.decode(msg.data, DecodeTokens)
-        except (codec.CodecError, ValidationError) as exc:
-            log.warning("bad_token_message", error=str(exc)[:300])
-            return
+    async def _on_tokens(self, batch: DecodeTokens, _msg: Msg) -> None:
         for item in batch.items:
             queue = self._queues.get(item.request_id)
             if queue is not None:  # else the request ended here already: late tokens are dropped

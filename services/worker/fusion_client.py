@@ -46,14 +46,14 @@ class FusionClient:
     def close(self) -> None:
         if self._loop is not None:
             if self._bus is not None:
-                self._loop.run_until_complete(self._bus.nc.close())
+                self._loop.run_until_complete(self._bus.close())
             self._loop.close()
             self._loop = self._bus = None
 
     async def _connected(self) -> Bus:
         now = time.monotonic()
-        if self._bus is not None and (now - self._last_used > IDLE_RECONNECT_S or not self._bus.nc.is_connected):
-            await self._bus.nc.close()
+        if self._bus is not None and (now - self._last_used > IDLE_RECONNECT_S or not self._bus.is_connected):
+            await self._bus.close()
             self._bus = None
         if self._bus is None:
             self._bus = Bus(await connect(self.settings, name=f"ringserve-worker-{self.worker_id}-fusion"), "worker")

@@ -24,7 +24,6 @@ from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry import trace
-from pydantic import ValidationError
 
 from shared import codec, subjects
 from shared.attention.ring import RingStep
@@ -55,7 +54,9 @@ from shared.messages import (
     WorldReady,
 )
 from shared.metrics import RingserveMetrics
-from shared.service import ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, wait_until
+from shared.errors import error_text
+from shared.service import (ServiceApp, ServiceRuntime, drain_budget_s, main as service_main, serve,
+                            wait_until)
 from shared.settings import Settings
 from services.worker.aborts import AbortFlags
 from services.worker.batcher import DecodeBatcher, followers
@@ -174,12 +175,15 @@ class WorkerApp(ServiceApp):
         persist = self.settings.kv_store_enabled and self.settings.kv_shard_persist
         self.shards = ShardPersister(IOLoopShardStore(ShardStore(self.settings), self.kv_io), self.settings.kv_block_tokens,
                                      budget=self.prefix.index) if persist else None
-        await bus.subscribe(subjects.worker_inbox(self.worker_id, "prefill"), self._on_prefill)
-        await bus.subscribe(subjects.worker_inbox(self.worker_id, "decode"), self._on_decode)
-        await bus.subscribe(subjects.worker_inbox(self.worker_id, "release"), self._on_release)
-        await bus.subscribe(subjects.worker_inbox(self.worker_id, "abort"), self._on_abort)
-        await bus.subscribe(subjects.WORLD_FORM, self._on_world_form)
-        await bus.subscribe(f"{subjects.HEARTBEAT}.scheduler.>", self._on_scheduler_heartbeat)
+        inbox = functools.partial(subjects.worker_inbox, self.worker_id)
+        await serve(bus, inbox("prefill"), PrefillCommand, self._on_prefill, invalid=lambda text: PrefillResult(
+            request_id="?", member=-1, ok=False, error_code=ErrorCode.INVALID_REQUEST, error=text))
+        await serve(bus, inbox("decode"), DecodeStep, self._on_decode)
+        await serve(bus, inbox("release"), ReleaseCommand, self._on_release)
+        await serve(bus, inbox("abort"), AbortCommand, self._on_abort)
+        await serve(bus, subjects.WORLD_FORM, WorldForm, self._on_world_form)
+        # quiet: the scheduler's own registry logs bad heartbeats
+        await serve(bus, subjects.heartbeats("scheduler"), ServiceHeartbeat, self._on_scheduler_heartbeat, quiet=True)
         self._decoder = asyncio.create_task(self._decode_loop())
         self._orphan_watch = asyncio.create_task(self._end_orphans())
         log.info("worker_ready", worker_id=self.worker_id, model=self.model_info.name, store=self.world.store_addr)
@@ -233,8 +237,7 @@ class WorkerApp(ServiceApp):
             self._busy -= 1
 
     # ------------------------------------------------------------------------------ world
-    async def _on_world_form(self, msg: Msg) -> None:
-        form = codec.decode(msg.data, WorldForm)
+    async def _on_world_form(self, form: WorldForm, _msg: Msg) -> None:
         self._newest_world = max(self._newest_world, form.generation)
 
         def join() -> bool:
@@ -251,25 +254,19 @@ class WorkerApp(ServiceApp):
                 log.info("world_form_superseded", generation=form.generation, newest=self._newest_world)
                 return
         except Exception as exc:
-            log.warning("world_form_failed", generation=form.generation, error=str(exc)[:300])
-            ready.ok, ready.error = False, str(exc)[:300]
+            log.warning("world_form_failed", generation=form.generation, error=error_text(exc))
+            ready.ok, ready.error = False, error_text(exc)
         if self.worker_id in form.members:
             await self.rt.bus.publish(subjects.WORLD_READY, ready)
 
     # ------------------------------------------------------------------------------ prefill
-    async def _on_prefill(self, msg: Msg) -> None:
+    async def _on_prefill(self, cmd: PrefillCommand, msg: Msg) -> None:
         # Each command in a task of its own: the subscription hands over the next one at once, so
         # a short prompt's chunks and a long prompt's take turns on the compute thread (a worker
         # is in one multi-worker ring at a time, so rings never wait on each other's order).
-        self._keep(asyncio.create_task(self._handle_prefill(msg)))
+        self._keep(asyncio.create_task(self._handle_prefill(cmd, msg)))
 
-    async def _handle_prefill(self, msg: Msg) -> None:
-        try:
-            cmd = codec.decode(msg.data, PrefillCommand)
-        except (codec.CodecError, ValidationError) as exc:
-            await self.rt.bus.reply(msg, PrefillResult(request_id="?", member=-1, ok=False,
-                                                       error_code=ErrorCode.INVALID_REQUEST, error=str(exc)[:300]))
-            return
+    async def _handle_prefill(self, cmd: PrefillCommand, msg: Msg) -> None:
         rid = cmd.plan.request_id
         self._prefilling[rid] = cmd.plan
         try:
@@ -344,7 +341,7 @@ class WorkerApp(ServiceApp):
                 self.engine.release(rid)
                 code = ErrorCode.OVERLOADED if isinstance(exc, KVPoolFull) else ErrorCode.INTERNAL
                 result = PrefillResult(request_id=rid, member=cmd.member, ok=False, error_code=code,
-                                       error=str(exc)[:500])
+                                       error=error_text(exc))
             if result.ok:
                 self.metrics.record_prefill(len(cmd.input_ids), time.perf_counter() - t0)
                 mine = [(x.start, x.end) for x in cmd.plan.segments[cmd.member]]
@@ -393,7 +390,7 @@ class WorkerApp(ServiceApp):
             try:
                 cached = await self.prefix.load(cmd)
             except Exception as exc:  # the store only ever saves work: a failed load means computing
-                log.warning("kv_prefix_load_failed", request_id=cmd.plan.request_id, error=str(exc)[:300])
+                log.warning("kv_prefix_load_failed", request_id=cmd.plan.request_id, error=error_text(exc))
                 span.record_exception(exc)
                 cached = None
             span.set_attribute("kv.loaded_tokens", cached.tokens if cached is not None else 0)
@@ -415,7 +412,7 @@ class WorkerApp(ServiceApp):
                 stored = await self.prefix.store_computed(cmd, kv, loaded,
                                                           running=lambda: rid in self.engine.requests)
             except Exception as exc:  # a cache write failing must never reach the request
-                log.warning("kv_prefix_store_failed", request_id=cmd.plan.request_id, error=str(exc)[:300])
+                log.warning("kv_prefix_store_failed", request_id=cmd.plan.request_id, error=error_text(exc))
                 span.record_exception(exc)
                 return
             span.set_attribute("kv.blocks_stored", stored)
@@ -441,13 +438,8 @@ class WorkerApp(ServiceApp):
         else:
             self._keep(asyncio.create_task(self._end_request(plan.request_id, followers(plan))))
 
-    async def _on_decode(self, msg: Msg) -> None:
+    async def _on_decode(self, tick: DecodeStep, _msg: Msg) -> None:
         """A ring leader's tick: run this step of its request here too (or end it: `finish`)."""
-        try:
-            tick = codec.decode(msg.data, DecodeStep)
-        except (codec.CodecError, ValidationError) as exc:
-            log.warning("bad_decode_tick", error=str(exc)[:300])
-            return
         rid = tick.request_id
         if rid in self.engine.requests or rid in self._prefilling:
             self._trace_context.setdefault(rid, otel_context.get_current())
@@ -488,7 +480,7 @@ class WorkerApp(ServiceApp):
                 try:
                     await self.rt.bus.publish(subject, DecodeTokens(worker_id=self.worker_id, items=batch))
                 except Exception as exc:  # the scheduler's runner times out those requests
-                    log.warning("decode_tokens_publish_failed", subject=subject, error=str(exc)[:300])
+                    log.warning("decode_tokens_publish_failed", subject=subject, error=error_text(exc))
             for end in finished:  # in the background: the release queues behind compute work
                 self._keep(asyncio.create_task(self._end_request(end.request_id, end.followers, end.decode)))
             if self.shards is not None:
@@ -516,7 +508,7 @@ class WorkerApp(ServiceApp):
             for worker in workers:
                 await self.rt.bus.publish(subjects.worker_inbox(worker, "decode"), tick)
         except Exception as exc:  # the members' fusion (or the leader's own) times the step out
-            log.warning("decode_tick_publish_failed", request_id=tick.request_id, error=str(exc)[:300])
+            log.warning("decode_tick_publish_failed", request_id=tick.request_id, error=error_text(exc))
         finally:
             if token is not None:
                 otel_context.detach(token)
@@ -537,12 +529,12 @@ class WorkerApp(ServiceApp):
         try:
             results = await self._run(self.engine.decode, steps, fuse, collective, self._importance_every)
         except Exception as exc:
-            log.warning("decode_failed", requests=[s.request_id for s in steps], error=str(exc)[:300])
+            log.warning("decode_failed", requests=[s.request_id for s in steps], error=error_text(exc))
             if span is not None:
                 span.record_exception(exc)
             code = decode_error_code(exc)
             results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
-                                    error_code=code, error=str(exc)[:300]) for s in steps]
+                                    error_code=code, error=error_text(exc)) for s in steps]
         finally:
             if span is not None:
                 span.end()
@@ -550,11 +542,7 @@ class WorkerApp(ServiceApp):
         return results
 
     # ------------------------------------------------------------------------------ owners
-    async def _on_scheduler_heartbeat(self, msg: Msg) -> None:
-        try:
-            beat = codec.decode(msg.data, ServiceHeartbeat)
-        except (codec.CodecError, ValidationError):
-            return  # the scheduler's own registry logs bad heartbeats
+    async def _on_scheduler_heartbeat(self, beat: ServiceHeartbeat, _msg: Msg) -> None:
         self.owners.on_heartbeat(beat.instance)
 
     async def _end_orphans(self) -> None:
@@ -585,30 +573,22 @@ class WorkerApp(ServiceApp):
                                            message="the scheduler running this request stopped answering; retry"))
         content_type = decode.reply_content_type or codec.JSON
         try:
-            await self.rt.bus.nc.publish(decode.reply, codec.dump_public(reply, content_type),
-                                         headers={"Content-Type": content_type})
+            await self.rt.bus.publish_raw(decode.reply, codec.dump_public(reply, content_type),
+                                          headers={"Content-Type": content_type})
         except Exception as exc:  # the client may be gone too
-            log.warning("orphan_reply_failed", request_id=request_id, error=str(exc)[:200])
+            log.warning("orphan_reply_failed", request_id=request_id, error=error_text(exc))
 
     # ------------------------------------------------------------------------------ abort
-    async def _on_abort(self, msg: Msg) -> None:
+    async def _on_abort(self, cmd: AbortCommand, _msg: Msg) -> None:
         """The client cancelled a request being prefilled: its prefill stops at the next layer
         boundary (an abort arriving before the prefill stops it before its first layer)."""
-        try:
-            cmd = codec.decode(msg.data, AbortCommand)
-        except (codec.CodecError, ValidationError):
-            return
         self.aborts.request(cmd.request_id)
         log.info("prefill_abort_requested", request_id=cmd.request_id)
 
     # ------------------------------------------------------------------------------ release
-    async def _on_release(self, msg: Msg) -> None:
+    async def _on_release(self, cmd: ReleaseCommand, _msg: Msg) -> None:
         """The scheduler ends a request (stop string, cancel, failure): it leaves the decode loop
         before the next step; a ring it leads is told to end it too."""
-        try:
-            cmd = codec.decode(msg.data, ReleaseCommand)
-        except (codec.CodecError, ValidationError):
-            return
         if cmd.request_id in self._prefilling:  # the scheduler gave up on it: stop the prefill
             self.aborts.request(cmd.request_id)
             return

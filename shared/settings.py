@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     # worker's KV pool after it ends (until the pool needs the pages), and a later prompt with
     # that prefix maps them instead of loading them from Redis.
     kv_resident_prefix: bool = True
+    # The host tier below it: blocks the pool lets go of are copied to the worker's host memory
+    # (pinned on CUDA: copied back by DMA at PCIe speed), up to this many bytes, least recently
+    # used dropped first; a later prompt copies them back instead of loading them from Redis.
+    # Taken in pieces as blocks arrive, not at start. 4 GiB holds a 32K-token prefix of an 8B
+    # bf16 model (128 KiB a token) and pins at most 32 GiB on a host of 8 GPU workers; raise it
+    # where host memory is to spare. On a CPU device it is memory beside the pool's. 0: off.
+    kv_host_cache_bytes: int = Field(default=4 * 1024**3, ge=0)
     # Prompt blocks whose worker the scheduler remembers, to place a later prompt with that
     # prefix there (cache-aware placement), least recently recorded forgotten first.
     placement_block_homes: int = Field(default=1_000_000, ge=0)

@@ -15,6 +15,7 @@ stores, shard copies) while it holds the sequence (`held()`), so its pages are n
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -152,6 +153,44 @@ class KVPool:
             rows = layers[:, ids].transpose(2, 3).reshape(n, -1, kv_heads, dim)  # [L, pages * P, KVH, d]
             out.append(rows[:, lo - first * page : hi - first * page])
         return out[0], out[1]
+
+    # ---- whole pages, every layer (the prefix cache's host tier) ---------------------------
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """One page of every layer, K and V: [2, L, KVH, page_tokens, d]."""
+        layers, _, kv_heads, page, dim = self.k_layers.shape
+        return (2, layers, kv_heads, page, dim)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page of every layer, K and V."""
+        return math.prod(self.page_shape) * self.k_layers.element_size()
+
+    @torch.inference_mode()
+    def copy_page_out(self, page: int, dst: torch.Tensor) -> None:
+        """dst [2, L, KVH, P, d] (K, V) <- the page's rows in every layer, the pool's dtype as it is.
+
+        Queued on the current stream (non_blocking: into pinned memory it is a DMA the caller
+        orders with its streams). A page of all layers is strided in the pool (one page per layer
+        apart), so each copy gathers into a contiguous device temporary first: copies of
+        copy_chunk_bytes, a few layers at a time, bound those temporaries."""
+        for side, layers in enumerate((self.k_layers, self.v_layers)):
+            for first, last in self._layer_pieces():
+                dst[side, first:last].copy_(layers[first:last, page], non_blocking=True)
+
+    @torch.inference_mode()
+    def copy_page_in(self, src: torch.Tensor, page: int) -> None:
+        """The page's rows in every layer <- src [2, L, KVH, P, d] (copy_page_out's layout)."""
+        for side, layers in enumerate((self.k_layers, self.v_layers)):
+            for first, last in self._layer_pieces():
+                layers[first:last, page].copy_(src[side, first:last], non_blocking=True)
+
+    def _layer_pieces(self) -> list[tuple[int, int]]:
+        """[first, last) layer ranges of at most copy_chunk_bytes of one page (at least a layer)."""
+        layers = self.k_layers.shape[0]
+        layer_bytes = self.page_bytes // (2 * layers)
+        step = max(1, self.copy_chunk_bytes // max(layer_bytes, 1))
+        return [(first, min(first + step, layers)) for first in range(0, layers, step)]
 
     @property
     def bytes_per_token(self) -> int:

@@ -123,6 +123,51 @@ async def test_a_shared_prefix_is_loaded_from_redis_on_one_worker(redis_tier_sta
     assert _worker_events(redis_tier_stack, "kv_prefix_resident_hit") == []
 
 
+# A pool of 9 pages (8 for 128 tokens, one for the decode step's one request): a prompt of 100
+# tokens after one of 90 takes pages the first one's kept blocks hold.
+HOST_TIER_POOL_TOKENS = 128
+
+
+@pytest.fixture(scope="module")
+def host_tier_stack(tmp_path_factory, tiny_llama):  # noqa: F811
+    """One worker whose KV pool is too small to keep two prompts' blocks: the older ones go to
+    its host tier."""
+    yield from _stack(tmp_path_factory, "prefix-host", 1, _env(
+        tiny_llama[0], RINGSERVE_WORKER_MAX_TOKENS=str(HOST_TIER_POOL_TOKENS), RINGSERVE_DECODE_MAX_BATCH="1",
+        RINGSERVE_KV_HOST_CACHE_BYTES=str(64 * 1024**2)))
+
+
+async def _released(stack, request_id: str) -> None:
+    """Until the worker has let go of the request (its blocks kept): the next one finds them."""
+    deadline = asyncio.get_running_loop().time() + STORE_WAIT_S
+    while not any(e.get("request_id") == request_id for e in _worker_events(stack, "request_released")):
+        assert asyncio.get_running_loop().time() < deadline, stack.logs()
+        await asyncio.sleep(0.05)
+
+
+async def test_a_prefix_evicted_from_the_pool_is_copied_back_from_host_memory(host_tier_stack, tiny_llama):  # noqa: F811
+    """The host tier: a prompt's blocks, evicted from the pool by a later prompt, come back from
+    the worker's host memory (some still in the pool: both tiers), and give a miss's tokens."""
+    path, model = tiny_llama
+    stack = host_tier_stack
+    ids = _ids(5 * BLOCK, 31) + _ids(10, 32)
+    miss = await _generate(stack, ids, request_id="host-miss")
+    assert miss["usage"]["cached_tokens"] == 0
+    await _released(stack, "host-miss")
+    await _wait_stored(stack, path, ids, 5)
+    other = await _generate(stack, _ids(100, 33), request_id="host-other")  # 7 pages: 3 kept blocks evicted
+    assert other["usage"]["cached_tokens"] == 0
+    await _released(stack, "host-other")
+
+    hits = len(_worker_events(stack, "kv_prefix_resident_hit"))
+    hit = await _generate(stack, ids, request_id="host-hit")
+    assert hit["usage"]["cached_tokens"] == 5 * BLOCK and hit["output_ids"] == miss["output_ids"]
+    assert _matches_transformers(model, ids, hit)
+    assert len(_worker_events(stack, "kv_prefix_resident_hit")) == hits + 1, stack.logs()  # no Redis read
+    (load,) = _worker_events(stack, "kv_prefix_host_load")
+    assert load["blocks"] == 3 and load["pool_blocks"] == 2, load
+
+
 async def test_decode_attention_mass_reaches_the_kvstore_as_block_importance(single_stack, tiny_llama):  # noqa: F811
     import redis.asyncio as aioredis
 

@@ -11,9 +11,15 @@ Causal FLOPs = 4 * T^2 * H * d / 2; TFLOP/s per GPU divides them by N. Times are
 CUDA-event timings after warm-up, the slowest rank's. With --scaling it also times one fixed
 problem (512K) on 1 GPU and on N GPUs.
 
+With --window (and --sinks / --stride) "ours" runs that sparse pattern (shared/attention/pattern.py)
+and is compared with our full causal ring on the same tensors: time and K/V bytes sent, summed
+over the ranks (a sparse pattern sends each member only the rows its queries see). Its TFLOP/s
+still count the causal FLOPs: a causal-equivalent rate.
+
     torchrun --nproc-per-node 2 bench/ring_attention.py --lengths 131072,524288,1048576 --scaling --out ring.json
     python bench/ring_attention.py --nproc 2 ...           # spawns its own processes
     python bench/ring_attention.py --device cpu --tiny     # smoke test (gloo, tiny shapes)
+    python bench/ring_attention.py --device cpu --nproc 2 --dtype float32 --lengths 4096 --window 256 --sinks 4
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from shared.attention.layout import zigzag_segments  # noqa: E402
 from shared.attention.local import attention_plain  # noqa: E402
-from shared.attention.ring import ring_attention  # noqa: E402
+from shared.attention.pattern import KeyPattern  # noqa: E402
+from shared.attention.ring import RingStep, ring_attention  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -105,26 +112,31 @@ def rows_of(segments, device) -> torch.Tensor:
     return torch.cat([torch.arange(s, e, device=device) for s, e in segments])
 
 
-def time_ring(q, k, v, scale, world: int, chunk: int, args, device):
-    """Our ring on all ranks: (seconds, this rank's out [T/N, H, d], max error of sampled rows)."""
+def time_ring(q, k, v, scale, world: int, chunk: int, args, device, pattern: KeyPattern | None = None):
+    """Our ring on all ranks, with `pattern` or causal: (seconds, this rank's out [T/N, H, d], max
+    error of sampled rows, K/V bytes one call sends over all ranks)."""
     rank = dist.get_rank()
     segments = zigzag_segments(q.shape[0], chunk, world)
     rows = rows_of(segments[rank], device)
     q_l, k_l, v_l = q[rows].contiguous(), k[rows].contiguous(), v[rows].contiguous()
     ranks = list(range(world))
 
-    def run():
-        return ring_attention(q_l, k_l, v_l, scale=scale, kv_segments=segments, ring_ranks=ranks)
+    def run(on_step=None):
+        return ring_attention(q_l, k_l, v_l, scale=scale, kv_segments=segments, ring_ranks=ranks, pattern=pattern,
+                              on_step=on_step)
 
     seconds = slowest(median_seconds(run, device, args.warmup, args.iters), device)
-    out, _ = run()
+    steps: list[RingStep] = []
+    out, _ = run(steps.append)
+    sent = torch.tensor([sum(s.bytes_sent for s in steps)], dtype=torch.float64, device=device)
+    dist.all_reduce(sent)
     # Spot check against plain float32 attention of a few rows over all their visible keys.
     err = 0.0
     for i in torch.linspace(0, len(rows) - 1, CHECK_ROWS).long().tolist():
         pos = int(rows[i])
-        ref, _ = attention_plain(q[pos : pos + 1], k[: pos + 1], v[: pos + 1], scale)
+        ref, _ = attention_plain(q[pos : pos + 1], k[: pos + 1], v[: pos + 1], scale, q_start=pos, pattern=pattern)
         err = max(err, (out[i] - ref[0]).abs().max().item())
-    return seconds, out, err
+    return seconds, out, err, int(sent.item())
 
 
 def time_sdpa(tokens: int, shape: Shape, scale: float, args, device) -> tuple[float, str]:
@@ -196,10 +208,15 @@ def bench_length(tokens: int, shape: Shape, world: int, args, device, mesh) -> d
     flops_per_gpu = causal_flops(tokens, shape) / world
     row: dict = {"tokens": tokens, "gpus": world, "chunk_tokens": chunk, "flops_per_gpu": flops_per_gpu}
 
-    ring_s, ring_out, err = time_ring(q, k, v, scale, world, chunk, args, device)
+    ring_s, ring_out, err, ring_bytes = time_ring(q, k, v, scale, world, chunk, args, device, args.pattern)
     err_t = torch.tensor([err], device=device)
     dist.all_reduce(err_t, op=dist.ReduceOp.MAX)
-    row.update(ring_s=ring_s, ring_tflops_per_gpu=flops_per_gpu / ring_s / 1e12, ring_max_abs_err=err_t.item())
+    row.update(ring_s=ring_s, ring_tflops_per_gpu=flops_per_gpu / ring_s / 1e12, ring_max_abs_err=err_t.item(),
+               ring_bytes_sent=ring_bytes)
+    if args.pattern is not None:  # the same tensors through the full causal ring
+        full_s, _, _, full_bytes = time_ring(q, k, v, scale, world, chunk, args, device)
+        row.update(pattern=asdict(args.pattern), full_ring_s=full_s, full_ring_bytes_sent=full_bytes,
+                   speedup_vs_full=full_s / ring_s, bytes_vs_full=ring_bytes / full_bytes if full_bytes else None)
 
     sdpa_tokens = max(SEQUENCE_ALIGN, round(tokens / math.sqrt(world) / SEQUENCE_ALIGN) * SEQUENCE_ALIGN)
     sdpa = torch.zeros(1, dtype=torch.float64, device=device)
@@ -235,11 +252,12 @@ def bench_scaling(tokens: int, shape: Shape, world: int, args, device) -> dict:
     v = torch.randn(tokens, shape.kv_heads, shape.head_dim, generator=gen, device=device, dtype=args.dtype)
     one = torch.zeros(1, dtype=torch.float64, device=device)
     if rank == 0:
-        solo = lambda: ring_attention(q, k, v, scale=scale, kv_segments=[[(0, tokens)]], ring_ranks=[0])  # noqa: E731
+        solo = lambda: ring_attention(q, k, v, scale=scale, kv_segments=[[(0, tokens)]], ring_ranks=[0],  # noqa: E731
+                                      pattern=args.pattern)
         one[0] = median_seconds(solo, device, args.warmup, args.iters, synced=False)
     dist.broadcast(one, 0)
     chunk = args.chunk_tokens or -(-tokens // (2 * world))
-    many, _, _ = time_ring(q, k, v, scale, world, chunk, args, device)
+    many, _, _, _ = time_ring(q, k, v, scale, world, chunk, args, device, args.pattern)
     flops = causal_flops(tokens, shape)
     return {
         "tokens": tokens, "gpus": world, "one_gpu_s": one.item(), "n_gpu_s": many,
@@ -259,6 +277,13 @@ def print_table(rows: list[dict], scaling: dict | None) -> None:
             f"{r['tokens']:>9} {r['gpus']:>2} {r['ring_s'] * 1e3:10.1f} {r['ring_tflops_per_gpu']:9.1f} "
             f"{r['sdpa_tflops']:9.1f} {r['ring_vs_sdpa_pct']:7.1f}% {peer_ms} {peer_tf} {speedup} {r['ring_max_abs_err']:8.1e}"
         )
+        if "pattern" in r:
+            bytes_vs = f"{100 * r['bytes_vs_full']:.1f}%" if r["bytes_vs_full"] is not None else "-"
+            print(
+                f"{'':>9} {r['pattern']}: {r['ring_s'] * 1e3:.1f} ms, {r['ring_bytes_sent'] / 2**20:.2f} MiB sent; "
+                f"full ring {r['full_ring_s'] * 1e3:.1f} ms, {r['full_ring_bytes_sent'] / 2**20:.2f} MiB: "
+                f"speed-up {r['speedup_vs_full']:.2f}x, {bytes_vs} of the bytes"
+            )
     if scaling:
         s = scaling
         print(
@@ -302,6 +327,7 @@ def worker(rank: int, world: int, args, init_file: str | None) -> None:
                 "warmup": args.warmup,
                 "iters": args.iters,
                 "peer_rotate": args.peer_rotate,
+                "pattern": asdict(args.pattern) if args.pattern is not None else None,
                 "lengths": rows,
                 "scaling": scaling,
             }
@@ -327,7 +353,13 @@ def parse_args(argv=None):
     p.add_argument("--peer-rotate", default="alltoall", choices=["alltoall", "allgather"])
     p.add_argument("--no-peer", action="store_true", help="skip PyTorch context parallel")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--window", type=int, default=None, help="sliding window W: run that pattern, compare with full")
+    p.add_argument("--sinks", type=int, default=0, help="with --window: sink tokens S (hybrid)")
+    p.add_argument("--stride", type=int, default=None, help="with --window: every K-th key too (strided)")
     args = p.parse_args(argv)
+    if args.window is None and (args.sinks or args.stride):
+        p.error("--sinks and --stride add keys to a window: give --window")
+    args.pattern = KeyPattern(window=args.window, sinks=args.sinks, stride=args.stride) if args.window else None
     args.lengths = args.lengths or (TINY_LENGTHS if args.tiny else DEFAULT_LENGTHS)
     args.scaling_tokens = args.scaling_tokens or (TINY_SCALING_LENGTH if args.tiny else SCALING_LENGTH)
     args.dtype = getattr(torch, args.dtype)

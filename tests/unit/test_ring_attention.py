@@ -260,7 +260,7 @@ def test_rows_to_send_holds_every_key_the_receiver_sees(name, ring_size):
     for sender in kv_segments:
         for receiver in kv_segments:
             sent = rows_to_send(sender, receiver, pattern)
-            assert sent == union_segments(sent) or len(sender) > 1  # disjoint, ascending
+            assert all(a_hi < b_lo for (_, a_hi), (b_lo, _) in zip(sent, sent[1:]))  # disjoint, ascending, apart
             assert segments_within(sent, sender)
             seen = {j for j in positions(sender) if any(sees(i, j, pattern) for i in positions(receiver))}
             assert seen <= positions(sent), (name, sender, receiver)
@@ -299,3 +299,10 @@ def test_exchange_plan_is_sparse_for_a_short_window_only():
 def test_local_rows_maps_positions_to_rows():
     segments = [(0, 5), (15, 25), (35, 37)]
     assert local_rows(segments, [(3, 5), (23, 25), (35, 36)]) == [(3, 5), (13, 15), (15, 16)]
+
+
+def test_union_and_containment_of_segments():
+    assert union_segments([(5, 9), (0, 3), (2, 4), (9, 9), (9, 12)]) == [(0, 4), (5, 12)]
+    assert segments_within([(3, 5), (23, 25)], [(0, 5), (15, 25)])
+    assert segments_within([(3, 6)], [(0, 5), (5, 8)])  # touching segments cover across their seam
+    assert not segments_within([(3, 16)], [(0, 5), (15, 25)])

@@ -270,7 +270,7 @@ def run_engine(args: argparse.Namespace, model_dir: Path, vocab: int) -> dict:
     """The worker's own engine (same settings, KV pool and CUDA graphs as a worker) driven in this
     process: prefill, then one decode step after another. The stack's figures minus these are
     what the services add (bus, event loops, scheduler, streaming)."""
-    from services.worker.main import load_engine
+    from services.worker.loading import load_engine
     from shared.messages import DecodeStep, PrefillCommand, RingPlan, SamplingParams, Segment
 
     engine, _, _ = load_engine(Settings(model=str(model_dir), device=args.device))

@@ -19,28 +19,22 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
-import torch
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
-from opentelemetry import trace
 
 from shared import codec, subjects
 from shared.attention.ring import RingStep
-from shared.checkpoint import model_id, resolve_checkpoint
 from shared.kv.client import KVIndexClient
 from shared.kv.shards import ShardStore
 from shared.kv.store import KVBlockStore
 from shared.messages import (
     AbortCommand,
     DecodePlan,
-    DecodeResult,
     DecodeStep,
-    DecodeTokens,
     ErrorBody,
     ErrorCode,
     ErrorReply,
-    ModelInfo,
     PrefillCommand,
     PrefillProgress,
     PrefillResult,
@@ -48,7 +42,6 @@ from shared.messages import (
     RingPlan,
     SamplingParams,
     ServiceHeartbeat,
-    TokenItem,
     WorkerHeartbeat,
     WorldForm,
     WorldReady,
@@ -59,16 +52,15 @@ from shared.service import (ServiceApp, ServiceRuntime, drain_budget_s, main as 
                             wait_until)
 from shared.settings import Settings
 from services.worker.aborts import AbortFlags
-from services.worker.batcher import DecodeBatcher, followers
-from services.worker.capacity import free_device_bytes, kv_capacity_tokens, kv_pool_pages
-from services.worker.engine import PrefillAborted, WorkerEngine, causal_block_sparsity
-from services.worker.errors import decode_error_code
+from services.worker.batcher import DecodeBatcher
+from services.worker.decode_loop import DecodeLoop
+from services.worker.engine import PrefillAborted, causal_block_sparsity
+from services.worker.loading import load_engine
 from services.worker.chunked_prefill import one_worker_positions
 from services.worker.fusion_client import FusionClient
 from services.worker.owners import OwnerWatch
-from services.worker.kv_cache import KVPool, KVPoolFull, RequestKV
+from services.worker.kv_cache import KVPoolFull, RequestKV
 from services.worker.prefix import CachedRows, PrefixCache, block_masses
-from services.worker.resident_prefix import ResidentPrefix
 from services.worker.io_loop import IOLoop, IOLoopBlockStore, IOLoopShardStore
 from services.worker.shard_persist import ShardPersister
 from services.worker.world import World
@@ -76,50 +68,6 @@ from services.worker.world import World
 log = structlog.get_logger("worker")
 # Progress messages at most this often: a long prefill reports without flooding the bus.
 PROGRESS_MIN_INTERVAL_S = 0.2
-# After an unexpected error in the decode loop, it starts again this much later.
-DECODE_LOOP_RESTART_S = 0.1
-
-
-def load_engine(settings: Settings) -> tuple[WorkerEngine, ModelInfo, int | None]:
-    """The model, its KV pool (sized from the KV capacity) and, on CUDA, the decode step's
-    graphs; with the model's info and the KV tokens this worker can hold (None: no limit)."""
-    from shared.model.loader import load_model
-
-    device = torch.device(settings.device)
-    dtype = getattr(torch, settings.torch_dtype_name)
-    model = load_model(resolve_checkpoint(settings), device=device, dtype=dtype)
-    cfg = model.config
-    info = ModelInfo(
-        name=model_id(settings),
-        vocab_size=cfg.vocab_size,
-        num_layers=cfg.num_hidden_layers,
-        num_kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings,
-        eos_token_ids=list(cfg.eos_token_ids),
-        dtype=settings.torch_dtype_name,
-        sliding_window=cfg.sliding_window,
-        sliding_layers=list(cfg.sliding_layers),
-    )
-    capacity = kv_capacity_tokens(settings, info, free_device_bytes(device))
-    most = kv_pool_pages(settings, capacity)
-    if device.type == "cuda":  # all of it now: the decode graphs hold the pool's addresses
-        pool = KVPool.for_model(cfg, settings.kv_block_tokens, most, dtype, device,
-                                copy_chunk_bytes=settings.kv_io_copy_chunk_bytes)
-    else:  # host memory is taken as the pool grows, up to the capacity
-        start = -(-settings.kv_pool_initial_tokens // settings.kv_block_tokens)
-        pool = KVPool.for_model(cfg, settings.kv_block_tokens, min(start, most or start), dtype, device,
-                                growable=True, max_pages=most)
-    graphs = None
-    if device.type == "cuda" and settings.decode_cuda_graphs and model.rope_is_static:
-        from services.worker.graphs import DecodeGraphs
-
-        graphs = DecodeGraphs(model, pool, settings)
-    engine = WorkerEngine(model, device, dtype, pool, dist_timeout_s=settings.dist_timeout_s, graphs=graphs,
-                          finish_chunk_tokens=settings.prefill_mlp_chunk_tokens)
-    if settings.kv_store_enabled and settings.kv_resident_prefix:
-        engine.resident = ResidentPrefix(pool, max_pages=pool.pages)
-    return engine, info, capacity
 
 
 class WorkerApp(ServiceApp):
@@ -135,8 +83,6 @@ class WorkerApp(ServiceApp):
         self.batcher = DecodeBatcher(settings.decode_max_batch)
         self.owners = OwnerWatch(settings.heartbeat_timeout_s)  # the schedulers of led requests
         self._ended_plans: dict[str, DecodePlan] = {}  # requests ended here, their owner not heard since
-        self._wake = asyncio.Event()  # something for the decode loop: a request joined, a tick came
-        self._trace_context: dict[str, otel_context.Context] = {}  # request -> its prefill's trace
         self._busy = 0
         self._prefilling: dict[str, RingPlan] = {}  # request -> plan, from command to reply
         self._newest_world = 0
@@ -144,8 +90,6 @@ class WorkerApp(ServiceApp):
         # Prefills the scheduler told this worker to abort (set on the loop, read in the compute
         # thread); no prefill outlives the scheduler's request timeout, nor needs an abort longer.
         self.aborts = AbortFlags(ttl_s=settings.request_timeout_s * 2)
-        # H2O importance of stored blocks is measured on every N-th decode step (0: off)
-        self._importance_every = settings.kv_importance_every if settings.kv_store_enabled else 0
 
     # ------------------------------------------------------------------------------ wiring
     async def start(self, rt: ServiceRuntime) -> None:
@@ -175,6 +119,8 @@ class WorkerApp(ServiceApp):
         persist = self.settings.kv_store_enabled and self.settings.kv_shard_persist
         self.shards = ShardPersister(IOLoopShardStore(ShardStore(self.settings), self.kv_io), self.settings.kv_block_tokens,
                                      budget=self.prefix.index) if persist else None
+        self.decoding = DecodeLoop(self.engine, self.batcher, bus, self.settings, self.worker_id, self.tracer,
+                                   self.metrics, self.fusion, self._run, self._keep, self._end_request, self.shards)
         inbox = functools.partial(subjects.worker_inbox, self.worker_id)
         await serve(bus, inbox("prefill"), PrefillCommand, self._on_prefill, invalid=lambda text: PrefillResult(
             request_id="?", member=-1, ok=False, error_code=ErrorCode.INVALID_REQUEST, error=text))
@@ -184,7 +130,7 @@ class WorkerApp(ServiceApp):
         await serve(bus, subjects.WORLD_FORM, WorldForm, self._on_world_form)
         # quiet: the scheduler's own registry logs bad heartbeats
         await serve(bus, subjects.heartbeats("scheduler"), ServiceHeartbeat, self._on_scheduler_heartbeat, quiet=True)
-        self._decoder = asyncio.create_task(self._decode_loop())
+        self._decoder = asyncio.create_task(self.decoding.run())
         self._orphan_watch = asyncio.create_task(self._end_orphans())
         log.info("worker_ready", worker_id=self.worker_id, model=self.model_info.name, store=self.world.store_addr)
 
@@ -299,14 +245,17 @@ class WorkerApp(ServiceApp):
             try:
                 if cmd.plan.size > 1 and cmd.plan.world_generation != self.world.generation:
                     raise RuntimeError(f"ring formed for world generation {cmd.plan.world_generation}, worker is in {self.world.generation}")
-                # The device tier first: a prompt whose cached blocks are still in this worker's
-                # pool maps their pages (resident_prefix.py); else they come from Redis.
+                # The worker's own tiers first: a prompt whose cached blocks are still in this
+                # worker's pool or host memory maps or copies them (resident_prefix.py); else they
+                # come from Redis. `taken` is read in the same compute job: another take may follow.
                 if one_worker_positions(cmd) and cmd.cached_tokens and self.engine.resident is not None:
-                    resident = await self._run(self.engine.take_resident, cmd)
+                    resident, taken = await self._run(
+                        lambda: (self.engine.take_resident(cmd), self.engine.resident.last_take))
                 if resident:
                     span.set_attribute("kv.resident_blocks", len(resident))
-                    log.info("kv_prefix_resident_hit", request_id=rid, blocks=len(resident))
-                    self.prefix.record_resident_hit(len(resident))
+                    span.set_attribute("kv.host_blocks", taken.host)
+                    log.info("kv_prefix_resident_hit", request_id=rid, blocks=len(resident), host_blocks=taken.host)
+                    self.prefix.record_resident_hit(taken.pool, taken.host)
                 else:
                     cached = await self._load_prefix(cmd)
                 # Asked before every layer; on a ring the members agree there, so every member
@@ -358,10 +307,13 @@ class WorkerApp(ServiceApp):
             if self.shards is not None:
                 self.shards.track(rid, cmd.member, active.kv)
             # its decode spans hang under the request's root span
-            self._trace_context[rid] = (propagate.extract(cmd.decode.trace) if cmd.decode is not None
-                                        else otel_context.get_current())
-            self._join_decode(cmd, result)
-        self._wake.set()  # ticks that came during the prefill can run now
+            self.decoding.trace_context[rid] = (propagate.extract(cmd.decode.trace) if cmd.decode is not None
+                                                else otel_context.get_current())
+            if cmd.member == cmd.plan.leader() and cmd.decode is not None:
+                if cmd.decode.owner:
+                    self.owners.own(rid, cmd.decode.owner)
+                self.decoding.join(cmd, result.token_id)
+        self.decoding.wake.set()  # ticks that came during the prefill can run now
         await self.rt.bus.reply(msg, result)
 
     def _report_ring_steps(self, span, steps: list[tuple[int, RingStep]]) -> None:
@@ -378,6 +330,7 @@ class WorkerApp(ServiceApp):
                 "wait_ms": round(sum(s.wait_ms for s in layer_steps), 3),
                 "blocks": sum(s.blocks for s in layer_steps),
                 "blocks_skipped": sum(s.blocks_skipped for s in layer_steps),
+                "peers": max(s.peers for s in layer_steps),  # members sent to (a direct exchange: fewer)
             })
 
     async def _load_prefix(self, cmd: PrefillCommand) -> CachedRows | None:
@@ -424,122 +377,13 @@ class WorkerApp(ServiceApp):
         task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------------------- decode
-    def _join_decode(self, cmd: PrefillCommand, result: PrefillResult) -> None:
-        """After a prefill: the leader decodes the request from now on (its followers wait for its
-        ticks). A first token that already ends the request ends it here and on the followers."""
-        plan = cmd.plan
-        if cmd.member != plan.leader() or cmd.decode is None:
-            return
-        rows = [sum(s.end - s.start for s in segs) for segs in plan.segments]
-        if cmd.decode.owner:
-            self.owners.own(plan.request_id, cmd.decode.owner)
-        if self.batcher.lead(plan, cmd.sampling, cmd.decode, result.token_id, rows):
-            self._wake.set()
-        else:
-            self._keep(asyncio.create_task(self._end_request(plan.request_id, followers(plan))))
-
     async def _on_decode(self, tick: DecodeStep, _msg: Msg) -> None:
         """A ring leader's tick: run this step of its request here too (or end it: `finish`)."""
         rid = tick.request_id
         if rid in self.engine.requests or rid in self._prefilling:
-            self._trace_context.setdefault(rid, otel_context.get_current())
-            self.batcher.follow(tick)
-            self._wake.set()
+            self.decoding.follow(tick)
         elif not tick.finish:
             log.warning("decode_tick_unknown_request", request_id=rid, step=tick.step)
-
-    async def _decode_loop(self) -> None:
-        """Continuous batching: one step for every request decoding here, again and again; requests
-        join after their prefill and leave between steps. Prefills and other compute work queue in
-        the same compute thread between steps. The next step is handed to the compute thread as
-        soon as the last one's tokens are known, and the tokens are published while it runs."""
-        while True:
-            try:
-                await self._decode_steps()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not stop every later request's decode
-                log.exception("decode_loop_failed")
-                await asyncio.sleep(DECODE_LOOP_RESTART_S)
-
-    async def _decode_steps(self) -> None:
-        running = await self._start_step()
-        while True:
-            if running is None:
-                await self._wake.wait()
-                running = await self._start_step()
-                continue
-            steps, step = running
-            results = await step
-            items, finished = self.batcher.on_results(steps, results)
-            running = await self._start_step()
-            by_subject: dict[str, list[TokenItem]] = {}
-            for subject, item in items:
-                by_subject.setdefault(subject, []).append(item)
-            for subject, batch in by_subject.items():
-                try:
-                    await self.rt.bus.publish(subject, DecodeTokens(worker_id=self.worker_id, items=batch))
-                except Exception as exc:  # the scheduler's runner times out those requests
-                    log.warning("decode_tokens_publish_failed", subject=subject, error=error_text(exc))
-            for end in finished:  # in the background: the release queues behind compute work
-                self._keep(asyncio.create_task(self._end_request(end.request_id, end.followers, end.decode)))
-            if self.shards is not None:
-                for result in results:
-                    if result.ok:
-                        self.shards.grew(result.request_id)
-
-    async def _start_step(self) -> tuple[list[DecodeStep], asyncio.Task] | None:
-        """The next step's batch, its ticks sent and its compute started; None: nothing to step."""
-        self._wake.clear()
-        steps, ticks, ended = self.batcher.next_batch(set(self.engine.requests))
-        for rid in ended:  # followed requests their leader finished
-            self._keep(asyncio.create_task(self._end_request(rid, [])))
-        if not steps:
-            return None
-        for workers, tick in ticks:  # the ring runs the step together
-            await self._send_tick(workers, tick)
-        return steps, asyncio.ensure_future(self._decode_batch(steps))
-
-    async def _send_tick(self, workers: list[str], tick: DecodeStep) -> None:
-        """A step (or the end) of a request led here, to the other ring members, in its trace."""
-        context = self._trace_context.get(tick.request_id)
-        token = otel_context.attach(context) if context is not None else None
-        try:
-            for worker in workers:
-                await self.rt.bus.publish(subjects.worker_inbox(worker, "decode"), tick)
-        except Exception as exc:  # the members' fusion (or the leader's own) times the step out
-            log.warning("decode_tick_publish_failed", request_id=tick.request_id, error=error_text(exc))
-        finally:
-            if token is not None:
-                otel_context.detach(token)
-
-    async def _decode_batch(self, steps: list[DecodeStep]) -> list[DecodeResult]:
-        collective = self.settings.fusion == "collective"
-        # Decode is traced by sampled steps (step 0 and every trace_decode_every-th, as in the
-        # fusion service): a span per token per worker would cost more than it tells.
-        traced = [s for s in steps if s.step % self.settings.trace_decode_every == 0]
-        parent = self._trace_context.get(traced[0].request_id if traced else steps[0].request_id)
-        span = None
-        if traced:
-            span = self.tracer.start_span("worker.decode", context=parent, attributes={
-                "batch": len(steps), "request_ids": [s.request_id for s in steps], "step": traced[0].step})
-            parent = trace.set_span_in_context(span, parent)
-        fuse = functools.partial(self.fusion.fuse, context=parent or otel_context.get_current())
-        t0 = time.perf_counter()
-        try:
-            results = await self._run(self.engine.decode, steps, fuse, collective, self._importance_every)
-        except Exception as exc:
-            log.warning("decode_failed", requests=[s.request_id for s in steps], error=error_text(exc))
-            if span is not None:
-                span.record_exception(exc)
-            code = decode_error_code(exc)
-            results = [DecodeResult(request_id=s.request_id, member=-1, step=s.step, ok=False,
-                                    error_code=code, error=error_text(exc)) for s in steps]
-        finally:
-            if span is not None:
-                span.end()
-        self.metrics.record_decode(sum(r.ok for r in results), time.perf_counter() - t0)
-        return results
 
     # ------------------------------------------------------------------------------ owners
     async def _on_scheduler_heartbeat(self, beat: ServiceHeartbeat, _msg: Msg) -> None:
@@ -606,7 +450,7 @@ class WorkerApp(ServiceApp):
             self._ended_plans[request_id] = finished
         else:
             self.owners.forget(request_id)
-        context = self._trace_context.pop(request_id, None)
+        context = self.decoding.trace_context.pop(request_id, None)
         token = otel_context.attach(context) if context is not None else None  # logs name its trace
         try:
             await self._release(request_id, followers)

@@ -118,9 +118,12 @@ class PrefixCache:
         # reusable(prompt_tokens): whether stored K/V of this prompt length mean the same in another prompt
         self.reusable = reusable
 
-    def record_resident_hit(self, blocks: int) -> None:
-        """Blocks a prefill mapped from the worker's own pool (the device tier), in the store's metrics."""
-        self.store.metrics.blocks("hit", blocks, "pool")
+    def record_resident_hit(self, pool_blocks: int, host_blocks: int = 0) -> None:
+        """Blocks a prefill took from the worker's own tiers (mapped from the pool, copied back
+        from host memory), in the store's metrics."""
+        self.store.metrics.blocks("hit", pool_blocks, "pool")
+        if host_blocks:
+            self.store.metrics.blocks("hit", host_blocks, "host")
 
     def enabled(self, cmd: PrefillCommand) -> bool:
         return self.settings.kv_store_enabled and bool(cmd.kv_blocks) and self.reusable(cmd.plan.prompt_tokens)

@@ -19,19 +19,12 @@ from opentelemetry import propagate
 from pydantic import BaseModel
 
 from shared import codec
+from shared.errors import BusError, PayloadTooLarge
 from shared.settings import Settings
 
 log = structlog.get_logger("bus")
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Msg], Awaitable[None]]
-
-
-class BusError(RuntimeError):
-    pass
-
-
-class PayloadTooLarge(BusError):
-    """A message over the server's max_payload: no retry or other peer can carry it."""
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:

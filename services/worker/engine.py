@@ -33,13 +33,13 @@ from shared.messages import (
     RingPlan,
     SamplingParams,
 )
+from shared.positions import clip_runs, positions_of, row_of
 from shared.sampling import request_generator, sample_batch
 from services.worker.chunked_prefill import PrefillChunks, run_chunk
 from services.worker.resident_prefix import ResidentPrefix
 from services.worker.errors import decode_error_code
-from services.worker.kv_cache import SCRATCH_PAGE, KVPool, KVPoolFull, RequestKV
+from services.worker.kv_cache import SCRATCH_PAGE, CachedRows, KVPool, KVPoolFull, RequestKV
 from services.worker.step import DecodeInputs, Recording, decode_forward, rope_for
-from services.worker.prefix import CachedRows, clip_runs, row_of
 
 # fuse(partials of one layer for a batch of requests) -> merged results in the same order
 FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
@@ -58,13 +58,6 @@ class PrefillAborted(Exception):
         self.layer = layer
         self.layers = layers
         self.requested_here = requested_here  # this member saw the abort (else a peer did)
-
-
-def segment_positions(segments: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
-    """[(start, end), ...] -> positions [tokens] int64, in segment order."""
-    if not segments:  # a ring member whose positions all came from the KV store
-        return torch.empty(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(s, e, device=device) for s, e in segments])
 
 
 def causal_block_sparsity(q_segments: list[tuple[int, int]], kv_segments: list[list[tuple[int, int]]]) -> tuple[int, int]:
@@ -179,7 +172,7 @@ class WorkerEngine:
         if n_cached != sum(e - s for s, e in clip_runs(mine, 0, upto)):
             raise ValueError(f"member {member}: {n_cached} cached rows for its positions below {upto}")
         todo = clip_runs(mine, upto, plan.prompt_tokens)  # the positions computed here
-        positions = segment_positions(todo, self.device)
+        positions = positions_of(todo, self.device)
         ids = torch.tensor(cmd.input_ids[n_cached:], dtype=torch.long, device=self.device)
 
         pattern = cmd.attention.key_pattern() if cmd.attention is not None else None

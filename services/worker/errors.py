@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from shared.bus import BusError
+from shared.errors import BusError
 from shared.messages import ErrorCode
 from services.worker.kv_cache import KVPoolFull
 

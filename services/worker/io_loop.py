@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 import torch
 
 from shared.kv.keys import BlockRef
-from shared.kv.shards import Run, ShardStore
+from shared.kv.shards import ShardStore
 from shared.kv.store import KVBlockStore, PutItem, Slot
+from shared.positions import Run
 
 T = TypeVar("T")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.attention.paged import gather_rows
+from shared.positions import runs_of_rows
 from shared.settings import Settings
 
 SCRATCH_PAGE = 0
@@ -330,12 +331,15 @@ class RequestKV:
         self.pool.free(pages)
 
 
-def runs_of_rows(runs: list[tuple[int, int]], first: int, end: int) -> list[tuple[int, int]]:
-    """Rows follow `runs` in order; the positions of rows [first, end), as runs."""
-    out, row = [], 0
-    for s, e in runs:
-        lo, hi = max(first, row), min(end, row + e - s)
-        if lo < hi:
-            out.append((s + lo - row, s + hi - row))
-        row += e - s
-    return out
+@dataclass
+class CachedRows:
+    """A member's K/V of the prompt positions below `upto`, loaded instead of computed: its first
+    rows (a member's segments ascend, so positions below `upto` come first)."""
+
+    upto: int
+    keys: list[torch.Tensor]  # per layer [rows, kv_heads, head_dim]
+    values: list[torch.Tensor]
+
+    @property
+    def tokens(self) -> int:
+        return self.keys[0].shape[0]

@@ -59,8 +59,8 @@ from services.worker.loading import load_engine
 from services.worker.chunked_prefill import one_worker_positions
 from services.worker.fusion_client import FusionClient
 from services.worker.owners import OwnerWatch
-from services.worker.kv_cache import KVPoolFull, RequestKV
-from services.worker.prefix import CachedRows, PrefixCache, block_masses
+from services.worker.kv_cache import CachedRows, KVPoolFull, RequestKV
+from services.worker.prefix import PrefixCache, block_masses
 from services.worker.io_loop import IOLoop, IOLoopBlockStore, IOLoopShardStore
 from services.worker.shard_persist import ShardPersister
 from services.worker.world import World

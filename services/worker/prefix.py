@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import structlog
 import torch
@@ -26,31 +25,16 @@ from shared.kv.store import KVBlockStore, PutItem
 from shared.messages import PrefillCommand, PromptBlock
 from shared.settings import Settings
 from services.worker.io_loop import IOLoopBlockStore
-from services.worker.kv_cache import RequestKV
+from shared.positions import Run, clip_runs, row_of
+from services.worker.kv_cache import CachedRows, RequestKV
 
 log = structlog.get_logger("worker")
-Run = tuple[int, int]  # [start, end) prompt positions
 # Blocks per put_blocks call (all layers each): bounds the encoded bytes in memory at once, and
 # each batch is committed as soon as it is written, so a long prompt becomes usable block by block.
 STORE_BATCH_BLOCKS = 16
 
 
 # ---- positions and blocks (pure) ----------------------------------------------------------------
-
-
-def clip_runs(runs: Sequence[Run], start: int, end: int) -> list[Run]:
-    """The parts of `runs` inside [start, end), in order."""
-    return [(max(s, start), min(e, end)) for s, e in runs if max(s, start) < min(e, end)]
-
-
-def row_of(runs: Sequence[Run], position: int) -> int:
-    """The row holding `position` when rows follow `runs` in order."""
-    row = 0
-    for s, e in runs:
-        if s <= position < e:
-            return row + position - s
-        row += e - s
-    raise ValueError(f"position {position} not held")
 
 
 def blocks_overlapping(blocks: Sequence[BlockRef], runs: Sequence[Run]) -> list[BlockRef]:
@@ -88,20 +72,6 @@ def member_runs(cmd: PrefillCommand) -> list[Run]:
 
 
 # ---- load and store -----------------------------------------------------------------------------
-
-
-@dataclass
-class CachedRows:
-    """A member's K/V of the prompt positions below `upto`, loaded instead of computed: its first
-    rows (a member's segments ascend, so positions below `upto` come first)."""
-
-    upto: int
-    keys: list[Tensor]  # per layer [rows, kv_heads, head_dim]
-    values: list[Tensor]
-
-    @property
-    def tokens(self) -> int:
-        return self.keys[0].shape[0]
 
 
 class PrefixCache:

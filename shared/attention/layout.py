@@ -12,7 +12,9 @@ in come from placement_unit_tokens, so that there are always whole groups of 2N 
 
 from __future__ import annotations
 
-Segment = tuple[int, int]
+from shared.positions import Run, run_tokens
+
+Segment = Run  # a run of positions a ring member holds (shared/positions.py)
 
 
 def placement_unit_tokens(total_tokens: int, chunk_tokens: int, ring_size: int, block_tokens: int | None = None) -> int:
@@ -107,9 +109,7 @@ def ring_size_for(context_len: int, chunk_tokens: int, free_workers: int, max_ri
     return max(0, min(free_workers, cap, n_chunks))
 
 
-def segment_tokens(segments: list[Segment]) -> int:
-    """Number of tokens (rows) in a list of segments."""
-    return sum(end - start for start, end in segments)
+segment_tokens = run_tokens  # the ring's name for it
 
 
 def append_member(tokens_held: list[int]) -> int:

@@ -35,11 +35,11 @@ from shared.kv.block import CorruptBlock, decode_block, encode_block
 from shared.kv.keys import KEY_NAMESPACE
 from shared.kv.nodes import RedisNodes
 from shared.kv.quant import dequantize_kv, quantize_kv
+from shared.positions import Run
 from shared.settings import Settings
 
 log = structlog.get_logger("kv")
 SHARD_QUANT = "none"  # lossless: the restored request must compute what the original would have
-Run = tuple[int, int]  # [start, end) prompt/sequence positions
 
 
 def shard_prefix(request_id: str) -> str:

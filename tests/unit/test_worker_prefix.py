@@ -13,16 +13,8 @@ from shared.model import LlamaModel, parse_model_config
 from shared.settings import Settings
 from services.scheduler.prefix import PrefixIndex, cached_prompt_tokens, member_blocks
 from tests.helpers.engines import make_engine
-from services.worker.engine import WorkerEngine
-from services.worker.kv_cache import runs_of_rows
-from services.worker.prefix import (
-    CachedRows,
-    blocks_inside,
-    blocks_overlapping,
-    clip_runs,
-    gather_rows,
-    row_of,
-)
+from services.worker.kv_cache import CachedRows
+from services.worker.prefix import blocks_inside, blocks_overlapping, gather_rows
 
 BLOCK = 4
 
@@ -35,18 +27,6 @@ def test_cached_tokens_are_whole_stored_blocks_and_never_the_last_position():
     assert cached_prompt_tokens(stored_blocks=4, block_tokens=16, prompt_tokens=64) == 48
     assert cached_prompt_tokens(stored_blocks=1, block_tokens=16, prompt_tokens=16) == 0
     assert cached_prompt_tokens(stored_blocks=1, block_tokens=16, prompt_tokens=17) == 16
-
-
-def test_runs_are_clipped_and_rows_found_in_segment_order():
-    runs = [(0, 6), (14, 20)]
-    assert clip_runs(runs, 0, 8) == [(0, 6)]
-    assert clip_runs(runs, 4, 16) == [(4, 6), (14, 16)]
-    assert clip_runs(runs, 6, 14) == []
-    assert [row_of(runs, p) for p in (0, 5, 14, 19)] == [0, 5, 6, 11]
-    with pytest.raises(ValueError):
-        row_of(runs, 10)
-    assert runs_of_rows(runs, 4, 9) == [(4, 6), (14, 17)]
-    assert runs_of_rows(runs + [(30, 31)], 12, 13) == [(30, 31)]
 
 
 def test_a_member_loads_blocks_it_overlaps_and_stores_only_blocks_it_holds_whole():

@@ -156,6 +156,10 @@ class RingserveMetrics:
         self.requests = meter.create_counter(
             "ringserve_requests", unit="{request}", description="finished requests by outcome code (ok or an error code)"
         )
+        self.request_recoveries = meter.create_counter(
+            "ringserve_request_recoveries", unit="{request}",
+            description="requests whose ring lost a worker, by how their recovery ended (completed, cancelled, failed)"
+        )
         self.device_memory = meter.create_observable_gauge(
             "ringserve_device_memory_used_bytes",
             callbacks=[self._observe_device_memory],
@@ -210,6 +214,10 @@ class RingserveMetrics:
     def record_request(self, code: str | enum.Enum = OK_CODE) -> None:
         """`code`: OK_CODE or an ErrorCode (its value is the label)."""
         self.requests.add(1, {"code": _code_name(code)})
+
+    def record_recovery(self, outcome: str | enum.Enum) -> None:
+        """`outcome`: how a request whose ring lost a worker ended (scheduler/recovery.py RecoveryOutcome)."""
+        self.request_recoveries.add(1, {"outcome": _code_name(outcome)})
 
     def watch_queue(self, name: str, depth: Callable[[], int]) -> None:
         """Report `depth()` as ringserve_queue_depth{queue=name} at every collection."""

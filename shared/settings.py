@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     # Requests running at once (prefill or decode) on one scheduler; more are refused with
     # `overloaded`, which a client retries later or elsewhere, rather than slowing everyone.
     max_active_requests: int = Field(default=256, ge=1)
+    max_recoveries: int = Field(default=1, ge=0)  # re-runs of a request whose ring lost a worker (scheduler/recovery.py)
 
     # --- placement ---------------------------------------------------------------------------
     # Overrides the chunk-size policy (8K/16K/32K by context length) when set.

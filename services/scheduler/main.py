@@ -22,7 +22,9 @@ from shared.messages import (
     ErrorCode,
     FusionDrop,
     FusionHeartbeat,
+    KVQuant,
     PrefillProgress,
+    RingPlan,
     ServiceHeartbeat,
     ServiceStatus,
     StatusReply,
@@ -50,6 +52,8 @@ from services.scheduler.identity import may_cancel, requester_of
 from services.scheduler.placement import kv_quant_for
 from services.scheduler.port import BusWorkerPort
 from services.scheduler.prefix import PrefixIndex
+from services.scheduler.recovery import (RecoveryOutcome, attempt_id, may_recover, remaining_request,
+                                         resumed_prompt)
 from services.scheduler.registry import Registry
 from services.scheduler.runner import RequestRunner, RequestState, done_event
 from services.scheduler.stops import StopChecker
@@ -58,6 +62,8 @@ log = structlog.get_logger("scheduler")
 # Non-owners answer a cancel this much later, so the owner's answer wins.
 CANCEL_NOT_OWNER_DELAY_S = 0.25
 WORLD_RETRY_MARGIN_S = 2.0
+# How often a recovering request looks whether the world has re-formed without the dead workers.
+WORLD_POLL_S = 0.05
 # Request bodies and prompts this large are parsed and tokenized in a thread, off the event loop.
 OFF_LOOP_BYTES = 64 * 1024
 # Of the drain timeout, kept to answer requests a drain has to cut off.
@@ -153,7 +159,9 @@ class SchedulerApp(ServiceApp):
             log.info("world_ready", generation=self.registry.generation, members=self.registry.members)
 
     def _rings_active(self) -> bool:
-        return any(r.s.plan is not None and r.s.plan.size > 1 for r in self.runners.values())
+        # A ring that lost a member is dead: its request (failing or about to be recovered) must
+        # not hold back the new world its recovery may need.
+        return any(r.s.plan is not None and r.s.plan.size > 1 and not r.lost_workers for r in self.runners.values())
 
     async def _world_loop(self) -> None:
         """Re-form the torch.distributed world between multi-worker requests when membership changes."""
@@ -361,22 +369,45 @@ class SchedulerApp(ServiceApp):
                 runner.task = asyncio.current_task()
                 if home is not None:
                     trace.get_current_span().set_attribute("placement.block_home", home)
+                recoveries = 0  # resumed runs started
+                lost_any = False  # a ring of this request lost a worker: its recovery is counted
                 try:
-                    reply = await runner.run(plan)
-                    if plan.size == 1 and hit.blocks and cacheable:  # its blocks now sit in that worker's pool
+                    while True:
+                        try:
+                            reply = await runner.run(plan)
+                            break
+                        except asyncio.CancelledError:
+                            await self._drop_fusion(plan)
+                            if not runner.lost_workers:
+                                raise
+                            # The world loop cancelled the run because a ring member died: not
+                            # a cancel of this request, which goes on (recovered) or fails coded.
+                            asyncio.current_task().uncancel()
+                            lost_any = True
+                        except ApiError:
+                            await self._drop_fusion(plan)
+                            raise
+                        self.admission.release(plan.request_id)  # the dead ring holds no room
+                        plan = await self._recover(runner, quant, recoveries)
+                        recoveries += 1
+                        if plan is None:  # cancelled while it waited for workers again
+                            reply = runner.reply("cancelled", None)
+                            break
+                    if plan is not None and plan.size == 1 and hit.blocks and cacheable:
                         self.block_homes.record(plan.workers[0], [b.chain_hash for b in hit.blocks])
-                except asyncio.CancelledError:
-                    await self._drop_fusion(plan)
-                    if runner.lost_workers:
-                        raise ApiError(ErrorCode.UNAVAILABLE, f"workers lost: {runner.lost_workers}", request_id) from None
+                except BaseException:
+                    if lost_any:
+                        self.metrics.record_recovery(RecoveryOutcome.FAILED)
                     raise
-                except ApiError:
-                    await self._drop_fusion(plan)
-                    raise
+                if lost_any:
+                    self.metrics.record_recovery(RecoveryOutcome.CANCELLED if reply.finish_reason == "cancelled"
+                                                 else RecoveryOutcome.COMPLETED)
             finally:
                 self.runners.pop(request_id, None)
                 self.requesters.pop(request_id, None)
                 self.admission.release(request_id)
+                if runner.s.plan is not None:  # a resumed run's placement, under its own id
+                    self.admission.release(runner.s.plan.request_id)
                 if progress_sub is not None:
                     await self.rt.bus.unsubscribe(progress_sub)
         if reply.output_ids:  # a request cancelled during its prefill has no first token
@@ -386,6 +417,53 @@ class SchedulerApp(ServiceApp):
             self.metrics.record_time_per_output_token(
                 (reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))
         return reply
+
+    async def _recover(self, runner: RequestRunner, quant: KVQuant, recoveries: int) -> RingPlan | None:
+        """A new plan for a request whose ring lost `runner.lost_workers`, on the live workers,
+        to prefill its prompt and the tokens it has and decode the rest (recovery.py); None when
+        the client cancelled it meanwhile. Raises `unavailable` when it may not run again (no
+        recovery left, the scheduler draining) or no worker can take it. The wait for workers is
+        admission's: bounded by the request's timeout and the wait queue."""
+        s = runner.s
+        lost, produced = runner.lost_workers, len(runner.output_ids)
+        if s.cancelled:
+            return None
+        if not may_recover(recoveries, self.settings.max_recoveries, s.cancelled, self.draining):
+            why = "scheduler shutting down" if self.draining else f"{recoveries} recoveries made, the limit"
+            raise ApiError(ErrorCode.UNAVAILABLE, f"workers lost: {lost} ({why})", s.request_id)
+        # The dead plan no longer counts as a ring (the world may re-form without its dead member).
+        runner.lost_workers, s.plan = [], None
+        run_id = attempt_id(s.request_id, recoveries + 1)
+        prompt = resumed_prompt(s.prompt_ids, runner.output_ids)
+        with self.tracer.start_as_current_span("scheduler.recover", attributes={
+                "request_id": s.request_id, "recovery.attempt": recoveries + 1, "recovery.lost_workers": lost,
+                "recovery.tokens_so_far": produced, "prompt_tokens": len(prompt)}) as span:
+            log.warning("request_recovering", lost_workers=lost, tokens_so_far=produced, attempt=recoveries + 1,
+                        max_recoveries=self.settings.max_recoveries, prompt_tokens=len(prompt))
+            await self._world_reformed(lambda: s.cancelled)
+            try:
+                plan = await self.admission.wait_for_placement(
+                    run_id, len(prompt), len(prompt) - runner.prefix_cached_tokens,
+                    remaining_request(s.request, produced), quant, lambda: s.cancelled)
+            except ApiError as err:
+                span.set_attribute("recovery.failed", err.message)
+                raise ApiError(err.code, f"workers lost: {lost}; recovery failed: {err.message}",
+                               s.request_id) from None
+            if plan is not None:
+                span.set_attribute("ring.size", plan.size)
+                log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
+                         prompt_tokens=len(prompt), attempt=recoveries + 1)
+            return plan
+
+    async def _world_reformed(self, cancelled) -> None:
+        """Wait (at most dist_timeout_s, the time a join may take) for the world to re-form without
+        the dead workers while more than one worker is live: until then placement sees no world
+        and would put a recovering request on one survivor, where a ring of them would prefill it
+        faster. Not while other rings run (the world waits for them) or with one survivor left."""
+        deadline = time.monotonic() + self.settings.dist_timeout_s
+        while (not self.registry.world_ready and len(self.registry.live_workers()) > 1 and not self._rings_active()
+               and not cancelled() and time.monotonic() < deadline):
+            await asyncio.sleep(WORLD_POLL_S)
 
     async def _drop_fusion(self, plan) -> None:
         """Surviving ring members may wait on a merge that will never complete: end it now."""

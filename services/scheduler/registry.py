@@ -98,6 +98,9 @@ class Registry:
         gone = [w for w, e in self.workers.items() if now - e.last_seen > self.timeout_s]
         for w in gone:
             del self.workers[w]
+        # A world with a dead member runs no collective and no ring: it is not ready (placement
+        # keeps to single workers) until the next generation forms without it.
+        self.ready -= set(gone)
         for p in [p for p, seen in self.fusion.items() if now - seen > self.timeout_s]:
             del self.fusion[p]
         for key in [k for k, (_, seen) in self.services.items() if now - seen > self.timeout_s]:

@@ -1,6 +1,10 @@
 """One request from admission to reply: place it, prefill on its ring, then follow the tokens the
 ring leader's decode loop publishes: stream them, check stop strings, end the request (release).
 
+A request whose ring lost a worker may run again (recovery.py): the same runner then runs a new
+plan, prefilling the prompt and the tokens it already has and decoding only the ones still due,
+so the client's stream and the reply go on as if nothing happened.
+
 The runner talks to workers only through `WorkerPort` (a few awaitables and a token queue), so its
 control flow is tested without NATS and the scheduler's main wires the port to the bus.
 """
@@ -39,6 +43,7 @@ from shared.messages import (
 )
 from services.scheduler.api import ApiError
 from services.scheduler.prefix import member_blocks
+from services.scheduler.recovery import resumed_prompt
 from services.scheduler.stops import StopChecker
 
 
@@ -95,11 +100,12 @@ class RequestRunner:
         # Leading prompt positions the KV store holds, and the prompt's full blocks (prefix.py).
         # After prefill: the positions the members actually loaded (a member whose load missed computed).
         self.cached_tokens = cached_tokens
+        self.prefix_cached_tokens = cached_tokens  # what every run loads: the admission's lookup
         self.kv_blocks = kv_blocks or []
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
         self.task: asyncio.Task | None = None  # set by the scheduler; cancelled when a ring member dies
-        self.lost_workers: list[str] = []
+        self.lost_workers: list[str] = []  # set when a ring member died: its run is dead, recovery may follow
         self.span: trace.Span = trace.INVALID_SPAN  # the request's root span, set by the scheduler
         self.prefilling = False  # the prefill commands are out and not all answered
         self.token_timeout_s = token_timeout_s  # the leader silent this long: it is gone
@@ -117,24 +123,26 @@ class RequestRunner:
             self._tokens.put_nowait(None)  # a runner waiting for the next token stops now
         if not self.prefilling or s.plan is None:
             return False
-        await asyncio.gather(*(self.port.abort(w, s.request_id) for w in s.plan.workers), return_exceptions=True)
+        await asyncio.gather(*(self.port.abort(w, s.plan.request_id) for w in s.plan.workers), return_exceptions=True)
         return True
 
     async def run(self, plan: RingPlan) -> GenerateReply:
+        """Run the request on `plan`'s ring, from the tokens it has so far (none on a first run).
+        The workers know this run by plan.request_id (a resumed run's differs, recovery.py)."""
         s = self.s
         s.plan = plan
-        s.placed_at = time.perf_counter()
-        self._tokens = self.port.watch(s.request_id)
+        s.placed_at = s.placed_at or time.perf_counter()  # queue_ms: the first placement's wait
+        self._tokens = self.port.watch(plan.request_id)
         ended = False
         try:
             finish = await self._generate(plan)
             ended = True
         finally:
-            self.port.unwatch(s.request_id)
+            self.port.unwatch(plan.request_id)
             # Ended normally, the leader ends the request on its ring (after the ticks it already
             # sent, so no member is left waiting in a step); after a failure, each member is told.
             workers = [plan.workers[plan.leader()]] if ended else plan.workers
-            await asyncio.gather(*(self.port.release(w, s.request_id) for w in workers), return_exceptions=True)
+            await asyncio.gather(*(self.port.release(w, plan.request_id) for w in workers), return_exceptions=True)
         return self.reply(finish, plan)
 
     def reply(self, finish: str, plan: RingPlan | None) -> GenerateReply:
@@ -170,12 +178,16 @@ class RequestRunner:
     async def _generate(self, plan: RingPlan) -> str:
         s = self.s
         sampling = sampling_of(s.request)
-        decode = DecodePlan(max_new_tokens=s.request.max_new_tokens, stop_token_ids=sorted(self.eos_ids),
+        # A resumed run prefills the tokens produced so far after the prompt and numbers its own
+        # tokens from 0: `produced` maps them onto the request's.
+        produced = len(self.output_ids)
+        prompt_ids = resumed_prompt(s.prompt_ids, self.output_ids)
+        decode = DecodePlan(max_new_tokens=s.request.max_new_tokens - produced, stop_token_ids=sorted(self.eos_ids),
                             events=self.port.events_subject, owner=self.port.instance, trace=inject_headers(),
                             reply=s.reply, reply_content_type=s.content_type)
         cmds = [
-            PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, s.prompt_ids, m), sampling=sampling,
-                           cached_tokens=self.cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]),
+            PrefillCommand(plan=plan, member=m, input_ids=member_ids(plan, prompt_ids, m), sampling=sampling,
+                           cached_tokens=self.prefix_cached_tokens, kv_blocks=member_blocks(self.kv_blocks, plan.segments[m]),
                            decode=decode, attention=s.request.attention)
             for m in range(plan.size)
         ]
@@ -184,16 +196,17 @@ class RequestRunner:
         self.prefilling = True
         try:
             with tracer.start_as_current_span("scheduler.prefill", attributes={
-                    "request_id": s.request_id, "ring.size": plan.size, "prompt_tokens": len(s.prompt_ids)}) as span:
+                    "request_id": s.request_id, "ring.size": plan.size, "prompt_tokens": len(prompt_ids),
+                    "resumed_tokens": produced}) as span:
                 log.info("prefill_started", request_id=s.request_id, workers=len(plan.workers),
-                         prompt_tokens=len(s.prompt_ids), cached_tokens=self.cached_tokens)
+                         prompt_tokens=len(prompt_ids), cached_tokens=self.prefix_cached_tokens, resumed_tokens=produced)
                 results = await asyncio.gather(*(self.port.prefill(w, c) for w, c in zip(plan.workers, cmds)))
                 aborted = prefill_aborted(results, s.cancelled)
                 span.set_attribute("prefill.aborted", aborted)
         except BaseException:
             # Timed out, cut off by a drain, or failed on a member: a prefill still running on the
             # others stops at its next layer boundary instead of holding the ring for nothing.
-            await asyncio.gather(*(self.port.abort(w, s.request_id) for w in plan.workers), return_exceptions=True)
+            await asyncio.gather(*(self.port.abort(w, plan.request_id) for w in plan.workers), return_exceptions=True)
             raise
         finally:
             self.prefilling = False
@@ -212,9 +225,9 @@ class RequestRunner:
                 continue  # woken by a cancel
             if item.error_code is not None:
                 raise ApiError(item.error_code, f"worker failed: {item.error}", s.request_id)
-            if item.index != len(self.output_ids):
-                raise ApiError(ErrorCode.INTERNAL, f"token {item.index} came when {len(self.output_ids)} was due",
-                               s.request_id)
+            if produced + item.index != len(self.output_ids):
+                raise ApiError(ErrorCode.INTERNAL, f"token {produced + item.index} came when {len(self.output_ids)} "
+                               "was due", s.request_id)
             finish = await self._accept(item.token_id, item.logprob)
         return finish
 

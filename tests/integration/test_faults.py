@@ -6,18 +6,21 @@ reconnects) in both phases. For each fault the test records what the client rece
 
 - an answer within ANSWER_S of the fault: a done event, or an error with a code from ErrorCode
   (never an event without one), except where the table says `lost` (see below);
-- a completed request has the tokens of an undisturbed run of the same request;
+- a completed request has the tokens of an undisturbed run of the same request, and the client
+  saw each of them once (a request recovered after a lost worker streams only the new ones);
 - after the killed process or server is started again, the stack is whole (both workers in one
   world, one instance of each service, no request left on a worker) and a ring request works.
 
 EXPECTED is today's behaviour, gaps included, and docs/RELIABILITY.md shows the same table. A
 gap is asserted as it is (not xfail): when a fix changes an outcome this test fails, and the
 table and the doc are updated with it. The gaps, against issue 11's Build section:
-- a lost worker fails its request `unavailable` (item 2 wants it completed, identical);
 - a lost fusion service fails a ring's request `unavailable`, in decode only after the fusion
   timeout (item 1 wants `unavailable` at once);
 - a SIGKILLed scheduler's requests are answered `unavailable` by their ring's leader once the
   scheduler's heartbeats stop (item 3 also allows completing them on another scheduler: not built).
+
+A lost worker's request is recovered by recomputation on the survivor (item 2): it completes
+with identical tokens; its total time against the undisturbed run's is in the table.
 
 The summary (the last test) prints the table; `pytest -s` shows it.
 """
@@ -65,8 +68,9 @@ UNAVAILABLE = ErrorCode.UNAVAILABLE.value
 # What the client receives today, per (fault, phase). A tuple: either outcome is correct and
 # depends on timing (whether a message was in flight while NATS was down).
 EXPECTED: dict[tuple[str, str], str | tuple[str, ...]] = {
-    ("worker", "prefill"): UNAVAILABLE,  # gap: item 2 (recover and complete)
-    ("worker", "decode"): UNAVAILABLE,  # gap: item 2
+    # item 2: re-run on the survivor from the prompt and the tokens so far (scheduler/recovery.py)
+    ("worker", "prefill"): IDENTICAL,
+    ("worker", "decode"): IDENTICAL,
     ("fusion", "prefill"): UNAVAILABLE,  # the ring's first decode step finds no fusion responder
     ("fusion", "decode"): UNAVAILABLE,  # gap: item 1 (only after RINGSERVE_FUSION_TIMEOUT_S)
     ("kvstore", "prefill"): IDENTICAL,
@@ -95,6 +99,8 @@ class Result:
     tokens_streamed: int
     answer_s: float | None  # from the fault to the final event
     message: str = ""
+    total_ms: float | None = None  # a completed request's total time, and an undisturbed run's
+    baseline_ms: float | None = None
 
 
 RESULTS: dict[tuple[str, str], Result] = {}
@@ -104,6 +110,7 @@ RESULTS: dict[tuple[str, str], Result] = {}
 class Fixture:
     stack: Stack
     decode_baseline: list[int]
+    decode_baseline_ms: float
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +122,7 @@ def faults(tmp_path_factory):
         reply = asyncio.run(stack.generate(_decode_body(), timeout=ANSWER_S))
         assert "error" not in reply and len(reply["placement"]["workers"]) == WORKERS, reply
         assert len(reply["output_ids"]) == DECODE_NEW, f"the decode prompt must not stop early: {reply}"
-        yield Fixture(stack, reply["output_ids"])
+        yield Fixture(stack, reply["output_ids"], reply["timings"]["total_ms"])
     finally:
         stack.stop()
 
@@ -254,15 +261,19 @@ async def test_fault(faults: Fixture, fault: str, phase: str):
             # Completed: the tokens of an undisturbed run (for a prefill case, run now: its
             # prompt's blocks may come from the store, which gives the same tokens).
             baseline = faults.decode_baseline if phase == "decode" else None
+            baseline_ms = faults.decode_baseline_ms if phase == "decode" else None
             if baseline is None:
                 reply = await stack.generate(body, timeout=ANSWER_S)
                 assert "error" not in reply, reply
-                baseline = reply["output_ids"]
+                baseline, baseline_ms = reply["output_ids"], reply["timings"]["total_ms"]
             assert final["output_ids"] == baseline, f"tokens differ from an undisturbed run: {final}"
             assert tokens == final["output_ids"], "the streamed tokens differ from the done event's"
             outcome, message = IDENTICAL, final["finish_reason"]
         await sub.unsubscribe()
         RESULTS[(fault, phase)] = Result(fault, phase, outcome, len(tokens), answer_s, message[:120])
+        if outcome == IDENTICAL:
+            RESULTS[(fault, phase)].total_ms, RESULTS[(fault, phase)].baseline_ms = \
+                final["timings"]["total_ms"], baseline_ms
 
         expected = EXPECTED[(fault, phase)]
         assert outcome in (expected if isinstance(expected, tuple) else (expected,)), \
@@ -280,12 +291,14 @@ def test_summary():
     """The table of docs/RELIABILITY.md, with its counts; every fault answered but the known gaps."""
     if len(RESULTS) != len(CASES):
         pytest.skip(f"{len(RESULTS)} of {len(CASES)} faults ran")
-    rows = ["| fault | phase | the client receives | after (s) | tokens streamed | tokens identical | message |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| fault | phase | the client receives | after (s) | tokens streamed | tokens identical | total ms "
+            "(undisturbed) | message |",
+            "|---|---|---|---|---|---|---|---|"]
     for (fault, phase), r in RESULTS.items():
         what = {IDENTICAL: "done", LOST: "nothing"}.get(r.outcome, f"error `{r.outcome}`")
         rows.append(f"| {fault} | {phase} | {what} | {r.answer_s if r.answer_s is not None else '-'} | "
-                    f"{r.tokens_streamed} | {'yes' if r.outcome == IDENTICAL else 'no'} | {r.message} |")
+                    f"{r.tokens_streamed} | {'yes' if r.outcome == IDENTICAL else 'no'} | "
+                    f"{f'{r.total_ms:.0f} ({r.baseline_ms:.0f})' if r.total_ms is not None else '-'} | {r.message} |")
     identical = sum(r.outcome == IDENTICAL for r in RESULTS.values())
     lost = sum(r.outcome == LOST for r in RESULTS.values())
     coded = len(RESULTS) - identical - lost

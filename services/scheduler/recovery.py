@@ -1,0 +1,59 @@
+"""Recovery by recomputation: when a request's ring loses a worker, the request runs again on the
+surviving workers with the prompt it had plus the tokens it already produced, asking only for the
+tokens still due. The client has seen those tokens already, so the resumed run streams only new
+ones, and the reply counts the whole request as one undisturbed run would.
+
+Why recompute (and not restore the lost member's KV from its shard copies in Redis): it needs
+nothing but the prompt and the tokens so far, and the prefix cache already skips the prompt
+blocks that were stored. Restoring shards is later work (issue 11 item 2, docs/RELIABILITY.md).
+
+Identical continuations: greedy decoding recomputes the same tokens (the model is deterministic).
+A seeded sampled request does not: its worker seeds one generator per request and draws from it
+step by step, so the resumed run replays that stream from its start; continuing the stream would
+need the workers to skip the draws already made (not built).
+
+Pure functions here; the scheduler's main wires them to admission, the runner and the bus.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from shared.messages import GenerateRequest
+
+# A resumed run's id as the workers know it: the request's id and the attempt. A fresh id keeps
+# a survivor's leftovers of the dead run (a prefill still stopping, late tokens) apart from it.
+ATTEMPT_SEPARATOR = ".r"
+
+
+class RecoveryOutcome(str, enum.Enum):
+    """How a request whose ring lost a worker ended (the ringserve_request_recoveries label)."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"  # no recovery left, no worker left, or the resumed run failed
+
+
+def attempt_id(request_id: str, attempt: int) -> str:
+    """The id of a request's `attempt`-th run on workers (0: the first, under its own id)."""
+    return request_id if attempt == 0 else f"{request_id}{ATTEMPT_SEPARATOR}{attempt}"
+
+
+def resumed_prompt(prompt_ids: list[int], output_ids: list[int]) -> list[int]:
+    """The prompt a resumed run prefills: the request's prompt and every token produced so far,
+    at the positions they had, so the next token is the one an undisturbed run would give."""
+    return [*prompt_ids, *output_ids]
+
+
+def remaining_request(req: GenerateRequest, produced: int) -> GenerateRequest:
+    """The request as the resumed run places and decodes it: only the tokens still due (at
+    least one: a request with all its tokens has ended and needs no recovery)."""
+    if produced >= req.max_new_tokens:
+        raise ValueError(f"{produced} tokens of {req.max_new_tokens} produced: nothing left to recover")
+    return req.model_copy(update={"max_new_tokens": req.max_new_tokens - produced})
+
+
+def may_recover(recoveries_done: int, max_recoveries: int, cancelled: bool, draining: bool) -> bool:
+    """Whether a request that lost a worker runs again: not when the client cancelled it, not
+    while the scheduler drains (it must end, not start over), and at most `max_recoveries` times."""
+    return not cancelled and not draining and recoveries_done < max_recoveries

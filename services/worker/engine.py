@@ -16,10 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from shared.attention.decode import collective_merge
-from shared.attention.paged import paged_key_attention_mass
 from shared.attention.pattern import KeyPattern, extra_key_rows, layer_pattern
 from shared.attention.ring import RingStep, ring_any, ring_attention
 from shared.messages import (
@@ -34,19 +32,21 @@ from shared.messages import (
     SamplingParams,
 )
 from shared.positions import clip_runs, positions_of, row_of
+from shared.errors import error_text
 from shared.sampling import request_generator, sample_batch
 from services.worker.chunked_prefill import PrefillChunks, run_chunk
 from services.worker.resident_prefix import ResidentPrefix
 from services.worker.errors import decode_error_code
 from services.worker.kv_cache import SCRATCH_PAGE, CachedRows, KVPool, KVPoolFull, RequestKV
-from services.worker.step import DecodeInputs, Recording, decode_forward, rope_for
+from services.worker.importance import add_importance
+from services.worker.ring_groups import RingGroups, ring_ranks
+from services.worker.step import decode_forward, decode_inputs, padded_rows, recording_for, rope_for
 
 # fuse(partials of one layer for a batch of requests) -> merged results in the same order
 FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
 ProgressFn = Callable[[int], None]  # layers done
 RingStepFn = Callable[[int, RingStep], None]  # (layer, what the ring step did)
 AbortFn = Callable[[], bool]  # whether this member was told to abort the prefill (thread-safe)
-ERROR_TEXT_CHARS = 300  # of an exception's text in an error result
 
 
 class PrefillAborted(Exception):
@@ -58,56 +58,6 @@ class PrefillAborted(Exception):
         self.layer = layer
         self.layers = layers
         self.requested_here = requested_here  # this member saw the abort (else a peer did)
-
-
-def causal_block_sparsity(q_segments: list[tuple[int, int]], kv_segments: list[list[tuple[int, int]]]) -> tuple[int, int]:
-    """(skipped, total) (query segment, key segment) pairs of a causal ring prefill: a key
-    segment entirely after a query segment is never computed."""
-    pairs = [(q, k) for q in q_segments for member in kv_segments for k in member]
-    return sum(1 for q, k in pairs if k[0] >= q[1]), len(pairs)
-
-
-class RingGroups:
-    """The process group a ring agrees on.
-
-    Point-to-point transfers (ring attention, collective decode fusion) run on the world group:
-    on NCCL its communicator is made eagerly when the world forms (world.py), with every member
-    taking part, so any subset of ranks may then exchange blocks while the others are busy
-    elsewhere. No per-ring NCCL group is made: c10d names a new group by its ranks *and the
-    number of groups the process already has*, so members whose earlier rings differed would
-    wait under different names until the timeout.
-
-    Collectives over the ring alone (the prefill abort agreement) run on a gloo group of
-    exactly the ring's ranks, made directly over the world's store outside c10d's registry,
-    on CPU flags, whatever the world's backend; cached for the world's generation (the store
-    is the generation's, so its keys are never reused). It gets `timeout` (the world's
-    distributed timeout): a dead peer ends the wait as it ends a transfer."""
-
-    def __init__(self, timeout: datetime.timedelta | None = None) -> None:
-        self.timeout = timeout
-        self._generation = -1
-        self._agreement: dict[tuple[int, ...], dist.ProcessGroup] = {}
-
-    def agreement(self, plan: RingPlan) -> dist.ProcessGroup:
-        """The gloo group the ring's members run collectives on (a ring of more than one member)."""
-        if plan.size == 1:
-            raise ValueError("a ring of one agrees with itself")
-        if plan.world_generation != self._generation:
-            self._generation, self._agreement = plan.world_generation, {}
-        ranks = tuple(plan.world_ranks)
-        if ranks not in self._agreement:
-            store = dist.PrefixStore(f"ringserve/agree/{'-'.join(map(str, ranks))}",
-                                     dist.distributed_c10d._get_default_store())
-            timeout = self.timeout or datetime.timedelta(minutes=30)  # torch's gloo default
-            self._agreement[ranks] = dist.ProcessGroupGloo(store, ranks.index(dist.get_rank()), len(ranks), timeout)
-        return self._agreement[ranks]
-
-
-def ring_ranks(plan: RingPlan) -> list[int]:
-    """World ranks of the ring; a ring of one needs no world (this process alone)."""
-    if plan.size == 1:
-        return [dist.get_rank() if dist.is_initialized() else 0]
-    return list(plan.world_ranks)
 
 
 @dataclass
@@ -132,7 +82,7 @@ class RequestNotHeld(KeyError):
 
 def failed(step: DecodeStep, member: int, exc: Exception) -> DecodeResult:
     return DecodeResult(request_id=step.request_id, member=member, step=step.step, ok=False,
-                        error_code=decode_error_code(exc), error=str(exc)[:ERROR_TEXT_CHARS])
+                        error_code=decode_error_code(exc), error=error_text(exc))
 
 
 class WorkerEngine:
@@ -367,19 +317,24 @@ class WorkerEngine:
             logits_row = list(range(len(steps)))
             greedy = {b: (tokens[b], logprobs[b]) for b in range(len(steps)) if reqs[b].sampling.temperature == 0.0}
             if observe:
-                self._add_importance(reqs, self.graphs.recorded(len(steps)), self.graphs.last_inputs(len(steps)))
+                add_importance(self.model, self.pool, [r.kv for r in reqs], self.graphs.recorded(len(steps)),
+                               self.graphs.last_inputs(len(steps)))
         else:
-            x = self._inputs(steps, pages, slots, seq_lens, starts, full_layer_starts)
-            if extra:
-                x.extra_rows, x.extra_valid = self._extra_rows(steps, reqs)
+            x = decode_inputs([s.token_id for s in steps], [s.position for s in steps], pages, slots, seq_lens,
+                              starts, full_layer_starts, self.device)
+            if extra:  # the rows each step attends outside its window (sinks, strided keys) of this shard
+                x.extra_rows, x.extra_valid = padded_rows(
+                    [extra_key_rows(r.pattern, r.kv.positions, s.position) if r.has_extra_keys else []
+                     for s, r in zip(steps, reqs)], self.device)
             cos, sin = rope_for(self.model, x.positions, [s.position + 1 for s in steps])
             merge = self._merger(steps, reqs, fuse, collective) if spread else None
             # the global lse for the importance pass: a ring's merged one, or the one that
             # includes the sink and strided rows (the pass itself sees the window's rows)
-            record = self._recording(len(steps), merged=spread or extra) if observe else None
+            record = (recording_for(self.model, len(steps), self.pool.k[0].dtype, self.device, merged=spread or extra)
+                      if observe else None)
             h = decode_forward(self.model, self.pool, x, cos, sin, merge, record)
             if record is not None:
-                self._add_importance(reqs, record, x)
+                add_importance(self.model, self.pool, [r.kv for r in reqs], record, x)
             logits = self.model.logits(h[leaders]) if leaders else None  # [leaders, vocab]
             logits_row = {b: i for i, b in enumerate(leaders)}
 
@@ -400,37 +355,6 @@ class WorkerEngine:
                 r.kv.note_positions(s.position, s.position + 1)
         return results
 
-    def _inputs(self, steps: list[DecodeStep], pages: list[list[int]], slots: list[tuple[int, int]],
-                seq_lens: list[int], window_starts: list[int], full_layer_starts: list[int]) -> DecodeInputs:
-        width = max(len(p) for p in pages)
-        table = torch.full((len(steps), width), SCRATCH_PAGE, dtype=torch.int32)
-        for b, p in enumerate(pages):
-            table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
-        dev = self.device
-        return DecodeInputs(
-            ids=torch.tensor([s.token_id for s in steps], dtype=torch.long, device=dev),
-            positions=torch.tensor([s.position for s in steps], dtype=torch.long, device=dev),
-            write_page=torch.tensor([p for p, _ in slots], dtype=torch.long, device=dev),
-            write_slot=torch.tensor([s for _, s in slots], dtype=torch.long, device=dev),
-            block_table=table.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            window_starts=torch.tensor(window_starts, dtype=torch.int32, device=dev),
-            full_layer_starts=torch.tensor(full_layer_starts, dtype=torch.int32, device=dev),
-        )
-
-    def _extra_rows(self, steps: list[DecodeStep], reqs: list[ActiveRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows each step attends outside its window (sinks, strided keys) of this member's
-        shard -> (rows [B, E] int64 padded with row 0, valid [B, E] bool)."""
-        per_row = [extra_key_rows(r.pattern, r.kv.positions, s.position) if r.has_extra_keys else []
-                   for s, r in zip(steps, reqs)]
-        width = max(1, max(len(rows) for rows in per_row))
-        rows = torch.zeros(len(steps), width, dtype=torch.long)
-        valid = torch.zeros(len(steps), width, dtype=torch.bool)
-        for b, found in enumerate(per_row):
-            rows[b, : len(found)] = torch.tensor(found, dtype=torch.long)
-            valid[b, : len(found)] = True
-        return rows.to(self.device), valid.to(self.device)
-
     def _merger(self, steps: list[DecodeStep], reqs: list[ActiveRequest], fuse: FuseFn | None, collective: bool):
         """The per-layer merge of the rows' partials with their ring peers' (a request held by
         this worker alone would merge with nobody: it never gets here)."""
@@ -447,38 +371,6 @@ class WorkerEngine:
             return (torch.cat([o.to(self.device) for o, _ in merged]),
                     torch.cat([l.to(self.device) for _, l in merged]))
         return merge
-
-    def _recording(self, batch: int, merged: bool) -> Recording:
-        """Buffers for an eager observed step: every layer's queries, and for a ring's rows the
-        merged lse (a member holds only its shard of the keys, so it cannot compute it)."""
-        layers, heads, dim = len(self.model.layers), self.config.num_attention_heads, self.config.head_dim
-        q = torch.empty(layers, batch, heads, dim, dtype=self.pool.k[0].dtype, device=self.device)
-        lse = torch.empty(layers, batch, heads, dtype=torch.float32, device=self.device) if merged else None
-        return Recording(q=q, lse=lse)
-
-    def _add_importance(self, reqs: list[ActiveRequest], record: Recording, x: DecodeInputs) -> None:
-        """H2O: add the softmax mass each cached key received this step to its request's importance.
-
-        One layer per observed step of a request, its layers in turn: a sample of the mass summed
-        over layers (what eviction ranks blocks by) at 1/L of the cost of all of them. Every row
-        in one batched pass (the pool's layers seen as one run of pages), one copy to the host."""
-        rows = torch.arange(len(reqs), device=self.device)
-        layer_of = [r.kv.next_observed_layer(len(self.model.layers)) for r in reqs]
-        layers = torch.tensor(layer_of, dtype=torch.long).to(self.device)
-        q = record.q[layers, rows]  # [B, H, d], each row's query at its layer
-        lse = record.lse[layers, rows] if record.lse is not None else None
-        pages_per_layer = self.pool.k_layers.shape[1]
-        table = x.block_table.long() + layers[:, None] * pages_per_layer
-        starts = None
-        if x.window_starts is not None:  # each row from its window start at its layer
-            slides = torch.tensor([self.config.window_of(i) is not None for i in layer_of]).to(self.device)
-            other = x.full_layer_starts if x.full_layer_starts is not None else torch.zeros_like(x.window_starts)
-            starts = torch.where(slides, x.window_starts, other)
-        mass = paged_key_attention_mass(q, self.pool.k_layers.flatten(0, 1), table, x.seq_lens,
-                                        self.model.attn_scale, lse, starts)  # [B, W * P]
-        host = mass.cpu()
-        for b, (r, n) in enumerate(zip(reqs, x.seq_lens.tolist())):
-            r.kv.add_mass(host[b, :n])
 
     def release(self, request_id: str) -> ActiveRequest | None:
         active = self.requests.pop(request_id, None)

@@ -1,11 +1,13 @@
 """The worker service: holds the model, joins the torch.distributed world, runs its share of
 prefill and decode for the scheduler, and exchanges decode partials with the fusion service.
 
-All torch work runs in one compute thread (so heartbeats keep flowing during a long prefill);
-decode steps that arrive together are run as one batch. KV store I/O: cached prompt blocks are
-loaded before a prefill is handed to the compute thread, computed blocks are stored and the
-decode shard is copied to Redis in the background, after the reply; their Redis traffic runs on
-an event loop of its own (io_loop.py), their kvstore requests on this one.
+This module wires the parts and handles the world, release, abort and owner messages: one
+prefill is prefill_path.py, the decode loop decode_loop.py, the model and pool loading.py.
+All torch work runs in one compute thread (so heartbeats keep flowing during a long prefill).
+KV store I/O: cached prompt blocks are loaded before a prefill is handed to the compute thread,
+computed blocks are stored and the decode shard is copied to Redis in the background, after the
+reply; their Redis traffic runs on an event loop of its own (io_loop.py), their kvstore
+requests on this one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import functools
 import os
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +25,6 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from shared import codec, subjects
-from shared.attention.ring import RingStep
 from shared.kv.client import KVIndexClient
 from shared.kv.shards import ShardStore
 from shared.kv.store import KVBlockStore
@@ -36,7 +36,6 @@ from shared.messages import (
     ErrorCode,
     ErrorReply,
     PrefillCommand,
-    PrefillProgress,
     PrefillResult,
     ReleaseCommand,
     RingPlan,
@@ -54,20 +53,16 @@ from shared.settings import Settings
 from services.worker.aborts import AbortFlags
 from services.worker.batcher import DecodeBatcher
 from services.worker.decode_loop import DecodeLoop
-from services.worker.engine import PrefillAborted, causal_block_sparsity
 from services.worker.loading import load_engine
-from services.worker.chunked_prefill import one_worker_positions
 from services.worker.fusion_client import FusionClient
 from services.worker.owners import OwnerWatch
-from services.worker.kv_cache import CachedRows, KVPoolFull, RequestKV
+from services.worker.prefill_path import PrefillPath
 from services.worker.prefix import PrefixCache, block_masses
 from services.worker.io_loop import IOLoop, IOLoopBlockStore, IOLoopShardStore
 from services.worker.shard_persist import ShardPersister
 from services.worker.world import World
 
 log = structlog.get_logger("worker")
-# Progress messages at most this often: a long prefill reports without flooding the bus.
-PROGRESS_MIN_INTERVAL_S = 0.2
 
 
 class WorkerApp(ServiceApp):
@@ -121,6 +116,8 @@ class WorkerApp(ServiceApp):
                                      budget=self.prefix.index) if persist else None
         self.decoding = DecodeLoop(self.engine, self.batcher, bus, self.settings, self.worker_id, self.tracer,
                                    self.metrics, self.fusion, self._run, self._keep, self._end_request, self.shards)
+        self.prefills = PrefillPath(self.engine, self.prefix, self.world, self.aborts, self.settings, bus, self.tracer,
+                                    self.metrics, self._run, self.loop)
         inbox = functools.partial(subjects.worker_inbox, self.worker_id)
         await serve(bus, inbox("prefill"), PrefillCommand, self._on_prefill, invalid=lambda text: PrefillResult(
             request_id="?", member=-1, ok=False, error_code=ErrorCode.INVALID_REQUEST, error=text))
@@ -216,161 +213,34 @@ class WorkerApp(ServiceApp):
         rid = cmd.plan.request_id
         self._prefilling[rid] = cmd.plan
         try:
-            await self._prefill(msg, cmd)
+            result, loaded = await self.prefills.run(cmd)
+            self.aborts.clear(rid)  # whatever the outcome: an abort only ever concerns a running prefill
+            if result.ok:
+                self._start_decode(cmd, result, loaded)
+            self.decoding.wake.set()  # ticks that came during the prefill can run now
+            await self.rt.bus.reply(msg, result)
         finally:
             self._prefilling.pop(rid, None)
 
-    async def _prefill(self, msg: Msg, cmd: PrefillCommand) -> None:
+    def _start_decode(self, cmd: PrefillCommand, result: PrefillResult, loaded: bool) -> None:
+        """After a prefill: its computed blocks are stored in the background, its decode shard
+        copied as it grows, and the ring's leader starts decoding it."""
         rid = cmd.plan.request_id
-        is_leader = cmd.member == cmd.plan.leader()
-        last_sent = [0.0]
+        active = self.engine.requests.get(rid)
+        if active is None:  # a failed ring peer got the request released already
+            return
+        if active.kv.acquire():  # its pages stay this request's until the blocks are stored
+            self._keep(asyncio.create_task(self.prefills.store(cmd, active.kv, loaded)))
+        if self.shards is not None:
+            self.shards.track(rid, cmd.member, active.kv)
+        # its decode spans hang under the request's root span
+        self.decoding.trace_context[rid] = (propagate.extract(cmd.decode.trace) if cmd.decode is not None
+                                            else otel_context.get_current())
+        if cmd.member == cmd.plan.leader() and cmd.decode is not None:
+            if cmd.decode.owner:
+                self.owners.own(rid, cmd.decode.owner)
+            self.decoding.join(cmd, result.token_id)
 
-        def progress(layers_done: int) -> None:
-            now = time.monotonic()
-            if is_leader and (now - last_sent[0] >= PROGRESS_MIN_INTERVAL_S or layers_done == self.model_info.num_layers):
-                last_sent[0] = now
-                asyncio.run_coroutine_threadsafe(self.rt.bus.publish(
-                    subjects.progress(rid),
-                    PrefillProgress(request_id=rid, layers_done=layers_done, layers=self.model_info.num_layers),
-                ), self.loop)
-
-        with self.tracer.start_as_current_span("worker.prefill", attributes={
-            "request_id": rid, "ring.size": cmd.plan.size, "ring.member": cmd.member, "tokens": len(cmd.input_ids),
-        }) as span:
-            log.info("prefill_started", request_id=rid, member=cmd.member, ring_size=cmd.plan.size,
-                     tokens=len(cmd.input_ids), cached_tokens=cmd.cached_tokens)
-            t0 = time.perf_counter()
-            cached, resident = None, None
-            ring_steps: list[tuple[int, RingStep]] = []
-            try:
-                if cmd.plan.size > 1 and cmd.plan.world_generation != self.world.generation:
-                    raise RuntimeError(f"ring formed for world generation {cmd.plan.world_generation}, worker is in {self.world.generation}")
-                # The worker's own tiers first: a prompt whose cached blocks are still in this
-                # worker's pool or host memory maps or copies them (resident_prefix.py); else they
-                # come from Redis. `taken` is read in the same compute job: another take may follow.
-                if one_worker_positions(cmd) and cmd.cached_tokens and self.engine.resident is not None:
-                    resident, taken = await self._run(
-                        lambda: (self.engine.take_resident(cmd), self.engine.resident.last_take))
-                if resident:
-                    span.set_attribute("kv.resident_blocks", len(resident))
-                    span.set_attribute("kv.host_blocks", taken.host)
-                    log.info("kv_prefix_resident_hit", request_id=rid, blocks=len(resident), host_blocks=taken.host)
-                    self.prefix.record_resident_hit(taken.pool, taken.host)
-                else:
-                    cached = await self._load_prefix(cmd)
-                # Asked before every layer; on a ring the members agree there, so every member
-                # stops at the same layer (or none does) and nobody is left in a transfer.
-                should_abort = functools.partial(self.aborts.is_set, rid)
-                step_tokens = self.settings.prefill_step_tokens
-                if resident or (one_worker_positions(cmd) and cmd.plan.prompt_tokens - cmd.cached_tokens > step_tokens):
-                    # chunk by chunk: the decode steps queued meanwhile run between two chunks
-                    span.set_attribute("prefill.step_tokens", step_tokens)
-                    chunks = await self._run(self.engine.prefill_begin, cmd, cached, resident)
-                    while not chunks.finished:
-                        await self._run(self.engine.prefill_chunk, chunks, step_tokens, progress, should_abort)
-                    result = await self._run(self.engine.prefill_end, chunks)
-                else:
-                    result = await self._run(self.engine.prefill, cmd, progress, cached,
-                                             lambda layer, step: ring_steps.append((layer, step)), should_abort)
-                self._report_ring_steps(span, ring_steps)
-            except PrefillAborted as exc:
-                self._report_ring_steps(span, ring_steps)
-                self.engine.release(rid)
-                ms = round((time.perf_counter() - t0) * 1000, 2)
-                span.set_attribute("prefill.aborted", True)
-                span.add_event("prefill.aborted", {"layer": exc.layer, "layers": exc.layers,
-                                                   "requested_here": exc.requested_here})
-                log.info("prefill_aborted", request_id=rid, member=cmd.member, ring_size=cmd.plan.size,
-                         layer=exc.layer, layers=exc.layers, requested_here=exc.requested_here, ms=ms)
-                result = PrefillResult(request_id=rid, member=cmd.member, ok=False, cancelled=True, error=str(exc),
-                                       cached_tokens=cached.tokens if cached is not None else 0)
-            except Exception as exc:
-                log.exception("prefill_failed", request_id=rid)
-                span.record_exception(exc)
-                self.engine.release(rid)
-                code = ErrorCode.OVERLOADED if isinstance(exc, KVPoolFull) else ErrorCode.INTERNAL
-                result = PrefillResult(request_id=rid, member=cmd.member, ok=False, error_code=code,
-                                       error=error_text(exc))
-            if result.ok:
-                self.metrics.record_prefill(len(cmd.input_ids), time.perf_counter() - t0)
-                mine = [(x.start, x.end) for x in cmd.plan.segments[cmd.member]]
-                self.metrics.record_attention_sparsity(*causal_block_sparsity(
-                    mine, [[(x.start, x.end) for x in segs] for segs in cmd.plan.segments]))
-            log.info("prefill_done", request_id=rid, member=cmd.member, tokens=len(cmd.input_ids),
-                     cached=result.cached_tokens, ms=round((time.perf_counter() - t0) * 1000, 2), ok=result.ok)
-        self.aborts.clear(rid)  # whatever the outcome: an abort only ever concerns a running prefill
-        active = self.engine.requests.get(rid) if result.ok else None
-        if active is not None:  # absent when a failed ring peer got the request released already
-            if active.kv.acquire():  # its pages stay this request's until the blocks are stored
-                loaded = cached is not None or bool(resident)
-                self._keep(asyncio.create_task(self._store_prefix(cmd, active.kv, loaded)))
-            if self.shards is not None:
-                self.shards.track(rid, cmd.member, active.kv)
-            # its decode spans hang under the request's root span
-            self.decoding.trace_context[rid] = (propagate.extract(cmd.decode.trace) if cmd.decode is not None
-                                                else otel_context.get_current())
-            if cmd.member == cmd.plan.leader() and cmd.decode is not None:
-                if cmd.decode.owner:
-                    self.owners.own(rid, cmd.decode.owner)
-                self.decoding.join(cmd, result.token_id)
-        self.decoding.wake.set()  # ticks that came during the prefill can run now
-        await self.rt.bus.reply(msg, result)
-
-    def _report_ring_steps(self, span, steps: list[tuple[int, RingStep]]) -> None:
-        """One span event per layer (bytes sent around the ring, host wait), and the metric."""
-        by_layer: dict[int, list[RingStep]] = {}
-        for layer, step in steps:
-            by_layer.setdefault(layer, []).append(step)
-            if step.bytes_sent:
-                self.metrics.record_ring_comm(step.wait_ms, op="ring_step")
-        for layer, layer_steps in sorted(by_layer.items()):
-            span.add_event("ring.layer", {
-                "layer": layer, "steps": len(layer_steps),
-                "bytes_sent": sum(s.bytes_sent for s in layer_steps),
-                "wait_ms": round(sum(s.wait_ms for s in layer_steps), 3),
-                "blocks": sum(s.blocks for s in layer_steps),
-                "blocks_skipped": sum(s.blocks_skipped for s in layer_steps),
-                "peers": max(s.peers for s in layer_steps),  # members sent to (a direct exchange: fewer)
-            })
-
-    async def _load_prefix(self, cmd: PrefillCommand) -> CachedRows | None:
-        """K/V of this member's cached prompt positions, or None: compute them all."""
-        if cmd.cached_tokens == 0:
-            return None
-        with self.tracer.start_as_current_span("worker.kv_load", attributes={
-            "request_id": cmd.plan.request_id, "cached_tokens": cmd.cached_tokens, "kv.quant": cmd.plan.kv_quant.value,
-        }) as span:
-            try:
-                cached = await self.prefix.load(cmd)
-            except Exception as exc:  # the store only ever saves work: a failed load means computing
-                log.warning("kv_prefix_load_failed", request_id=cmd.plan.request_id, error=error_text(exc))
-                span.record_exception(exc)
-                cached = None
-            span.set_attribute("kv.loaded_tokens", cached.tokens if cached is not None else 0)
-            return cached
-
-    async def _store_prefix(self, cmd: PrefillCommand, kv: RequestKV, loaded: bool) -> None:
-        """Store the blocks this prefill computed; `kv` was acquired for it, and is let go here."""
-        try:
-            await self._store_prefix_held(cmd, kv, loaded)
-        finally:
-            kv.unacquire()
-
-    async def _store_prefix_held(self, cmd: PrefillCommand, kv: RequestKV, loaded: bool) -> None:
-        with self.tracer.start_as_current_span("worker.kv_store", attributes={
-            "request_id": cmd.plan.request_id, "kv.quant": cmd.plan.kv_quant.value,
-        }) as span:
-            try:
-                rid = cmd.plan.request_id
-                stored = await self.prefix.store_computed(cmd, kv, loaded,
-                                                          running=lambda: rid in self.engine.requests)
-            except Exception as exc:  # a cache write failing must never reach the request
-                log.warning("kv_prefix_store_failed", request_id=cmd.plan.request_id, error=error_text(exc))
-                span.record_exception(exc)
-                return
-            span.set_attribute("kv.blocks_stored", stored)
-            if stored:
-                log.info("kv_prefix_stored", request_id=cmd.plan.request_id, member=cmd.member, blocks=stored)
 
     def _keep(self, task: asyncio.Task) -> None:
         self._background.add(task)

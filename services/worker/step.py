@@ -19,7 +19,7 @@ from torch import Tensor
 
 from shared.attention.merge import merge_partials
 from shared.attention.paged import paged_decode_attention, paged_rows_attention
-from services.worker.kv_cache import KVPool
+from services.worker.kv_cache import SCRATCH_PAGE, KVPool
 
 # merge(layer, out [B, H, d], lse [B, H]) -> the global (out, lse) of every row
 MergeFn = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -50,6 +50,50 @@ class DecodeInputs:
     # The sink and strided rows of hybrid/strided requests, outside their windows (every layer):
     extra_rows: Tensor | None = None  # [B, E] int64 rows of each sequence, padded; None: no row has any
     extra_valid: Tensor | None = None  # [B, E] bool, which of extra_rows count
+
+
+def decode_inputs(token_ids: list[int], positions: list[int], pages: list[list[int]], slots: list[tuple[int, int]],
+                  seq_lens: list[int], window_starts: list[int] | None, full_layer_starts: list[int] | None,
+                  device: torch.device) -> DecodeInputs:
+    """The batch's rows as device tensors; each row's block table padded with the scratch page."""
+    width = max(len(p) for p in pages)
+    table = torch.full((len(pages), width), SCRATCH_PAGE, dtype=torch.int32)
+    for b, p in enumerate(pages):
+        table[b, : len(p)] = torch.tensor(p, dtype=torch.int32)
+
+    def on_device(values: list[int] | None, dtype: torch.dtype) -> Tensor | None:
+        return None if values is None else torch.tensor(values, dtype=dtype, device=device)
+
+    return DecodeInputs(
+        ids=on_device(token_ids, torch.long),
+        positions=on_device(positions, torch.long),
+        write_page=on_device([p for p, _ in slots], torch.long),
+        write_slot=on_device([s for _, s in slots], torch.long),
+        block_table=table.to(device),
+        seq_lens=on_device(seq_lens, torch.int32),
+        window_starts=on_device(window_starts, torch.int32),
+        full_layer_starts=on_device(full_layer_starts, torch.int32),
+    )
+
+
+def padded_rows(per_row: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rows of different counts per batch row -> (rows [B, E] int64 padded with row 0, valid [B, E] bool)."""
+    width = max(1, max(len(rows) for rows in per_row))
+    rows = torch.zeros(len(per_row), width, dtype=torch.long)
+    valid = torch.zeros(len(per_row), width, dtype=torch.bool)
+    for b, found in enumerate(per_row):
+        rows[b, : len(found)] = torch.tensor(found, dtype=torch.long)
+        valid[b, : len(found)] = True
+    return rows.to(device), valid.to(device)
+
+
+def recording_for(model, batch: int, dtype: torch.dtype, device: torch.device, merged: bool) -> Recording:
+    """Buffers for an eager observed step: every layer's queries, and for a ring's rows the
+    merged lse (a member holds only its shard of the keys, so it cannot compute it)."""
+    layers, heads, dim = len(model.layers), model.config.num_attention_heads, model.config.head_dim
+    q = torch.empty(layers, batch, heads, dim, dtype=dtype, device=device)
+    lse = torch.empty(layers, batch, heads, dtype=torch.float32, device=device) if merged else None
+    return Recording(q=q, lse=lse)
 
 
 def decode_forward(model, pool: KVPool, x: DecodeInputs, cos: Tensor, sin: Tensor,

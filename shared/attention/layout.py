@@ -112,6 +112,13 @@ def ring_size_for(context_len: int, chunk_tokens: int, free_workers: int, max_ri
 segment_tokens = run_tokens  # the ring's name for it
 
 
+def causal_block_sparsity(q_segments: list[Segment], kv_segments: list[list[Segment]]) -> tuple[int, int]:
+    """(skipped, total) (query segment, key segment) pairs of a causal ring prefill: a key
+    segment entirely after a query segment is never computed."""
+    pairs = [(q, k) for q in q_segments for member in kv_segments for k in member]
+    return sum(1 for q, k in pairs if k[0] >= q[1]), len(pairs)
+
+
 def append_member(tokens_held: list[int]) -> int:
     """The ring member that stores the next decode token's K/V: the one holding the fewest."""
     return min(range(len(tokens_held)), key=lambda m: (tokens_held[m], m))

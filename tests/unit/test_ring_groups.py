@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from services.worker.engine import RingGroups
+from services.worker.ring_groups import RingGroups
 from shared.attention.ring import ring_any
 from shared.messages import RingPlan, Segment
 

@@ -1,6 +1,7 @@
-"""The scheduler service: the public API (`ringserve.v1.generate|cancel|status`), worker liveness,
-the torch.distributed world, and one RequestRunner per request. Admission (waiting, loads,
-placement) is `admission.py`; the line to the workers is `port.py`.
+"""The scheduler service: the public API (`ringserve.v1.generate|cancel|status`) and one
+RequestRunner per request, recovered when its ring loses a worker (recovery.py). Admission
+(waiting, loads, placement) is `admission.py`; the line to the workers is `port.py`; liveness and
+the torch.distributed world are `world_keeper.py`.
 """
 
 from __future__ import annotations
@@ -21,16 +22,9 @@ from shared.messages import (
     CancelRequest,
     ErrorCode,
     FusionDrop,
-    FusionHeartbeat,
     KVQuant,
     PrefillProgress,
     RingPlan,
-    ServiceHeartbeat,
-    ServiceStatus,
-    StatusReply,
-    WorkerHeartbeat,
-    WorkerStatus,
-    WorldReady,
 )
 from shared.metrics import OK_CODE, RingserveMetrics
 from shared.errors import error_text
@@ -57,21 +51,16 @@ from services.scheduler.recovery import (RecoveryOutcome, attempt_id, may_recove
 from services.scheduler.registry import Registry
 from services.scheduler.runner import RequestRunner, RequestState, done_event
 from services.scheduler.stops import StopChecker
+from services.scheduler.world_keeper import WorldKeeper
 
 log = structlog.get_logger("scheduler")
 # Non-owners answer a cancel this much later, so the owner's answer wins.
 CANCEL_NOT_OWNER_DELAY_S = 0.25
-WORLD_RETRY_MARGIN_S = 2.0
-# How often a recovering request looks whether the world has re-formed without the dead workers.
-WORLD_POLL_S = 0.05
 # Request bodies and prompts this large are parsed and tokenized in a thread, off the event loop.
 OFF_LOOP_BYTES = 64 * 1024
 # Of the drain timeout, kept to answer requests a drain has to cut off.
 DRAIN_REPLY_MARGIN_S = 1.0
 DRAIN_STOP_TAIL_S = 0.1  # what stop() still does after the cut-off requests' replies
-# Services whose instances `ringserve status` lists from their plain heartbeats (workers and
-# fusion send richer ones, read on their own subjects)
-OTHER_SERVICES = ("scheduler", "kvstore")
 
 
 def load_tokenizer(settings: Settings):
@@ -93,7 +82,6 @@ class SchedulerApp(ServiceApp):
         self.block_homes = BlockHomes(self.settings.placement_block_homes)  # cache-aware placement
         self.inflight: set[asyncio.Task] = set()  # every public request being handled, admission included
         self.draining = False
-        self._workers_changed = asyncio.Event()
 
     # ------------------------------------------------------------------------------ wiring
     async def start(self, rt: ServiceRuntime) -> None:
@@ -109,12 +97,9 @@ class SchedulerApp(ServiceApp):
         self._generate_sub = await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.STATUS, self._on_status, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.CANCEL, self._on_cancel)  # every instance: only the owner can cancel
-        await serve(bus, subjects.heartbeats("worker"), WorkerHeartbeat, self._on_worker_heartbeat)
-        await serve(bus, subjects.heartbeats("fusion"), FusionHeartbeat, self._on_fusion_heartbeat)
-        for service in OTHER_SERVICES:
-            await serve(bus, subjects.heartbeats(service), ServiceHeartbeat, self._on_service_heartbeat)
-        await serve(bus, subjects.WORLD_READY, WorldReady, self._on_world_ready)
-        self._world_task = asyncio.create_task(self._world_loop())
+        self.world = WorldKeeper(self.registry, bus, self.settings, self.runners)
+        await self.world.start()
+        self._world_task = asyncio.create_task(self.world.run())
 
     async def stop(self, rt: ServiceRuntime) -> None:
         """Drain: new requests go to the other scheduler instances (with none, the client's
@@ -136,98 +121,9 @@ class SchedulerApp(ServiceApp):
         self._world_task.cancel()
         self.admission.close()
 
-    # ------------------------------------------------------------------------------ liveness
-    async def _on_worker_heartbeat(self, beat: WorkerHeartbeat, _msg: Msg) -> None:
-        known = beat.worker_id in self.registry.workers
-        self.registry.on_worker(beat)
-        if not known:
-            log.info("worker_joined", worker_id=beat.worker_id)
-            self._workers_changed.set()
-
-    async def _on_service_heartbeat(self, beat: ServiceHeartbeat, _msg: Msg) -> None:
-        self.registry.on_service(beat.service, beat.instance, beat.draining)
-
-    async def _on_fusion_heartbeat(self, beat: FusionHeartbeat, msg: Msg) -> None:
-        await self._on_service_heartbeat(beat, msg)
-        self.registry.on_fusion(beat.partition, beat.draining)
-
-    async def _on_world_ready(self, ready: WorldReady, _msg: Msg) -> None:
-        self.registry.on_ready(ready.worker_id, ready.generation, ready.ok)
-        if not ready.ok:
-            log.warning("world_join_failed", worker_id=ready.worker_id, error=ready.error)
-        elif self.registry.world_ready:
-            log.info("world_ready", generation=self.registry.generation, members=self.registry.members)
-
-    def _rings_active(self) -> bool:
-        # A ring that lost a member is dead: its request (failing or about to be recovered) must
-        # not hold back the new world its recovery may need.
-        return any(r.s.plan is not None and r.s.plan.size > 1 and not r.lost_workers for r in self.runners.values())
-
-    async def _world_loop(self) -> None:
-        """Re-form the torch.distributed world between multi-worker requests when membership changes."""
-        interval = self.settings.heartbeat_interval_s / 2
-        while True:
-            try:
-                await asyncio.wait_for(self._workers_changed.wait(), interval)
-            except asyncio.TimeoutError:
-                pass
-            self._workers_changed.clear()
-            gone = self.registry.sweep()
-            if gone:
-                log.warning("workers_lost", workers=gone)
-                self._fail_requests_on(set(gone))
-            self._report_devices()
-            # A failed or unfinished formation is retried once the joins have surely timed out.
-            retry = (not self.registry.world_ready and
-                     time.monotonic() - self.registry.formed_at > self.settings.dist_timeout_s + WORLD_RETRY_MARGIN_S)
-            if (self.registry.world_needs_reform() or retry) and not self._rings_active():
-                # The backend follows the members' devices (their heartbeats), never this process's.
-                form = self.registry.next_world()
-                if form is not None:
-                    log.info("world_forming", generation=form.generation, members=form.members, backend=form.backend)
-                    await self.rt.bus.publish(subjects.WORLD_FORM, form)
-
-    def _report_devices(self) -> None:
-        """A world never spans CPU and CUDA workers: say, once per change, who is left out."""
-        plan = self.registry.device_change()
-        if plan is None:
-            return
-        if plan.excluded:
-            log.warning("world_devices_mixed", device=plan.device, backend=plan.backend, members=list(plan.members),
-                        excluded=list(plan.excluded), live_by_device=dict(plan.counts))
-        else:
-            log.info("world_devices_uniform", device=plan.device, backend=plan.backend)
-
-    def _fail_requests_on(self, workers: set[str]) -> None:
-        for runner in self.runners.values():
-            plan = runner.s.plan
-            if plan is not None and workers & set(plan.workers):
-                runner.lost_workers = sorted(workers & set(plan.workers))
-                task = getattr(runner, "task", None)
-                if task is not None:
-                    task.cancel()
-
     # ------------------------------------------------------------------------------ status / cancel
     async def _on_status(self, msg: Msg) -> None:
-        now = time.monotonic()
-        model = self.registry.model()
-        reply = StatusReply(
-            model=model.name if model else None,
-            workers=[WorkerStatus(worker_id=e.beat.worker_id, device=e.beat.device, busy=e.beat.busy,
-                                  active_requests=e.beat.active_requests, kv_tokens=e.beat.kv_tokens,
-                                  kv_capacity_tokens=e.beat.kv_capacity_tokens,
-                                  last_seen_s=round(now - e.last_seen, 3))
-                     for e in self.registry.workers.values()],
-            queued_requests=self.admission.waiting,
-            queue=self.admission.queued(),
-            active_requests=len(self.runners),
-            world_generation=self.registry.generation,
-            world_ready=self.registry.world_ready,
-            world_members=self.registry.members,
-            world_backend=self.registry.backend,
-            services=[ServiceStatus(service=service, instance=instance, draining=draining, last_seen_s=round(age, 3))
-                      for service, instance, draining, age in self.registry.service_instances(now)],
-        )
+        reply = self.registry.status(self.admission.waiting, self.admission.queued(), active_requests=len(self.runners))
         await self._respond(msg, reply, codec.public_content_type(msg.data or b"{", _ctype(msg)))
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -440,7 +336,7 @@ class SchedulerApp(ServiceApp):
                 "recovery.tokens_so_far": produced, "prompt_tokens": len(prompt)}) as span:
             log.warning("request_recovering", lost_workers=lost, tokens_so_far=produced, attempt=recoveries + 1,
                         max_recoveries=self.settings.max_recoveries, prompt_tokens=len(prompt))
-            await self._world_reformed(lambda: s.cancelled)
+            await self.world.reformed(lambda: s.cancelled)
             try:
                 plan = await self.admission.wait_for_placement(
                     run_id, len(prompt), len(prompt) - runner.prefix_cached_tokens,
@@ -454,16 +350,6 @@ class SchedulerApp(ServiceApp):
                 log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
                          prompt_tokens=len(prompt), attempt=recoveries + 1)
             return plan
-
-    async def _world_reformed(self, cancelled) -> None:
-        """Wait (at most dist_timeout_s, the time a join may take) for the world to re-form without
-        the dead workers while more than one worker is live: until then placement sees no world
-        and would put a recovering request on one survivor, where a ring of them would prefill it
-        faster. Not while other rings run (the world waits for them) or with one survivor left."""
-        deadline = time.monotonic() + self.settings.dist_timeout_s
-        while (not self.registry.world_ready and len(self.registry.live_workers()) > 1 and not self._rings_active()
-               and not cancelled() and time.monotonic() < deadline):
-            await asyncio.sleep(WORLD_POLL_S)
 
     async def _drop_fusion(self, plan) -> None:
         """Surviving ring members may wait on a merge that will never complete: end it now."""

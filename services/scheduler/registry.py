@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from shared.messages import ModelInfo, WorkerHeartbeat, WorldForm
+from shared.messages import ModelInfo, QueuedRequest, ServiceStatus, StatusReply, WorkerHeartbeat, WorkerStatus, WorldForm
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 
@@ -172,3 +172,27 @@ class Registry:
         if not self.world_ready or worker_id not in self.members:
             return None
         return self.members.index(worker_id)
+
+    def status(self, queued_requests: int, queue: list[QueuedRequest], active_requests: int,
+               now: float | None = None) -> StatusReply:
+        """`ringserve.v1.status`: the live workers, the world and every service instance heard
+        from, with the scheduler's own waiting (for a worker or in the queue) and running requests."""
+        now = time.monotonic() if now is None else now
+        model = self.model()
+        return StatusReply(
+            model=model.name if model else None,
+            workers=[WorkerStatus(worker_id=e.beat.worker_id, device=e.beat.device, busy=e.beat.busy,
+                                  active_requests=e.beat.active_requests, kv_tokens=e.beat.kv_tokens,
+                                  kv_capacity_tokens=e.beat.kv_capacity_tokens,
+                                  last_seen_s=round(now - e.last_seen, 3))
+                     for e in self.workers.values()],
+            queued_requests=queued_requests,
+            queue=queue,
+            active_requests=active_requests,
+            world_generation=self.generation,
+            world_ready=self.world_ready,
+            world_members=self.members,
+            world_backend=self.backend,
+            services=[ServiceStatus(service=service, instance=instance, draining=draining, last_seen_s=round(age, 3))
+                      for service, instance, draining, age in self.service_instances(now)],
+        )

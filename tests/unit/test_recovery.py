@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from services.scheduler.admission import Admission
 from services.scheduler.api import ApiError
 from services.scheduler.main import SchedulerApp
+from services.scheduler.world_keeper import WorldKeeper
 from services.scheduler.recovery import RecoveryOutcome, attempt_id, may_recover, remaining_request, resumed_prompt
 from services.scheduler.runner import RequestRunner, RequestState
 from services.scheduler.stops import StopChecker
@@ -167,6 +168,7 @@ def scheduler(*beats, max_recoveries: int = 1):
     app.runners = {}
     app.tracer = trace.get_tracer("test")
     app.admission = Admission(app.settings, app.registry, app.tracer)
+    app.world = WorldKeeper(app.registry, None, app.settings, app.runners)  # no bus: nothing is published
     return app
 
 

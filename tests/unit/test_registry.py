@@ -4,7 +4,7 @@ the workers' reported devices (never the scheduler's own), and a world never mix
 from __future__ import annotations
 
 from shared import codec
-from shared.messages import ModelInfo, WorkerHeartbeat, WorldForm
+from shared.messages import ModelInfo, QueuedRequest, WorkerHeartbeat, WorldForm
 from services.scheduler.registry import Registry, device_kind, plan_world
 
 MODEL = ModelInfo(name="demo", vocab_size=300, num_layers=2, num_kv_heads=2, head_dim=8,
@@ -165,3 +165,15 @@ def test_every_instance_of_every_service_is_listed_until_it_goes_silent():
                                                  ("scheduler", "s-1", False, 4.0), ("scheduler", "s-2", False, 1.0)]
     reg.sweep(now=105.5)  # timeout 5 s: f-1 and s-1 went silent
     assert [(s, i) for s, i, _, _ in reg.service_instances(now=105.5)] == [("fusion", "f-2"), ("scheduler", "s-2")]
+
+
+def test_status_lists_workers_world_services_and_the_schedulers_queue():
+    reg = registry(beat("w1"), beat("w2"), now=100.0)
+    reg.on_service("kvstore", "kv-1", draining=False, now=99.0)
+    queue = [QueuedRequest(request_id="r9", place=1, prefill_tokens=500, waited_s=1.5)]
+    status = reg.status(queued_requests=2, queue=queue, active_requests=3, now=101.0)
+    assert status.model == "demo" and [w.worker_id for w in status.workers] == ["w1", "w2"]
+    assert all(w.last_seen_s == 1.0 for w in status.workers)
+    assert (status.queued_requests, status.queue, status.active_requests) == (2, queue, 3)
+    assert [(s.service, s.instance, s.last_seen_s) for s in status.services] == [("kvstore", "kv-1", 2.0)]
+    assert status.world_generation == reg.generation and status.world_ready == reg.world_ready

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared import codec
 from shared.attention.pattern import KeyPattern, layer_pattern
-from shared.messages import ErrorBody, ErrorCode, ErrorReply, GenerateRequest, ModelInfo
+from shared.messages import CancelRequest, ErrorBody, ErrorCode, ErrorReply, GenerateRequest, ModelInfo
 from shared.errors import error_text
 from shared.settings import Settings
 
@@ -50,6 +50,16 @@ def parse_generate(data: bytes, content_type_header: str | None, settings: Setti
         return GenerateRequest.model_validate(body), content_type
     except ValidationError as exc:
         raise ApiError(ErrorCode.INVALID_REQUEST, describe(exc), client_id) from None
+
+
+def parse_cancel(data: bytes, content_type: str) -> CancelRequest:
+    """Bytes -> CancelRequest; raises ApiError(invalid_request) for anything malformed."""
+    try:
+        return CancelRequest.model_validate(codec.load_public(data, content_type))
+    except codec.CodecError as exc:
+        raise ApiError(ErrorCode.INVALID_REQUEST, error_text(exc)) from None
+    except ValidationError as exc:
+        raise ApiError(ErrorCode.INVALID_REQUEST, describe(exc)) from None
 
 
 def check_limits(req: GenerateRequest, prompt_ids: list[int], model: ModelInfo, settings: Settings, request_id: str) -> None:

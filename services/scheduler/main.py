@@ -12,14 +12,13 @@ import time
 import structlog
 from nats.aio.msg import Msg
 from opentelemetry import trace
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from shared import codec, subjects
 from shared.checkpoint import resolve_checkpoint
 from shared.kv.client import KVIndexClient
 from shared.messages import (
     CancelReply,
-    CancelRequest,
     ErrorCode,
     FusionDrop,
     KVQuant,
@@ -39,6 +38,7 @@ from services.scheduler.api import (
     encode_reply,
     layer_patterns,
     new_request_id,
+    parse_cancel,
     parse_generate,
 )
 from services.scheduler.block_homes import BlockHomes
@@ -129,9 +129,9 @@ class SchedulerApp(ServiceApp):
     async def _on_cancel(self, msg: Msg) -> None:
         content_type = codec.public_content_type(msg.data, _ctype(msg))
         try:
-            req = CancelRequest.model_validate(codec.load_public(msg.data, content_type))
-        except (codec.CodecError, ValidationError) as exc:
-            await self._respond(msg, ApiError(ErrorCode.INVALID_REQUEST, error_text(exc)).reply(), content_type)
+            req = parse_cancel(msg.data, content_type)
+        except ApiError as err:
+            await self._respond(msg, err.reply(), content_type)
             return
         runner = self.runners.get(req.request_id)
         if runner is None:

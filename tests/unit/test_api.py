@@ -3,7 +3,7 @@ import json
 import msgpack
 import pytest
 
-from services.scheduler.api import ApiError, check_limits, layer_patterns, parse_generate
+from services.scheduler.api import ApiError, check_limits, layer_patterns, parse_cancel, parse_generate
 from shared.attention.pattern import KeyPattern
 from shared.messages import ErrorCode, ModelInfo
 from shared.settings import Settings
@@ -156,3 +156,15 @@ def test_a_window_other_than_the_models_own_is_unsupported():
     assert layer_patterns(same, windowed) == [KeyPattern(window=16, sinks=2)] * 2  # every layer
     full, _ = parse_generate(_with_attention({"mode": "full"}), None, SETTINGS)
     assert layer_patterns(full, windowed) == [None, KeyPattern(window=16)]  # the model's own
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"request_id": 5}', b'{}', b'[1]', b'{"request_id": "a b"}'])
+def test_malformed_cancels_are_invalid_requests(body):
+    with pytest.raises(ApiError) as err:
+        parse_cancel(body, "application/json")
+    assert err.value.code == ErrorCode.INVALID_REQUEST
+
+
+def test_cancels_parse_from_json_and_msgpack():
+    assert parse_cancel(b'{"request_id": "r-1"}', "application/json").request_id == "r-1"
+    assert parse_cancel(msgpack.packb({"request_id": "r-2"}), "application/msgpack").request_id == "r-2"

@@ -160,6 +160,10 @@ class RingserveMetrics:
             "ringserve_request_recoveries", unit="{request}",
             description="requests whose ring lost a worker, by how their recovery ended (completed, cancelled, failed)"
         )
+        self.request_preemptions = meter.create_counter(
+            "ringserve_request_preemptions", unit="{preemption}",
+            description="running requests paused because a worker's KV pool was full, to be recomputed when room returns"
+        )
         self.device_memory = meter.create_observable_gauge(
             "ringserve_device_memory_used_bytes",
             callbacks=[self._observe_device_memory],
@@ -218,6 +222,10 @@ class RingserveMetrics:
     def record_recovery(self, outcome: str | enum.Enum) -> None:
         """`outcome`: how a request whose ring lost a worker ended (scheduler/recovery.py RecoveryOutcome)."""
         self.request_recoveries.add(1, {"outcome": _code_name(outcome)})
+
+    def record_preemption(self) -> None:
+        """A running request was preempted (scheduler/preemption.py): one more run of it to come."""
+        self.request_preemptions.add(1)
 
     def watch_queue(self, name: str, depth: Callable[[], int]) -> None:
         """Report `depth()` as ringserve_queue_depth{queue=name} at every collection."""

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     # `overloaded`, which a client retries later or elsewhere, rather than slowing everyone.
     max_active_requests: int = Field(default=256, ge=1)
     max_recoveries: int = Field(default=1, ge=0)  # re-runs of a request whose ring lost a worker (scheduler/recovery.py)
+    # Re-runs of a request preempted because its worker's KV pool was full (scheduler/preemption.py);
+    # counted apart from max_recoveries. Past it the request fails `overloaded`.
+    max_preemptions: int = Field(default=8, ge=0)
+    # KV tokens admission reserves for a request's decode, on top of its prompt: None, all of
+    # max_new_tokens (no decode can overfill a worker this scheduler placed on); a number admits more
+    # requests at once (most end before max_new_tokens) and relies on preemption when a pool fills.
+    admission_decode_reserve_tokens: int | None = Field(default=None, ge=0)
 
     # --- placement ---------------------------------------------------------------------------
     # Overrides the chunk-size policy (8K/16K/32K by context length) when set.

@@ -18,7 +18,8 @@ import structlog
 from shared.messages import ErrorCode, GenerateRequest, KVQuant, ModelInfo, QueuedRequest, RingPlan
 from shared.settings import Settings
 from services.scheduler.api import ApiError
-from services.scheduler.placement import WorkerLoad, choose_workers, chunk_tokens_for, fits_cluster, member_tokens, plan_ring
+from services.scheduler.placement import (WorkerLoad, choose_workers, chunk_tokens_for, decode_reserve, fits_cluster,
+                                          member_tokens, plan_ring)
 from services.scheduler.queue import WaitQueue, Waiter
 from services.scheduler.registry import Registry
 
@@ -54,8 +55,8 @@ class Admission:
         self.on_dequeued = on_dequeued  # seconds a placed request waited in the queue (a metric)
         self.queue = WaitQueue(settings.admission_aging_tokens_per_s)
         self._candidates: dict[str, _Candidate] = {}
-        # The plans of this scheduler's requests from placement to their end, each with its
-        # request's max_new_tokens: they count in the loads before any heartbeat shows them.
+        # The plans of this scheduler's requests from placement to their end, each with the decode
+        # tokens reserved for it (decode_reserve): they count in the loads before any heartbeat shows them.
         self._placed: dict[str, tuple[RingPlan, int]] = {}
         self._waiting_for_worker = 0
         self._retry_task: asyncio.Task | None = None
@@ -125,7 +126,8 @@ class Admission:
                            request_id)
         chunk = chunk_tokens_for(prompt_tokens, self.settings)
         # A collective-fusion ring exchanges partials point-to-point: it needs the world too.
-        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, rings, req.max_new_tokens, prefer)
+        ring = choose_workers(prompt_tokens, chunk, loads, self.settings, rings,
+                              decode_reserve(req.max_new_tokens, self.settings), prefer)
         if not ring:
             return None
         return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation,
@@ -150,7 +152,7 @@ class Admission:
                 continue
             if plan is None:
                 return
-            self._placed[waiter.request_id] = (plan, candidate.request.max_new_tokens)
+            self._placed[waiter.request_id] = (plan, decode_reserve(candidate.request.max_new_tokens, self.settings))
             self.queue.admitted(waiter)
             self._settle(waiter, plan)
 
@@ -164,24 +166,26 @@ class Admission:
 
     async def wait_for_placement(self, request_id: str, prompt_tokens: int, prefill_tokens: int,
                                  req: GenerateRequest, quant: KVQuant, cancelled: Callable[[], bool],
-                                 prefer: str | None = None) -> RingPlan | None:
+                                 prefer: str | None = None, ages_from: float | None = None) -> RingPlan | None:
         """Place now when the request comes first in the queue's order and fits, else wait in the
         queue (bounded by the request timeout and max_queued_requests): a long prompt never
         falls back onto a worker it would overfill. None when the request is cancelled while
-        it waits. `prefill_tokens`: the prompt tokens no cached block covers (its queue order)."""
+        it waits. `prefill_tokens`: the prompt tokens no cached block covers (its queue order).
+        `ages_from`: a request that ran before (preempted, recovered) waits again, aging from its
+        first arrival (monotonic) and never refused for the queue's length (it was admitted)."""
         # Refusals (too long for any ring, no fusion service) come at once, before any wait.
         plan = self.place(request_id, prompt_tokens, req, quant, prefer)
         if plan is not None and not len(self.queue):
-            self._placed[request_id] = (plan, req.max_new_tokens)
+            self._placed[request_id] = (plan, decode_reserve(req.max_new_tokens, self.settings))
             return plan
-        waiter = self.queue.add(request_id, prefill_tokens, time.monotonic())
+        waiter = self.queue.add(request_id, prefill_tokens, time.monotonic(), ages_from)
         outcome = asyncio.get_running_loop().create_future()
         self._candidates[request_id] = _Candidate(prompt_tokens, req, quant, outcome, prefer)
         try:
             self.admit_waiting()  # others wait: it goes now only if the queue's order puts it first
             if outcome.done():
                 return outcome.result()
-            if self.waiting > self.settings.max_queued_requests:  # this request counted
+            if ages_from is None and self.waiting > self.settings.max_queued_requests:  # this request counted
                 raise ApiError(ErrorCode.OVERLOADED, "too many requests are waiting for workers", request_id)
             return await self._wait(waiter, outcome, cancelled)
         finally:

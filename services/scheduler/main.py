@@ -1,5 +1,6 @@
 """The scheduler service: the public API (`ringserve.v1.generate|cancel|status`) and one
-RequestRunner per request, recovered when its ring loses a worker (recovery.py). Admission
+RequestRunner per request, recovered when its ring loses a worker (recovery.py) and preempted when
+its worker's KV pool fills (preemption.py). Admission
 (waiting, loads, placement) is `admission.py`; the line to the workers is `port.py`; liveness and
 the torch.distributed world are `world_keeper.py`.
 """
@@ -44,6 +45,7 @@ from services.scheduler.api import (
 from services.scheduler.block_homes import BlockHomes
 from services.scheduler.identity import may_cancel, requester_of
 from services.scheduler.placement import kv_quant_for
+from services.scheduler.preemption import PoolFull, Preemption, monotonic_of
 from services.scheduler.port import BusWorkerPort
 from services.scheduler.prefix import PrefixIndex
 from services.scheduler.recovery import (RecoveryOutcome, attempt_id, may_recover, remaining_request,
@@ -93,6 +95,7 @@ class SchedulerApp(ServiceApp):
         self.metrics = RingserveMetrics(rt.telemetry.meter)
         self.admission = Admission(self.settings, self.registry, self.tracer, self.metrics.record_queue_time)
         self.metrics.watch_queue("scheduler", lambda: self.admission.waiting)
+        self.preemption = Preemption(self.admission, self.settings, self.tracer, self.metrics, lambda: self.draining)
         bus = rt.bus
         self._generate_sub = await bus.subscribe(subjects.GENERATE, self._on_generate, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.STATUS, self._on_status, queue=subjects.SERVICE_QUEUE)
@@ -265,7 +268,7 @@ class SchedulerApp(ServiceApp):
                 runner.task = asyncio.current_task()
                 if home is not None:
                     trace.get_current_span().set_attribute("placement.block_home", home)
-                recoveries = 0  # resumed runs started
+                recoveries = preemptions = 0  # resumed runs started, by why (counted and bounded apart)
                 lost_any = False  # a ring of this request lost a worker: its recovery is counted
                 try:
                     while True:
@@ -280,12 +283,16 @@ class SchedulerApp(ServiceApp):
                             # a cancel of this request, which goes on (recovered) or fails coded.
                             asyncio.current_task().uncancel()
                             lost_any = True
+                            self.admission.release(plan.request_id)  # the dead ring holds no room
+                            plan = await self._recover(runner, quant, recoveries)
+                            recoveries += 1
+                        except PoolFull as full:  # released on its workers: back to the queue
+                            await self._drop_fusion(plan)
+                            plan = await self.preemption.requeue(runner, quant, preemptions, full)
+                            preemptions += 1
                         except ApiError:
                             await self._drop_fusion(plan)
                             raise
-                        self.admission.release(plan.request_id)  # the dead ring holds no room
-                        plan = await self._recover(runner, quant, recoveries)
-                        recoveries += 1
                         if plan is None:  # cancelled while it waited for workers again
                             reply = runner.reply("cancelled", None)
                             break
@@ -340,7 +347,8 @@ class SchedulerApp(ServiceApp):
             try:
                 plan = await self.admission.wait_for_placement(
                     run_id, len(prompt), len(prompt) - runner.prefix_cached_tokens,
-                    remaining_request(s.request, produced), quant, lambda: s.cancelled)
+                    remaining_request(s.request, produced), quant, lambda: s.cancelled,
+                    ages_from=monotonic_of(s.arrival))  # it keeps the age it had earned
             except ApiError as err:
                 span.set_attribute("recovery.failed", err.message)
                 raise ApiError(err.code, f"workers lost: {lost}; recovery failed: {err.message}",

@@ -76,6 +76,14 @@ def deal_units(prompt_tokens: int, ring_size: int, settings: Settings) -> tuple[
     return unit, units, zigzag_assign(len(units), ring_size)
 
 
+def decode_reserve(max_new_tokens: int, settings: Settings) -> int:
+    """The decode tokens placement keeps room for: all of max_new_tokens unless
+    admission_decode_reserve_tokens caps it (overcommitting the KV pool: most requests stop
+    before max_new_tokens, and a decode that finds the pool full is preempted, preemption.py)."""
+    cap = settings.admission_decode_reserve_tokens
+    return max_new_tokens if cap is None else min(max_new_tokens, cap)
+
+
 def member_max_tokens(prompt_tokens: int, max_new_tokens: int, ring_size: int, settings: Settings) -> int:
     """The most KV tokens one member of such a ring comes to hold: its prompt rows, or once
     decode has evened the members out, an equal share of prompt + new tokens (each new token's

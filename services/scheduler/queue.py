@@ -7,6 +7,10 @@ Alone that could starve a long prompt while short ones keep arriving, so each se
 counts as `admission_aging_tokens_per_s` tokens less prefill: a long prompt goes ahead of fresh
 short ones once it has waited (its prefill - theirs) / rate seconds. Equal priorities go first
 come, first served.
+
+A request that waits again after it ran (preempted for KV room, or recovered after a lost worker)
+ages from its first arrival, not from its return: it keeps the credit it had earned, so fresh
+short prompts cannot starve it out of the room it lost.
 """
 
 from __future__ import annotations
@@ -23,11 +27,16 @@ class Waiter:
     seq: int  # arrival order: the tie-break
     place_at_entry: int = 0  # 1-based place in the order when it joined
     overtaken_by: int = 0  # later arrivals placed while it waited
+    ages_from: float | None = None  # when its aging started (monotonic); None: enqueued_at
+
+    @property
+    def aging_start(self) -> float:
+        return self.enqueued_at if self.ages_from is None else self.ages_from
 
 
 def priority(waiter: Waiter, now: float, aging_tokens_per_s: float) -> float:
     """Lower goes first: the prefill still to do, less the credit earned by waiting."""
-    return waiter.prefill_tokens - aging_tokens_per_s * (now - waiter.enqueued_at)
+    return waiter.prefill_tokens - aging_tokens_per_s * (now - waiter.aging_start)
 
 
 def admission_order(waiters: list[Waiter], now: float, aging_tokens_per_s: float) -> list[Waiter]:
@@ -48,8 +57,9 @@ class WaitQueue:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._waiters
 
-    def add(self, request_id: str, prefill_tokens: int, now: float) -> Waiter:
-        waiter = Waiter(request_id, prefill_tokens, now, next(self._arrivals))
+    def add(self, request_id: str, prefill_tokens: int, now: float, ages_from: float | None = None) -> Waiter:
+        """`ages_from`: a returning request's first arrival (monotonic), from which it ages."""
+        waiter = Waiter(request_id, prefill_tokens, now, next(self._arrivals), ages_from=ages_from)
         self._waiters[request_id] = waiter
         waiter.place_at_entry = self.places(now)[request_id]
         return waiter

@@ -3,7 +3,8 @@ ring leader's decode loop publishes: stream them, check stop strings, end the re
 
 A request whose ring lost a worker may run again (recovery.py): the same runner then runs a new
 plan, prefilling the prompt and the tokens it already has and decoding only the ones still due,
-so the client's stream and the reply go on as if nothing happened.
+so the client's stream and the reply go on as if nothing happened. A request whose worker's KV
+pool filled is run again the same way (preemption.py): `run` raises PoolFull for it.
 
 The runner talks to workers only through `WorkerPort` (a few awaitables and a token queue), so its
 control flow is tested without NATS and the scheduler's main wires the port to the bus.
@@ -42,6 +43,7 @@ from shared.messages import (
     Usage,
 )
 from services.scheduler.api import ApiError
+from services.scheduler.preemption import worker_error
 from services.scheduler.prefix import member_blocks
 from services.scheduler.recovery import resumed_prompt
 from services.scheduler.stops import StopChecker
@@ -213,7 +215,7 @@ class RequestRunner:
         self.cached_tokens = sum(r.cached_tokens for r in results)
         if aborted:  # the members stopped together and kept nothing: no token, nothing to decode
             return "cancelled"
-        self._check(results)
+        self._check(plan, results)
         leader = results[plan.leader()]
         finish = await self._accept(leader.token_id, leader.logprob)
         # The leader decodes on by itself from here; its tokens come in order, one per step.
@@ -223,8 +225,9 @@ class RequestRunner:
             item = await self._next_token()
             if item is None:
                 continue  # woken by a cancel
-            if item.error_code is not None:
-                raise ApiError(item.error_code, f"worker failed: {item.error}", s.request_id)
+            if item.error_code is not None:  # the leader publishes the tokens, and its failures
+                raise worker_error(item.error_code, f"worker failed: {item.error}", s.request_id,
+                                   plan.workers[plan.leader()])
             if produced + item.index != len(self.output_ids):
                 raise ApiError(ErrorCode.INTERNAL, f"token {produced + item.index} came when {len(self.output_ids)} "
                                "was due", s.request_id)
@@ -261,11 +264,11 @@ class RequestRunner:
             return "length"
         return None
 
-    def _check(self, results: list[PrefillResult]) -> None:
+    def _check(self, plan: RingPlan, results: list[PrefillResult]) -> None:
         for r in results:
             if not r.ok:
                 code = r.error_code or ErrorCode.INTERNAL
-                raise ApiError(code, f"worker failed: {r.error}", self.s.request_id)
+                raise worker_error(code, f"worker failed: {r.error}", self.s.request_id, plan.workers[r.member])
 
 
 def prefill_aborted(results: list[PrefillResult], cancelled: bool) -> bool:

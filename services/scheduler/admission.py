@@ -19,7 +19,7 @@ from shared.messages import ErrorCode, GenerateRequest, KVQuant, ModelInfo, Queu
 from shared.settings import Settings
 from services.scheduler.api import ApiError
 from services.scheduler.placement import (WorkerLoad, choose_workers, chunk_tokens_for, decode_reserve, fits_cluster,
-                                          member_tokens, plan_ring)
+                                          member_tokens, one_worker_tokens, plan_ring, windowed_need)
 from services.scheduler.queue import WaitQueue, Waiter
 from services.scheduler.registry import Registry
 
@@ -58,6 +58,9 @@ class Admission:
         # The plans of this scheduler's requests from placement to their end, each with the decode
         # tokens reserved for it (decode_reserve): they count in the loads before any heartbeat shows them.
         self._placed: dict[str, tuple[RingPlan, int]] = {}
+        # The KV a placed request that frees behind its window holds at most on one worker
+        # (placement.windowed_need): what it counts for there instead of its prompt + decode.
+        self._windowed: dict[str, int] = {}
         self._waiting_for_worker = 0
         self._retry_task: asyncio.Task | None = None
 
@@ -94,12 +97,13 @@ class Admission:
         in_ring = {w for plan, _ in placed if plan.size > 1 for w in plan.workers}
         requests: dict[str, int] = {}
         planned: dict[str, int] = {}
-        for plan, max_new_tokens in placed:
+        for request_id, (plan, max_new_tokens) in self._placed.items():
             # each member comes to hold its prompt rows, or an even share once decode adds up
             even = -(-(plan.prompt_tokens + max_new_tokens) // plan.size)
+            windowed = self._windowed.get(request_id) if plan.size == 1 else None
             for w, rows in zip(plan.workers, member_tokens(plan)):
                 requests[w] = requests.get(w, 0) + 1
-                planned[w] = planned.get(w, 0) + max(rows, even)
+                planned[w] = planned.get(w, 0) + one_worker_tokens(max(rows, even), windowed)
         return [WorkerLoad(worker_id=b.worker_id, world_rank=self.registry.world_rank(b.worker_id),
                            in_ring=b.worker_id in in_ring, active_requests=requests.get(b.worker_id, 0),
                            kv_tokens=max(b.kv_tokens, planned.get(b.worker_id, 0)), capacity_tokens=b.kv_capacity_tokens)
@@ -113,29 +117,36 @@ class Admission:
         if not loads:
             raise ApiError(ErrorCode.UNAVAILABLE, "no worker is available", request_id)
         total = prompt_tokens + req.max_new_tokens
+        model = self.registry.model()
+        windowed = windowed_need(req, model, self.settings) if model is not None else None
         # A request held by one worker merges with nobody: only rings on the bus need a fusion service.
         partition = self.registry.fusion_partition(request_id)
         rings = self.registry.world_ready and (partition is not None or self.settings.fusion == "collective")
-        if not rings and partition is None and not any(w.capacity_tokens is None or w.capacity_tokens >= total
+        alone = one_worker_tokens(total, windowed)
+        if not rings and partition is None and not any(w.capacity_tokens is None or w.capacity_tokens >= alone
                                                        for w in loads):
             raise ApiError(ErrorCode.UNAVAILABLE, f"{total} tokens of KV need a ring of workers, and no fusion "
                            "service is available to merge its decode", request_id)
-        if not fits_cluster(prompt_tokens, req.max_new_tokens, loads, self.settings, self.registry.world_ready):
+        if not fits_cluster(prompt_tokens, req.max_new_tokens, loads, self.settings, self.registry.world_ready,
+                            windowed):
             raise ApiError(ErrorCode.TOO_LONG, f"{total} tokens of KV (prompt + max_new_tokens) do not fit the KV "
                            f"capacity of {len(loads)} workers (max_ring_size {self.settings.max_ring_size or 'all'})",
                            request_id)
         chunk = chunk_tokens_for(prompt_tokens, self.settings)
         # A collective-fusion ring exchanges partials point-to-point: it needs the world too.
         ring = choose_workers(prompt_tokens, chunk, loads, self.settings, rings,
-                              decode_reserve(req.max_new_tokens, self.settings), prefer)
+                              decode_reserve(req.max_new_tokens, self.settings), prefer, windowed)
         if not ring:
             return None
+        if windowed is not None:
+            self._windowed[request_id] = windowed
         return plan_ring(request_id, prompt_tokens, ring, self.settings, self.registry.generation,
                          partition or NO_FUSION_PARTITION, quant)
 
     def release(self, request_id: str) -> None:
         """The request ended (or never ran): its plan no longer holds room."""
         self._placed.pop(request_id, None)
+        self._windowed.pop(request_id, None)
 
     # ------------------------------------------------------------------------------ the wait queue
     def admit_waiting(self) -> None:

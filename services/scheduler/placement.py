@@ -18,7 +18,8 @@ from shared.attention.layout import (
     split_chunks,
     zigzag_assign,
 )
-from shared.messages import GenerateRequest, KVQuant, RingPlan, Segment
+from shared.attention.kv_need import freeing_pattern, windowed_kv_tokens
+from shared.messages import GenerateRequest, KVQuant, ModelInfo, RingPlan, Segment
 from shared.settings import Settings
 
 
@@ -84,6 +85,28 @@ def decode_reserve(max_new_tokens: int, settings: Settings) -> int:
     return max_new_tokens if cap is None else min(max_new_tokens, cap)
 
 
+def windowed_need(req: GenerateRequest, model: ModelInfo, settings: Settings) -> int | None:
+    """The most KV tokens one worker holds for this request alone, whatever its length, when it
+    gives back its pages behind its window (shared/attention/kv_need.py: a sliding or hybrid
+    pattern, or a model whose every layer slides, and no prompt blocks for the prefix cache);
+    None: it holds all its tokens. Rings are placed as for any request: their members keep their
+    segments until the prefill ends."""
+    pattern = req.attention.key_pattern() if req.attention is not None else None
+    sliding = set(model.sliding_layers)
+    layer_windows = [model.sliding_window if i in sliding else None for i in range(model.num_layers)]
+    # main.py's `cacheable`: with the store on, a request without a pattern stores its prompt blocks
+    stores_blocks = settings.kv_store_enabled and pattern is None
+    window = freeing_pattern(pattern, layer_windows, stores_blocks)
+    if window is None:
+        return None
+    return windowed_kv_tokens(window, settings.prefill_step_tokens, settings.kv_block_tokens)
+
+
+def one_worker_tokens(total_tokens: int, windowed: int | None) -> int:
+    """KV tokens one worker needs to hold a request of `total_tokens` alone (windowed_need)."""
+    return total_tokens if windowed is None else min(total_tokens, windowed)
+
+
 def member_max_tokens(prompt_tokens: int, max_new_tokens: int, ring_size: int, settings: Settings) -> int:
     """The most KV tokens one member of such a ring comes to hold: its prompt rows, or once
     decode has evened the members out, an equal share of prompt + new tokens (each new token's
@@ -97,17 +120,20 @@ def member_max_tokens(prompt_tokens: int, max_new_tokens: int, ring_size: int, s
 
 
 def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLoad], settings: Settings,
-                   world_ready: bool, max_new_tokens: int = 0, prefer: str | None = None) -> list[WorkerLoad]:
+                   world_ready: bool, max_new_tokens: int = 0, prefer: str | None = None,
+                   windowed: int | None = None) -> list[WorkerLoad]:
     """The ring for a prompt: as many free workers as its policy chunks need (up to all, up to
     max_ring_size); one worker when the prompt is one chunk or no ring can be formed now.
     Free: in the world and not already in a multi-worker ring (the deadlock rule above).
     KV capacity comes first: members must have room for their share of prompt + max_new_tokens,
     so the ring grows past the policy size (or, failing that, shrinks) until they do.
+    One worker needs room for one_worker_tokens (`windowed`: windowed_need).
     [] when the request cannot be placed now: the caller waits or refuses (fits_cluster)."""
     if not workers:
         return []
     # `prefer`: the worker that may still hold the prompt's cached blocks (block_homes.py), first if it has room
-    single = sorted((w for w in workers if w.has_room(prompt_tokens + max_new_tokens)),
+    alone = one_worker_tokens(prompt_tokens + max_new_tokens, windowed)
+    single = sorted((w for w in workers if w.has_room(alone)),
                     key=lambda w: (w.worker_id != prefer, w.active_requests, w.kv_tokens, w.worker_id))[:1]
     if not world_ready:
         return single
@@ -126,14 +152,15 @@ def choose_workers(prompt_tokens: int, chunk_tokens: int, workers: list[WorkerLo
 
 
 def fits_cluster(prompt_tokens: int, max_new_tokens: int, workers: list[WorkerLoad], settings: Settings,
-                 world_ready: bool) -> bool:
+                 world_ready: bool, windowed: int | None = None) -> bool:
     """Whether the request could ever be placed on these workers, were they all idle: one
     worker, or a ring of at most max_ring_size members in the world (any worker while the world
-    forms), whose capacities each hold what a member comes to hold (member_max_tokens)."""
+    forms), whose capacities each hold what a member comes to hold (member_max_tokens).
+    One worker holds one_worker_tokens (`windowed`: windowed_need)."""
     if not workers:
         return False
-    total = prompt_tokens + max_new_tokens
-    if any(w.capacity_tokens is None or w.capacity_tokens >= total for w in workers):
+    alone = one_worker_tokens(prompt_tokens + max_new_tokens, windowed)
+    if any(w.capacity_tokens is None or w.capacity_tokens >= alone for w in workers):
         return True
     ring_capable = [w for w in workers if w.world_rank is not None] if world_ready else workers
     capacities = sorted((w.capacity_tokens for w in ring_capable), key=lambda c: (c is not None, -(c or 0)))

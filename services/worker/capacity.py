@@ -1,5 +1,10 @@
 """How many KV tokens a worker can hold: what the scheduler places against, so a long prompt
-gets more ring members (or waits) instead of overfilling one device."""
+gets more ring members (or waits) instead of overfilling one device.
+
+Capacity and the heartbeat's `kv_tokens` count rows held in the pool: a request that gives back
+its pages behind its window (shared/attention/kv_need.py) counts only the rows it still holds,
+and admission places it on one worker against its bound (sinks + window + a prefill chunk), so
+a prompt far longer than the capacity runs there."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ from services.worker.kv_cache import SCRATCH_PAGE, CachedRows, KVPool, KVPoolFul
 from services.worker.importance import add_importance
 from services.worker.ring_groups import RingGroups, ring_ranks
 from services.worker.step import decode_forward, decode_inputs, padded_rows, recording_for, rope_for
+from services.worker.window_free import after_prefill, free_behind_window, log_window_freed, request_patterns
 
 # fuse(partials of one layer for a batch of requests) -> merged results in the same order
 FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
@@ -69,6 +70,7 @@ class ActiveRequest:
     generator: torch.Generator | None
     blocks: list[PromptBlock] = field(default_factory=list)  # stored prompt blocks overlapping this shard
     pattern: KeyPattern | None = None  # the request's own attention pattern (every layer); None: the model's
+    window: KeyPattern | None = None  # the window its pages are freed behind (window_free.py); None: all kept
 
     @property
     def has_extra_keys(self) -> bool:
@@ -125,7 +127,7 @@ class WorkerEngine:
         positions = positions_of(todo, self.device)
         ids = torch.tensor(cmd.input_ids[n_cached:], dtype=torch.long, device=self.device)
 
-        pattern = cmd.attention.key_pattern() if cmd.attention is not None else None
+        pattern, window = request_patterns(self.config, cmd)
         kv = RequestKV(plan.request_id, member, self.pool)
         try:
             kv.reserve(len(cmd.input_ids))
@@ -164,12 +166,7 @@ class WorkerEngine:
             kv.free()  # aborted or failed: the pages go back now
             raise
         kv.tokens = len(cmd.input_ids)
-        if self.device.type == "cuda":  # the rows are finished before anyone reads them (I/O stream)
-            torch.cuda.current_stream(self.device).synchronize()
-
-        active = ActiveRequest(plan, member, kv, cmd.sampling, request_generator(cmd.sampling, self.device),
-                               blocks=list(cmd.kv_blocks), pattern=pattern)
-        self.requests[plan.request_id] = active
+        active = self._hold(cmd, kv, pattern, window)  # a ring's members kept their segments until now
         result = PrefillResult(request_id=plan.request_id, member=member, ok=True, kv_tokens=kv.tokens,
                                cached_tokens=n_cached)
         if member == plan.leader():
@@ -189,7 +186,8 @@ class WorkerEngine:
             if len(cmd.input_ids) != cmd.plan.prompt_tokens or (cached is not None and cached.upto != n_cached):
                 raise ValueError(f"a chunked prefill holds the whole prompt: {len(cmd.input_ids)} ids, "
                                  f"{n_cached} cached")
-            kv.reserve(len(cmd.input_ids))
+            pattern, window = request_patterns(self.config, cmd)  # freed behind `window`: pages chunk by chunk
+            kv.reserve(len(cmd.input_ids) if window is None else n_cached)
             kv.note_positions(0, cmd.plan.prompt_tokens)
             if cached is not None:
                 for i in range(len(self.model.layers)):
@@ -198,8 +196,7 @@ class WorkerEngine:
             kv.free()
             raise
         ids = torch.tensor(cmd.input_ids, dtype=torch.long, device=self.device)
-        pattern = cmd.attention.key_pattern() if cmd.attention is not None else None
-        return PrefillChunks(cmd, kv, ids, done=n_cached, cached=n_cached, pattern=pattern)
+        return PrefillChunks(cmd, kv, ids, done=n_cached, cached=n_cached, pattern=pattern, window=window)
 
     def prefill_chunk(self, state: PrefillChunks, tokens: int, progress: ProgressFn | None = None,
                       should_abort: AbortFn | None = None) -> None:
@@ -220,16 +217,24 @@ class WorkerEngine:
         """The request joins the held ones; its first token, sampled from the last position."""
         cmd, kv = state.cmd, state.kv
         kv.tokens = state.total
-        if self.device.type == "cuda":  # the rows are finished before anyone reads them (I/O stream)
-            torch.cuda.current_stream(self.device).synchronize()
-        active = ActiveRequest(cmd.plan, cmd.member, kv, cmd.sampling, request_generator(cmd.sampling, self.device),
-                               blocks=list(cmd.kv_blocks), pattern=state.pattern)
-        self.requests[cmd.plan.request_id] = active
+        active = self._hold(cmd, kv, state.pattern, state.window)
         result = PrefillResult(request_id=cmd.plan.request_id, member=cmd.member, ok=True, kv_tokens=kv.tokens,
                                cached_tokens=state.cached)
         logits = self.model.logits(state.last_hidden)
         (result.token_id,), (result.logprob,) = sample_batch(logits, [cmd.sampling], [active.generator])
         return result
+
+    def _hold(self, cmd: PrefillCommand, kv: RequestKV, pattern: KeyPattern | None,
+              window: KeyPattern | None) -> ActiveRequest:
+        """A prefilled request joins the held ones, its rows finished before anyone reads them (I/O
+        stream), the pages behind its window (if it frees behind one) given back."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        after_prefill(kv, window, cmd.plan.prompt_tokens)
+        active = ActiveRequest(cmd.plan, cmd.member, kv, cmd.sampling, request_generator(cmd.sampling, self.device),
+                               blocks=list(cmd.kv_blocks), pattern=pattern, window=window)
+        self.requests[cmd.plan.request_id] = active
+        return active
 
     def _ring_aborts(self, plan: RingPlan, here: bool) -> bool:
         """Whether any member of the ring was told to abort (every member asks at the same layer)."""
@@ -353,6 +358,7 @@ class WorkerEngine:
             if a:
                 r.kv.tokens += 1
                 r.kv.note_positions(s.position, s.position + 1)
+            free_behind_window(r.kv, r.window, s.position + 1)  # the next step's query is at position + 1
         return results
 
     def _merger(self, steps: list[DecodeStep], reqs: list[ActiveRequest], fuse: FuseFn | None, collective: bool):
@@ -375,6 +381,7 @@ class WorkerEngine:
     def release(self, request_id: str) -> ActiveRequest | None:
         active = self.requests.pop(request_id, None)
         if active is not None:
+            log_window_freed(active.kv, active.window, "end")
             if self.resident is not None and self._keeps_blocks(active):
                 self.resident.keep(active.blocks, active.kv.pages)  # its full prompt blocks stay
             active.kv.free()
@@ -396,5 +403,5 @@ class WorkerEngine:
         return self.resident.take(below)
 
     @property
-    def kv_tokens(self) -> int:
-        return sum(r.kv.tokens for r in self.requests.values())
+    def kv_tokens(self) -> int:  # rows in the pool: pages given back behind a window do not count
+        return sum(r.kv.held_tokens for r in self.requests.values())

@@ -5,6 +5,13 @@ Rows of a request are in the order the worker received its tokens (its prompt se
 decode tokens appended to it); row r lives in page `pages[r // page_tokens]`, slot
 `r % page_tokens`. Decode attention needs no positions because a new token sees every cached key.
 
+A request that attends through a window in every layer (shared/attention/kv_need.py) gives back
+the pages behind it as it advances (`free_behind`): their entries in its block table become the
+scratch page, so the table keeps its length and row r stays in entry r // page_tokens. No kernel
+reads those entries: every attention over the pool starts at the row's window start (the paged
+decode kernel's first page is seq_start // page_tokens; the SDPA and reference paths mask or skip
+rows below it; sink rows sit in pages that are kept).
+
 The pool's storage never moves on CUDA (its addresses are baked into the decode step's CUDA
 graphs); on the CPU it may grow. Page 0 is a scratch page that is never handed out: rows of a
 batch that append nothing (padding, a ring member that does not hold the new token) write there.
@@ -212,6 +219,8 @@ class RequestKV:
     # attention mass each row received on sampled decode steps, summed over layers (H2O importance)
     mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     observed: int = 0  # decode steps whose attention mass was measured (one layer each, in turn)
+    freed_pages: int = 0  # pages given back behind the window (their entries: the scratch page)
+    _live_from: int = 0  # entries below this one, sink pages apart, are given back already
     _holders: int = 0
     _freed: bool = False
 
@@ -234,6 +243,32 @@ class RequestKV:
         for layer, (k, v) in enumerate(zip(keys, values)):
             self.pool.write(layer, self.pages, self.tokens, k, v)
         self.tokens += n
+
+    def free_behind(self, first_needed_row: int, sink_rows: int = 0) -> int:
+        """Give back the pages whose rows all lie before `first_needed_row` (behind the window of
+        every query to come) and hold none of the first `sink_rows` rows (attention sinks, kept).
+        Only this request's hold is dropped: a page another holder shares (a resident prefix
+        block) stays in the pool for it. Deferred while a reader on another thread holds the rows
+        (`acquire`): it reads them through these entries; the next call catches up.
+        -> pages given back now."""
+        page = self.pool.page_tokens
+        sink_pages = -(-sink_rows // page)  # entries from here on hold no sink row
+        end = min(first_needed_row // page, len(self.pages))  # entries below it are wholly behind
+        with self.pool._lock:
+            start = max(self._live_from, sink_pages)
+            if self._freed or self._holders or end <= start:
+                return 0
+            behind = [p for p in self.pages[start:end] if p != SCRATCH_PAGE]
+            self.pages[start:end] = [SCRATCH_PAGE] * (end - start)
+            self._live_from = end
+        self.pool.free(behind)
+        self.freed_pages += len(behind)
+        return len(behind)
+
+    @property
+    def held_tokens(self) -> int:
+        """Rows written whose pages this request still holds (what it costs the pool)."""
+        return self.tokens - self.freed_pages * self.pool.page_tokens
 
     def note_positions(self, start: int, end: int) -> None:
         if self.positions and self.positions[-1][1] == start:
@@ -328,7 +363,7 @@ class RequestKV:
 
     def _give_back(self) -> None:
         pages, self.pages = self.pages, []
-        self.pool.free(pages)
+        self.pool.free([p for p in pages if p != SCRATCH_PAGE])  # entries behind the window: given back
 
 
 @dataclass

@@ -99,3 +99,41 @@ async def test_a_window_other_than_a_sliding_models_own_is_unsupported(tmp_path_
         assert "error" not in same and same["usage"]["attention_sparsity"] > 0, f"{same}\n{stack.logs()}"
     finally:
         stack.stop()
+
+
+# ---- KV that fits (issue 12 item 4) ------------------------------------------------------------------
+SMALL_KV_TOKENS = 64  # the worker's KV capacity: far less than the long prompt
+PAGE_TOKENS, STEP_TOKENS = 4, 8
+LONG_PROMPT = [(i * 37 + 5) % 297 + 3 for i in range(200)]  # 40 windows, > 3x the capacity
+
+
+async def test_windowed_requests_longer_than_a_workers_kv_run_on_it_and_full_attention_is_refused(
+        tmp_path_factory, checkpoints):
+    """One worker whose KV capacity (and pool: one request's decode slack) is far below the prompt:
+    sliding and hybrid requests are admitted (sinks + window + a prefill chunk fit), prefilled
+    chunk by chunk giving back the pages behind the window, and decode transformers' Mistral's
+    (sliding) and the masked reference's (hybrid) tokens; the same prompt with full attention is
+    refused `too_long` as before."""
+    path, llama, mistral = checkpoints
+    expected = {"sliding": hf_greedy(mistral, LONG_PROMPT),
+                "hybrid": greedy_generate(load_model(path).eval(), LONG_PROMPT, NEW_TOKENS,
+                                          KeyPattern(window=WINDOW, sinks=3))}
+    assert expected["sliding"] != expected["hybrid"]
+    stack = Stack(tmp_path_factory.mktemp("stack-kv-fits"), workers=1,
+                  env={"RINGSERVE_MODEL": str(path), "RINGSERVE_WORKER_MAX_TOKENS": str(SMALL_KV_TOKENS),
+                       "RINGSERVE_KV_BLOCK_TOKENS": str(PAGE_TOKENS), "RINGSERVE_PREFILL_STEP_TOKENS": str(STEP_TOKENS),
+                       "RINGSERVE_DECODE_MAX_BATCH": "1"})
+    try:
+        await stack.wait_ready(1)
+        for name, attention in (("sliding", {"mode": "sliding", "window": WINDOW}),
+                                ("hybrid", {"mode": "hybrid", "window": WINDOW, "sinks": 3})):
+            reply = await stack.generate({"input_ids": LONG_PROMPT, "max_new_tokens": NEW_TOKENS,
+                                          "ignore_eos": True, "attention": attention})
+            assert "error" not in reply, f"{name}: {reply}\n{stack.logs()}"
+            assert reply["output_ids"] == expected[name], name
+        full = await stack.generate({"input_ids": LONG_PROMPT, "max_new_tokens": NEW_TOKENS})
+        assert full["error"]["code"] == "too_long", full
+        logs = stack.logs()
+        assert "kv_window_freed" in logs and "pages_freed" in logs
+    finally:
+        stack.stop()

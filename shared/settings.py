@@ -130,6 +130,13 @@ class Settings(BaseSettings):
     # bf16 model (128 KiB a token) and pins at most 32 GiB on a host of 8 GPU workers; raise it
     # where host memory is to spare. On a CPU device it is memory beside the pool's. 0: off.
     kv_host_cache_bytes: int = Field(default=4 * 1024**3, ge=0)
+    # The cost model (services/worker/prefix_costs.py): cached K/V are loaded from Redis only
+    # when the worker's measured load rate beats its measured prefill rate for those tokens.
+    # Each new measurement weighs this much in the running rates; a load predicted slower is
+    # still tried every kv_cost_probe_every-th time, so a faster store is noticed. Off: always load.
+    kv_cost_model: bool = True
+    kv_cost_rate_weight: float = Field(default=0.3, gt=0.0, le=1.0)
+    kv_cost_probe_every: int = Field(default=16, ge=1)
     # Prompt blocks whose worker the scheduler remembers, to place a later prompt with that
     # prefix there (cache-aware placement), least recently recorded forgotten first.
     placement_block_homes: int = Field(default=1_000_000, ge=0)

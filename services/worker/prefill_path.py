@@ -6,7 +6,8 @@ prompt one worker holds (the decode steps queued meanwhile run between two chunk
 ring prefill otherwise. A prefill told to abort stops at a layer boundary (on a ring, every
 member at the same one). Each prefill has its span (`worker.prefill`, with a `ring.layer` event
 per layer), its progress messages (from the ring's leader) and its log events; loading and
-storing the prefix blocks have spans of their own.
+storing the prefix blocks have spans of their own. Whether cached blocks are loaded from
+Redis at all is the cost model's choice (prefix_costs.py), from this worker's measured rates.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from services.worker.aborts import AbortFlags
 from services.worker.chunked_prefill import one_worker_positions
 from services.worker.engine import PrefillAborted, WorkerEngine
 from services.worker.kv_cache import CachedRows, KVPoolFull, RequestKV
-from services.worker.prefix import PrefixCache
+from shared.positions import clip_runs, run_tokens
+from services.worker.prefix import PrefixCache, member_runs
+from services.worker.prefix_costs import PrefixCosts
 from services.worker.world import World
 
 log = structlog.get_logger("worker")
@@ -54,6 +57,8 @@ class PrefillPath:
         self.compute = compute  # compute(fn, *args): fn on the compute thread
         self.loop = loop
         self.layers = engine.model.config.num_hidden_layers
+        self.costs = (PrefixCosts(settings.kv_cost_rate_weight, settings.kv_cost_probe_every)
+                      if settings.kv_cost_model else None)
 
     async def run(self, cmd: PrefillCommand) -> tuple[PrefillResult, bool]:
         """-> (the result to reply with, whether some of the prompt's K/V was loaded, not computed)."""
@@ -82,7 +87,12 @@ class PrefillPath:
                     self.prefix.record_resident_hit(taken.pool, taken.host)
                 else:
                     cached = await self.load(cmd)
+                t_compute = time.perf_counter()
                 result = await self._compute(cmd, cached, resident, ring_steps, span)
+                if self.costs is not None and result.ok:
+                    held = len(resident or []) * self.engine.pool.page_tokens if resident else (
+                        cached.tokens if cached is not None else 0)
+                    self.costs.prefill.add(run_tokens(member_runs(cmd)) - held, time.perf_counter() - t_compute)
             except PrefillAborted as exc:
                 self._report_ring_steps(span, ring_steps)
                 self.engine.release(rid)
@@ -102,6 +112,9 @@ class PrefillPath:
                 result = PrefillResult(request_id=rid, member=cmd.member, ok=False, error_code=code,
                                        error=error_text(exc))
             if result.ok:
+                active = self.engine.requests.get(rid)
+                if active is not None and active.kv.freed_pages:  # pages behind a window, given back
+                    span.set_attribute("kv.freed_pages", active.kv.freed_pages)
                 self.metrics.record_prefill(len(cmd.input_ids), time.perf_counter() - t0)
                 mine = [(x.start, x.end) for x in cmd.plan.segments[cmd.member]]
                 self.metrics.record_attention_sparsity(*causal_block_sparsity(
@@ -117,7 +130,8 @@ class PrefillPath:
         should_abort = functools.partial(self.aborts.is_set, cmd.plan.request_id)
         progress = self._progress(cmd)
         step_tokens = self.settings.prefill_step_tokens
-        if resident or (one_worker_positions(cmd) and cmd.plan.prompt_tokens - cmd.cached_tokens > step_tokens):
+        loaded = cached.upto if cached is not None else 0  # the cost model may have chosen to compute them all
+        if resident or (one_worker_positions(cmd) and cmd.plan.prompt_tokens - loaded > step_tokens):
             # chunk by chunk: the decode steps queued meanwhile run between two chunks
             span.set_attribute("prefill.step_tokens", step_tokens)
             chunks = await self.compute(self.engine.prefill_begin, cmd, cached, resident)
@@ -166,17 +180,38 @@ class PrefillPath:
         """K/V of this member's cached prompt positions from the KV store, or None: compute them all."""
         if cmd.cached_tokens == 0:
             return None
+        quant = cmd.plan.kv_quant.value
         with self.tracer.start_as_current_span("worker.kv_load", attributes={
-            "request_id": cmd.plan.request_id, "cached_tokens": cmd.cached_tokens, "kv.quant": cmd.plan.kv_quant.value,
+            "request_id": cmd.plan.request_id, "cached_tokens": cmd.cached_tokens, "kv.quant": quant,
         }) as span:
+            if self.costs is not None and not self._worth_loading(cmd, quant, span):
+                span.set_attribute("kv.loaded_tokens", 0)
+                return None
+            t0 = time.perf_counter()
             try:
                 cached = await self.prefix.load(cmd)
             except Exception as exc:  # the store only ever saves work: a failed load means computing
                 log.warning("kv_prefix_load_failed", request_id=cmd.plan.request_id, error=error_text(exc))
                 span.record_exception(exc)
                 cached = None
+            if cached is not None and self.costs is not None:
+                self.costs.load_rate(quant).add(cached.tokens, time.perf_counter() - t0)
             span.set_attribute("kv.loaded_tokens", cached.tokens if cached is not None else 0)
             return cached
+
+    def _worth_loading(self, cmd: PrefillCommand, quant: str, span: trace.Span) -> bool:
+        """The cost model's choice for this member's cached positions, in the span, the log and
+        the metrics."""
+        tokens = run_tokens(clip_runs(member_runs(cmd), 0, cmd.cached_tokens))
+        decision = self.costs.decide(tokens, quant)
+        choice = "compute" if not decision.load else "probe" if decision.probe else "load"
+        span.set_attributes({"kv.cost.decision": choice, "kv.cost.tokens": tokens,
+                             "kv.cost.load_s": decision.load_s or -1.0, "kv.cost.compute_s": decision.compute_s or -1.0})
+        self.prefix.store.metrics.prefix_decision(choice, quant, decision.saved_s if choice != "probe" else 0.0)
+        if choice != "load":
+            log.info("kv_prefix_cost_choice", request_id=cmd.plan.request_id, decision=choice, tokens=tokens,
+                     load_s=decision.load_s, compute_s=decision.compute_s)
+        return decision.load
 
     async def store(self, cmd: PrefillCommand, kv: RequestKV, loaded: bool) -> None:
         """Store the blocks this prefill computed; `kv` was acquired for it, and is let go here."""

@@ -49,6 +49,23 @@ class StoreMetrics:
             explicit_bucket_boundaries_advisory=THROUGHPUT_BUCKETS_BPS,
         )
 
+        self.prefix_decisions = meter.create_counter(
+            "ringserve_kv_prefix_decisions",
+            unit="{prefill}",
+            description="a worker's choice for the cached tokens of a prefill (the cost model): load them from "
+                        "Redis, compute them, or load to measure the store again (probe); by quant mode",
+        )
+        self.prefix_seconds_saved = meter.create_counter(
+            "ringserve_kv_prefix_seconds_saved",
+            unit="s",
+            description="predicted seconds the cost model's choices saved over the other choice",
+        )
+
+    def prefix_decision(self, decision: str, quant: str, saved_s: float) -> None:
+        self.prefix_decisions.add(1, {"decision": decision, "quant": quant})
+        if saved_s > 0:
+            self.prefix_seconds_saved.add(saved_s, {"decision": decision})
+
     def lookup(self, hits: int, misses: int, node: str) -> None:
         """Blocks found / not found on one node (a Redis node's label, or a hot cache's)."""
         record_kv_lookup(self.lookups, hits, misses, node)

@@ -65,7 +65,8 @@ def checkpoint(tmp_path_factory):
 def stack(tmp_path_factory, checkpoint):
     path, _ = checkpoint
     stack = Stack(tmp_path_factory.mktemp("evict"), workers=1, services=("fusion", "scheduler", "kvstore"),
-                  env={"RINGSERVE_MODEL": str(path), "RINGSERVE_KV_BLOCK_TOKENS": str(BLOCK),
+                  env={"RINGSERVE_KV_COST_MODEL": "false",  # a hit loads (the cost model would compute)
+                       "RINGSERVE_MODEL": str(path), "RINGSERVE_KV_BLOCK_TOKENS": str(BLOCK),
                        "RINGSERVE_KV_BUDGET_BYTES": str(BUDGET)})
     try:
         asyncio.run(stack.wait_ready(1))

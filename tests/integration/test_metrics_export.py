@@ -39,7 +39,8 @@ def total(samples: dict[str, float], name: str, **labels) -> float:
 
 async def test_seed_metrics_are_exported_and_non_zero(tmp_path):
     stack = Stack(tmp_path, workers=2, services=("fusion", "scheduler", "kvstore"), metrics=True,
-                  env={"RINGSERVE_CHUNK_TOKENS": "16", "RINGSERVE_KV_BLOCK_TOKENS": "16",  # blocks = chunks
+                  env={"RINGSERVE_KV_COST_MODEL": "false",  # a hit loads (the cost model would compute)
+                       "RINGSERVE_CHUNK_TOKENS": "16", "RINGSERVE_KV_BLOCK_TOKENS": "16",  # blocks = chunks
                        "OTEL_METRIC_EXPORT_INTERVAL": "200",
                        # the hot cache is on (it counts lookups) but holds nothing: blocks come from Redis
                        "RINGSERVE_KV_HOT_CACHE_BYTES": "1"})

@@ -32,8 +32,10 @@ def _ids(n, salt):
 
 
 def _env(path, **extra):
+    # These tests are about loading cached blocks: on this tiny CPU model computing beats a Redis
+    # load, and the cost model (prefix_costs.py) would rightly compute instead; it is off here.
     return {"RINGSERVE_MODEL": str(path), "RINGSERVE_KV_BLOCK_TOKENS": str(BLOCK),
-            "RINGSERVE_CHUNK_TOKENS": str(CHUNK), **extra}
+            "RINGSERVE_CHUNK_TOKENS": str(CHUNK), "RINGSERVE_KV_COST_MODEL": "false", **extra}
 
 
 def _stack(tmp_path_factory, name: str, workers: int, env: dict):

@@ -32,11 +32,10 @@ from shared.messages import (
     SamplingParams,
 )
 from shared.positions import clip_runs, positions_of, row_of
-from shared.errors import error_text
 from shared.sampling import request_generator, sample_batch
 from services.worker.chunked_prefill import PrefillChunks, run_chunk
 from services.worker.resident_prefix import ResidentPrefix
-from services.worker.errors import decode_error_code
+from services.worker.errors import PrefillAborted, failed
 from services.worker.kv_cache import SCRATCH_PAGE, CachedRows, KVPool, KVPoolFull, RequestKV
 from services.worker.importance import add_importance
 from services.worker.ring_groups import RingGroups, ring_ranks
@@ -48,17 +47,6 @@ FuseFn = Callable[[list[PartialItem]], list[MergedItem]]
 ProgressFn = Callable[[int], None]  # layers done
 RingStepFn = Callable[[int, RingStep], None]  # (layer, what the ring step did)
 AbortFn = Callable[[], bool]  # whether this member was told to abort the prefill (thread-safe)
-
-
-class PrefillAborted(Exception):
-    """A prefill stopped at a layer boundary because it was aborted; on a ring every member
-    stops at the same `layer` (`layers` done), its partial K/V dropped."""
-
-    def __init__(self, layer: int, layers: int, requested_here: bool):
-        super().__init__(f"prefill cancelled before layer {layer} of {layers}")
-        self.layer = layer
-        self.layers = layers
-        self.requested_here = requested_here  # this member saw the abort (else a peer did)
 
 
 @dataclass
@@ -80,11 +68,6 @@ class ActiveRequest:
 
 class RequestNotHeld(KeyError):
     """A decode step of a request this worker no longer holds (released while the step waited)."""
-
-
-def failed(step: DecodeStep, member: int, exc: Exception) -> DecodeResult:
-    return DecodeResult(request_id=step.request_id, member=member, step=step.step, ok=False,
-                        error_code=decode_error_code(exc), error=error_text(exc))
 
 
 class WorkerEngine:

@@ -30,7 +30,8 @@ from shared.metrics import RingserveMetrics
 from shared.settings import Settings
 from services.worker.aborts import AbortFlags
 from services.worker.chunked_prefill import one_worker_positions
-from services.worker.engine import PrefillAborted, WorkerEngine
+from services.worker.engine import WorkerEngine
+from services.worker.errors import PrefillAborted
 from services.worker.kv_cache import CachedRows, KVPoolFull, RequestKV
 from shared.positions import clip_runs, run_tokens
 from services.worker.prefix import PrefixCache, member_runs

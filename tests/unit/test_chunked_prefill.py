@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.worker.chunked_prefill import one_worker_positions
-from services.worker.engine import PrefillAborted
+from services.worker.errors import PrefillAborted
 from services.worker.kv_cache import CachedRows
 from shared.messages import PrefillCommand, RingPlan, SamplingParams, Segment
 from tests.helpers.engines import make_engine, tiny_llama

@@ -17,7 +17,8 @@ from services.scheduler.runner import RequestRunner, RequestState, prefill_abort
 from services.scheduler.stops import StopChecker
 from services.worker.aborts import AbortFlags
 from tests.helpers.engines import make_engine
-from services.worker.engine import PrefillAborted, WorkerEngine
+from services.worker.engine import WorkerEngine
+from services.worker.errors import PrefillAborted
 from shared.attention.layout import zigzag_segments
 from shared.messages import (
     ErrorCode,

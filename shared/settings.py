@@ -115,7 +115,14 @@ class Settings(BaseSettings):
     kv_quant: Literal["none", "int8", "int4"] = "none"
     kv_group_size: int = Field(default=32, ge=1)
     # Redis bytes of prefix blocks and decode shards together (the kvstore evicts blocks for room).
-    kv_budget_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # None (the default): the kvstore derives it from its Redis nodes at start and on each sweep
+    # (services/kvstore/derived_budget.py): kv_budget_fraction of a node's maxmemory, or, where
+    # maxmemory is 0 (unlimited), kv_budget_host_fraction of the memory of the node's host. The
+    # rest is left to the block metadata, Redis's own overhead and, on a shared host, the others.
+    # A value set here wins.
+    kv_budget_bytes: int | None = Field(default=None, ge=0)
+    kv_budget_fraction: float = Field(default=0.8, gt=0, le=1)
+    kv_budget_host_fraction: float = Field(default=0.5, gt=0, le=1)
     # A block lives this long in Redis after its last use (write, lookup hit, pin, touch).
     kv_ttl_s: int = Field(default=3600, ge=1)
     kv_store_enabled: bool = True

@@ -1,19 +1,26 @@
-"""`ringserve generate`, `status`, `health` and `serve`: one request, the scheduler's status,
-this host's health files, one service in this process."""
+"""`ringserve generate`, `status`, `health` and `serve`: one request, the scheduler's status (with
+the kvstore's Redis tier), this host's health files, one service in this process."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import json
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
+from nats.aio.client import Client as NATS
+
 from services.cli.stack import http_url
 from services.cli.terminal import EXIT_ERROR, EXIT_OK, format_status, print_error, stream_to_terminal, summary_line
+from shared import subjects
+from shared.bus import Bus
 from shared.client import RingserveClient, RingserveError
+from shared.kv.messages import KVStats, KVStatsRequest
 from shared.service import health_file
 from shared.settings import Settings
 
@@ -23,6 +30,9 @@ HEALTH_HEARTBEATS = 3
 GATEWAY_SERVICE = "gateway"
 HEALTH_HTTP_PATH = "/health"
 HEALTH_HTTP_TIMEOUT_S = 3.0
+# `ringserve status` asks the kvstore for the Redis tier's use beside the scheduler's status (the
+# scheduler's reply carries the workers' tiers only); it waits this long at most for the answer.
+KV_STATS_TIMEOUT_S = 0.5
 
 
 def generate_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,16 +60,35 @@ async def cmd_generate(args: argparse.Namespace, settings: Settings, out: TextIO
     return EXIT_OK
 
 
+async def kv_store_stats(nc: NATS, timeout: float = KV_STATS_TIMEOUT_S) -> KVStats | None:
+    """The kvstore's stats (the Redis tier's use and budget); None when no kvstore answers or these
+    credentials may not ask (a tenant's reach only the public API)."""
+    try:
+        return await Bus(nc, "cli").request(subjects.KV_STATS, KVStatsRequest(), KVStats, timeout=timeout)
+    except Exception:  # no responders, timeout, permission denied: the status goes without the line
+        return None
+
+
 async def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO, err: TextIO) -> int:
     try:
         client = await RingserveClient.connect(settings)
+        # asked beside the scheduler's status, so the status takes no longer than the slower of the two
+        kv_task = asyncio.create_task(kv_store_stats(client.nc))
         try:
             status = await client.status()
+            kv = await kv_task
         finally:
+            kv_task.cancel()
             await client.close()
     except RingserveError as exc:
         return print_error(exc, err)
-    print(status.model_dump_json(indent=2) if args.json else format_status(status), file=out)
+    if args.json:
+        body = status.model_dump(mode="json")
+        if kv is not None:
+            body["kv_store"] = kv.model_dump(mode="json")
+        print(json.dumps(body, indent=2), file=out)
+    else:
+        print(format_status(status, kv), file=out)
     return EXIT_OK
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from shared.client import RingserveClient, RingserveError
-from shared.messages import DoneEvent, GenerateReply, ProgressEvent, StatusReply, TokenEvent
+from shared.kv.messages import KVStats
+from shared.messages import DoneEvent, GenerateReply, ProgressEvent, StatusReply, TokenEvent, WorkerStatus
 
 PROGRESS_BAR_WIDTH = 30
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+BYTE_UNIT_STEP = 1024
 EXIT_OK, EXIT_ERROR, EXIT_MISSING_SERVER = 0, 1, 2
 
 
@@ -47,7 +50,34 @@ def unprinted_tail(final_text: str | None, printed: str) -> str:
     return ""
 
 
-def format_status(status: StatusReply) -> str:
+def format_bytes(n: int) -> str:
+    """`0 B`, `512 B`, `1.5 KiB`, `12.0 GiB`."""
+    value, unit = float(n), BYTE_UNITS[0]
+    for unit in BYTE_UNITS:
+        if abs(value) < BYTE_UNIT_STEP or unit == BYTE_UNITS[-1]:
+            break
+        value /= BYTE_UNIT_STEP
+    return f"{n} B" if unit == BYTE_UNITS[0] else f"{value:.1f} {unit}"
+
+
+def worker_tiers(w: WorkerStatus) -> str:
+    """A worker's prefix-cache tiers: `tiers: pool 3 pages 1.5 MiB, host 2.0 MiB of 4.0 GiB`."""
+    host = (f"host {format_bytes(w.host_tier_bytes)} of {format_bytes(w.host_tier_limit_bytes)}"
+            if w.host_tier_limit_bytes else "host off")
+    return f"tiers: pool {w.resident_pages} pages {format_bytes(w.resident_bytes)}, {host}"
+
+
+def kv_store_line(kv: KVStats) -> str:
+    """The Redis tier, from the kvstore's stats: `kv store (redis): 1.2 GiB of 12.8 GiB budget (maxmemory), ...`."""
+    budget = f"{format_bytes(kv.budget_bytes)} budget ({kv.budget_source or 'unknown'})"
+    if kv.error:
+        return f"kv store (redis): {kv.error}; {budget}"
+    return (f"kv store (redis): {format_bytes(kv.total_bytes)} of {budget}, {kv.blocks} blocks, "
+            f"{kv.shards} shards, hit rate {kv.hit_rate:.0%}")
+
+
+def format_status(status: StatusReply, kv: KVStats | None = None) -> str:
+    """The status table; `kv`: the kvstore's stats (the Redis tier), when they could be asked."""
     lines = [
         f"model: {status.model or '(none)'}",
         f"world: generation {status.world_generation}, {'ready' if status.world_ready else 'not ready'}"
@@ -64,6 +94,9 @@ def format_status(status: StatusReply) -> str:
         lines.append(f"  {w.worker_id}  {w.device}  {state}  {w.active_requests} requests  "
                      f"{w.kv_tokens}{'' if w.kv_capacity_tokens is None else f'/{w.kv_capacity_tokens}'} kv tokens  "
                      f"seen {w.last_seen_s:.1f}s ago")
+        lines.append(f"    {worker_tiers(w)}")
+    if kv is not None:
+        lines.append(kv_store_line(kv))
     lines.append(f"services: {len(status.services)}")
     for svc in status.services:
         lines.append(f"  {svc.service}  {svc.instance}  {'draining' if svc.draining else 'serving'}  "

@@ -1,6 +1,7 @@
-"""The KV budget and eviction: what counts against `kv_budget_bytes`, and which block leaves first.
+"""The KV budget and eviction: what counts against the budget, and which block leaves first.
 
-**Budget.** `kv_budget_bytes` bounds the prefix blocks *and* the decode shards of requests in
+**Budget.** The budget (`kv_budget_bytes`, or derived from the Redis nodes' memory when that is
+not set: derived_budget.py) bounds the prefix blocks *and* the decode shards of requests in
 flight (shared/kv/shards.py) together. Room is made before anything is added: a commit evicts
 unpinned leaves for its new blocks and keeps only the leading ones that fit (the rest's bytes
 are deleted, `rejected`); a worker reserves room for each shard increment before writing it
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from services.kvstore.derived_budget import BudgetChoice, DerivedBudget
 from services.kvstore.keyspace import LEAVES, STATS, MetadataStore
 from services.kvstore.pins import Pins
 
@@ -64,6 +66,20 @@ class Budget:
         # Whatever adds bytes (commit, shard reservation) or evicts runs under this lock: a
         # decision on room is not undone by another one of this replica in between.
         self.lock = asyncio.Lock()
+        self.derived = DerivedBudget()
+
+    @property
+    def choice(self) -> BudgetChoice:
+        """The budget in force and where it came from (the settings are read at each call)."""
+        return self.derived.current(self.store.settings)
+
+    @property
+    def limit(self) -> int:
+        return self.choice.bytes
+
+    async def refresh(self) -> BudgetChoice:
+        """Derive the budget from the Redis nodes again (at start and on each sweep)."""
+        return await self.derived.refresh(self.store.settings, self.store.nodes)
 
     async def used(self) -> int | None:
         """Bytes counted against the budget: prefix blocks and shards."""
@@ -76,7 +92,7 @@ class Budget:
         used = await self.used()
         if used is None:
             return 0, False
-        if used + need <= self.store.settings.kv_budget_bytes:
+        if used + need <= self.limit:
             return 0, True  # the common case: no need to read the pins
         pinned = await self.pins.pinned()
         if pinned is None:
@@ -87,7 +103,7 @@ class Budget:
             used = await self.used()
             if used is None:
                 return evicted, False
-            if used + need <= self.store.settings.kv_budget_bytes:
+            if used + need <= self.limit:
                 return evicted, True
             window = await self.store.meta(lambda r: r.zrange(LEAVES, offset, offset + EVICTION_WINDOW - 1), [])
             if not window:
@@ -105,5 +121,5 @@ class Budget:
         async with self.lock:
             evicted, fits = await self.evict()
         if not fits:
-            log.warning("kv_over_budget_all_pinned", budget=self.store.settings.kv_budget_bytes)
+            log.warning("kv_over_budget_all_pinned", budget=self.limit)
         return evicted

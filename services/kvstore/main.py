@@ -3,8 +3,8 @@ reservations, stats).
 
 Every request is validated with its pydantic model; a malformed one gets a `KVErrorReply` and
 the service carries on. Replicas share one queue group and one metadata store in Redis. A
-background task drops blocks past their TTL, forgets the shards of dead workers and re-checks
-the budget. Registration with
+background task drops blocks past their TTL, forgets the shards of dead workers, derives the
+budget from the Redis nodes' memory again (unless it is set: derived_budget.py) and re-checks it. Registration with
 nats.micro, heartbeats and the drain on SIGTERM come from shared/service.py.
 """
 
@@ -45,6 +45,7 @@ class KVStoreApp(ServiceApp):
 
     async def start(self, rt: ServiceRuntime) -> None:
         self.service = service = KVStoreService(self.settings, meter=rt.telemetry.meter)
+        await service.refresh_budget()  # before the first commit is weighed against it
 
         async def stats(_request: KVStatsRequest) -> BaseModel:
             return await service.stats()
@@ -74,6 +75,7 @@ class KVStoreApp(ServiceApp):
         while True:
             await asyncio.sleep(self.settings.kv_sweep_interval_s)
             try:
+                await service.refresh_budget()  # maxmemory may have been changed (CONFIG SET)
                 expired = await service.sweep_expired()
                 shards = await service.forget_stale_shards()
                 evicted = await service.evict_to_budget()

@@ -98,11 +98,11 @@ class KVStoreService:
         if used is None:
             await self.blocks.reject(req, new, count=False)
             return KVCommitReply(error=META_UNAVAILABLE), []
-        fit = leading_that_fit([size for _, _, size in new], self.settings.kv_budget_bytes - used)
+        fit = leading_that_fit([size for _, _, size in new], self.budget.limit - used)
         new, rejected = new[:fit], new[fit:]
         await self.blocks.index(req, new, parents)
         if rejected:
-            log.warning("kv_commit_rejected", blocks=len(rejected), budget=self.settings.kv_budget_bytes, used=used)
+            log.warning("kv_commit_rejected", blocks=len(rejected), budget=self.budget.limit, used=used)
             await self.blocks.reject(req, rejected)
         stored_before = [m for m, c in zip(members, claimed) if not c]
         await self.blocks.mark_accessed(stored_before)
@@ -133,7 +133,7 @@ class KVStoreService:
         shards = await self.shards.count()
         pinned = await self.pins.pinned()
         if counters is None or shards is None or pinned is None:
-            return KVStats(error=META_UNAVAILABLE, budget_bytes=self.settings.kv_budget_bytes)
+            return KVStats(error=META_UNAVAILABLE, budget_bytes=self.budget.limit, budget_source=self.budget.choice.source)
         requests, blocks = pinned
         c = {k: int(v) for k, v in counters.items()}
         hits, misses = c.get("hits", 0), c.get("misses", 0)
@@ -144,7 +144,8 @@ class KVStoreService:
         return KVStats(
             blocks=c.get("blocks", 0),
             bytes_stored=c.get("bytes", 0),
-            budget_bytes=self.settings.kv_budget_bytes,
+            budget_bytes=self.budget.limit,
+            budget_source=self.budget.choice.source,
             bytes_by_quant=bytes_by_quant,
             blocks_by_quant=blocks_by_quant,
             hits=hits,
@@ -162,6 +163,10 @@ class KVStoreService:
         )
 
     # ---- the sweep's (services/kvstore/main.py) ---------------------------------------------
+
+    async def refresh_budget(self) -> None:
+        """Derive the budget from the Redis nodes' memory again (when it is not set explicitly)."""
+        await self.budget.refresh()
 
     async def evict_to_budget(self) -> int:
         """Drop unpinned leaves, lowest priority first, until blocks and shards fit the budget."""

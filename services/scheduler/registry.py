@@ -175,8 +175,9 @@ class Registry:
 
     def status(self, queued_requests: int, queue: list[QueuedRequest], active_requests: int,
                now: float | None = None) -> StatusReply:
-        """`ringserve.v1.status`: the live workers, the world and every service instance heard
-        from, with the scheduler's own waiting (for a worker or in the queue) and running requests."""
+        """`ringserve.v1.status`: the live workers (with their prefix-cache tiers' use), the world
+        and every service instance heard from, with the scheduler's own waiting (for a worker or
+        in the queue) and running requests."""
         now = time.monotonic() if now is None else now
         model = self.model()
         return StatusReply(
@@ -184,6 +185,9 @@ class Registry:
             workers=[WorkerStatus(worker_id=e.beat.worker_id, device=e.beat.device, busy=e.beat.busy,
                                   active_requests=e.beat.active_requests, kv_tokens=e.beat.kv_tokens,
                                   kv_capacity_tokens=e.beat.kv_capacity_tokens,
+                                  resident_pages=e.beat.resident_pages, resident_bytes=e.beat.resident_bytes,
+                                  host_tier_bytes=e.beat.host_tier_bytes,
+                                  host_tier_limit_bytes=e.beat.host_tier_limit_bytes,
                                   last_seen_s=round(now - e.last_seen, 3))
                      for e in self.workers.values()],
             queued_requests=queued_requests,

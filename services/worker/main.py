@@ -58,6 +58,7 @@ from services.worker.fusion_client import FusionClient
 from services.worker.owners import OwnerWatch
 from services.worker.prefill_path import PrefillPath
 from services.worker.prefix import PrefixCache, block_masses
+from services.worker.tier_use import tier_use
 from services.worker.io_loop import IOLoop, IOLoopBlockStore, IOLoopShardStore
 from services.worker.shard_persist import ShardPersister
 from services.worker.world import World
@@ -148,6 +149,7 @@ class WorkerApp(ServiceApp):
             fusion_partitions=sorted({p.fusion_partition for p in [*(r.plan for r in list(self.engine.requests.values())),
                                                                     *list(self._prefilling.values())]
                                       if p.fusion == "bus" and p.size > 1}),  # rings of one merge nothing
+            **tier_use(self.engine.resident),
         )
 
     async def stop(self, rt: ServiceRuntime) -> None:

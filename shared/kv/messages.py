@@ -111,6 +111,9 @@ class KVStats(_KVReply):
     blocks: int = 0
     bytes_stored: int = 0
     budget_bytes: int = 0
+    # where budget_bytes came from: "explicit" (RINGSERVE_KV_BUDGET_BYTES), "maxmemory" or
+    # "system_memory" of the Redis nodes, "fallback" before any node told its memory
+    budget_source: str = ""
     bytes_by_quant: dict[str, int] = Field(default_factory=dict)
     blocks_by_quant: dict[str, int] = Field(default_factory=dict)
     hits: int = 0  # lookup blocks found

@@ -49,10 +49,11 @@ class _Health:
 _HEALTH: dict[str, _Health] = {}
 
 
-def _server(url: str) -> str:
-    """What identifies a Redis server in a URL: its address (two databases of one server fail together)."""
+def server_address(url: str) -> str:
+    """What identifies a Redis server in a URL: its address (two databases of one server fail
+    together, and share one memory)."""
     parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else url
+    return f"{parts.hostname}:{parts.port or DEFAULT_REDIS_PORT}" if parts.hostname else url
 
 
 def redact(url: str) -> str:
@@ -112,7 +113,7 @@ class RedisNodes:
             )
             for url in urls
         ]
-        self._health = [_HEALTH.setdefault(_server(url), _Health()) for url in urls]
+        self._health = [_HEALTH.setdefault(server_address(url), _Health()) for url in urls]
         # per node: the outage whose stale connections this client has already dropped
         self._dropped = [0] * len(urls)
 

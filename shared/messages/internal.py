@@ -50,6 +50,12 @@ class WorkerHeartbeat(_Internal):
     # Fusion partitions the worker's requests send partials to: a draining fusion instance
     # serves until no worker lists it.
     fusion_partitions: list[str] = Field(default_factory=list)
+    # The worker's prefix-cache tiers (`ringserve status`): prompt blocks kept in its KV pool
+    # (the device tier: pages, bytes) and in its host memory (the host tier: bytes held, limit).
+    resident_pages: int = 0
+    resident_bytes: int = 0
+    host_tier_bytes: int = 0
+    host_tier_limit_bytes: int = 0
 
 
 class ServiceHeartbeat(_Internal):

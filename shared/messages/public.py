@@ -214,6 +214,11 @@ class WorkerStatus(BaseModel):
     kv_tokens: int
     last_seen_s: float
     kv_capacity_tokens: int | None = None  # None: no limit
+    # Its prefix-cache tiers: prompt blocks kept in its KV pool (device tier) and in host memory.
+    resident_pages: int = 0
+    resident_bytes: int = 0
+    host_tier_bytes: int = 0
+    host_tier_limit_bytes: int = 0  # 0: no host tier
 
 
 class ServiceStatus(BaseModel):

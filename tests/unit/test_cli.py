@@ -17,6 +17,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from services.cli import commands, main, terminal, traces, up
+from shared import codec, subjects
+from shared.kv.messages import KVStats
 from shared.messages import GenerateReply, ServiceStatus, StatusReply, Timings, Usage, WorkerStatus
 from tests.unit.test_client import ANSWER, free_port, private_nats, scheduler  # noqa: F401 (fixtures)
 
@@ -110,6 +112,7 @@ def test_format_status():
         "requests: 2 active, 1 queued",
         "workers: 1",
         "  w-a  cpu  busy  2 requests  512 kv tokens  seen 0.4s ago",
+        "    tiers: pool 0 pages 0 B, host off",
         "services: 2",
         "  fusion  fusion-1  serving  seen 0.2s ago",
         "  scheduler  scheduler-1  draining  seen 0.7s ago",
@@ -118,6 +121,29 @@ def test_format_status():
                                          world_generation=5, world_ready=True, world_members=["w-a"],
                                          world_backend="gloo"))
     assert text.splitlines()[1] == "world: generation 5, ready, gloo, members w-a"
+
+
+def test_format_status_shows_each_kv_tier():
+    workers = [WorkerStatus(worker_id="w-a", device="cuda", busy=False, active_requests=0, kv_tokens=0,
+                            last_seen_s=0.1, resident_pages=3, resident_bytes=3 * 512 * 1024,
+                            host_tier_bytes=2 * 1024**2, host_tier_limit_bytes=4 * 1024**3)]
+    kv = KVStats(blocks=7, bytes_stored=1024**3, shard_bytes=1024**3 // 4, budget_bytes=10 * 1024**3,
+                 budget_source="maxmemory", shards=2, hit_rate=0.5)
+    lines = terminal.format_status(StatusReply(model="demo", workers=workers, queued_requests=0, active_requests=0,
+                                               world_generation=1), kv).splitlines()
+    assert lines[4:7] == [
+        "  w-a  cuda  idle  0 requests  0 kv tokens  seen 0.1s ago",
+        "    tiers: pool 3 pages 1.5 MiB, host 2.0 MiB of 4.0 GiB",
+        "kv store (redis): 1.2 GiB of 10.0 GiB budget (maxmemory), 7 blocks, 2 shards, hit rate 50%",
+    ]
+    unreachable = KVStats(error="kv metadata store unavailable", budget_bytes=2 * 1024**3, budget_source="fallback")
+    assert terminal.kv_store_line(unreachable) == \
+        "kv store (redis): kv metadata store unavailable; 2.0 GiB budget (fallback)"
+
+
+def test_format_bytes():
+    assert [terminal.format_bytes(n) for n in (0, 512, 1536, 5 * 1024**3, 3 * 1024**5)] == \
+        ["0 B", "512 B", "1.5 KiB", "5.0 GiB", "3072.0 TiB"]
 
 
 def jaeger_span(span_id, operation, start_ms, duration_ms, parent=None, process="p1", tags=()):
@@ -285,9 +311,31 @@ async def test_generate_json_and_errors(private_nats, scheduler, monkeypatch):
 async def test_status_command(private_nats, scheduler, monkeypatch):
     monkeypatch.setenv("RINGSERVE_NATS_URL", private_nats)
     code, out, _ = await in_thread(["status"])
-    assert code == 0 and "workers: 2" in out and "  w-1  cpu  idle" in out
+    # no kvstore answers: no Redis line, and no wait for one
+    assert code == 0 and "workers: 2" in out and "  w-1  cpu  idle" in out and "kv store" not in out
     code, out, _ = await in_thread(["status", "--json"])
-    assert code == 0 and json.loads(out)["world_generation"] == 3
+    assert code == 0 and json.loads(out)["world_generation"] == 3 and "kv_store" not in json.loads(out)
+
+
+async def test_status_command_shows_the_redis_tier_from_the_kvstore(private_nats, scheduler, monkeypatch):
+    import nats
+
+    nc = await nats.connect(private_nats)
+    stats = KVStats(blocks=4, bytes_stored=3 * 1024**2, budget_bytes=8 * 1024**3, budget_source="system_memory")
+
+    async def kvstore(msg) -> None:  # the kvstore stand-in
+        await msg.respond(codec.encode(stats))
+
+    await nc.subscribe(subjects.KV_STATS, cb=kvstore)
+    await nc.flush()
+    monkeypatch.setenv("RINGSERVE_NATS_URL", private_nats)
+    try:
+        code, out, _ = await in_thread(["status"])
+        assert code == 0 and "kv store (redis): 3.0 MiB of 8.0 GiB budget (system_memory), 4 blocks" in out
+        code, out, _ = await in_thread(["status", "--json"])
+        assert code == 0 and json.loads(out)["kv_store"]["budget_bytes"] == 8 * 1024**3
+    finally:
+        await nc.drain()
 
 
 def test_status_without_nats(monkeypatch):

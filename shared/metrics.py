@@ -158,7 +158,8 @@ class RingserveMetrics:
         )
         self.request_recoveries = meter.create_counter(
             "ringserve_request_recoveries", unit="{request}",
-            description="requests whose ring lost a worker, by how their recovery ended (completed, cancelled, failed)"
+            description="requests whose ring lost a worker or its fusion partition, by cause (worker, fusion) "
+                        "and by how their recovery ended (completed, cancelled, failed)"
         )
         self.request_preemptions = meter.create_counter(
             "ringserve_request_preemptions", unit="{preemption}",
@@ -219,9 +220,10 @@ class RingserveMetrics:
         """`code`: OK_CODE or an ErrorCode (its value is the label)."""
         self.requests.add(1, {"code": _code_name(code)})
 
-    def record_recovery(self, outcome: str | enum.Enum) -> None:
-        """`outcome`: how a request whose ring lost a worker ended (scheduler/recovery.py RecoveryOutcome)."""
-        self.request_recoveries.add(1, {"outcome": _code_name(outcome)})
+    def record_recovery(self, outcome: str | enum.Enum, cause: str | enum.Enum) -> None:
+        """`outcome`: how a recovered request ended; `cause`: what its ring lost, a worker or its
+        fusion partition (scheduler/recovery.py RecoveryOutcome, RecoveryCause)."""
+        self.request_recoveries.add(1, {"outcome": _code_name(outcome), "cause": _code_name(cause)})
 
     def record_preemption(self) -> None:
         """A running request was preempted (scheduler/preemption.py): one more run of it to come."""

@@ -1,6 +1,6 @@
 """The scheduler service: the public API (`ringserve.v1.generate|cancel|status`) and one
-RequestRunner per request, recovered when its ring loses a worker (recovery.py) and preempted when
-its worker's KV pool fills (preemption.py). Admission
+RequestRunner per request, recovered when its ring loses a worker or its fusion partition
+(recovery.py, recovery_run.py) and preempted when its worker's KV pool fills (preemption.py). Admission
 (waiting, loads, placement) is `admission.py`; the line to the workers is `port.py`; liveness and
 the torch.distributed world are `world_keeper.py`.
 """
@@ -22,9 +22,7 @@ from shared.messages import (
     CancelReply,
     ErrorCode,
     FusionDrop,
-    KVQuant,
     PrefillProgress,
-    RingPlan,
 )
 from shared.metrics import OK_CODE, RingserveMetrics
 from shared.errors import error_text
@@ -45,11 +43,11 @@ from services.scheduler.api import (
 from services.scheduler.block_homes import BlockHomes
 from services.scheduler.identity import may_cancel, requester_of
 from services.scheduler.placement import kv_quant_for
-from services.scheduler.preemption import PoolFull, Preemption, monotonic_of
+from services.scheduler.preemption import PoolFull, Preemption
 from services.scheduler.port import BusWorkerPort
 from services.scheduler.prefix import PrefixIndex
-from services.scheduler.recovery import (RecoveryOutcome, attempt_id, may_recover, remaining_request,
-                                         resumed_prompt)
+from services.scheduler.recovery import RecoveryOutcome
+from services.scheduler.recovery_run import Recovery
 from services.scheduler.registry import Registry
 from services.scheduler.runner import RequestRunner, RequestState, done_event
 from services.scheduler.stops import StopChecker
@@ -101,6 +99,7 @@ class SchedulerApp(ServiceApp):
         await bus.subscribe(subjects.STATUS, self._on_status, queue=subjects.SERVICE_QUEUE)
         await bus.subscribe(subjects.CANCEL, self._on_cancel)  # every instance: only the owner can cancel
         self.world = WorldKeeper(self.registry, bus, self.settings, self.runners)
+        self.recovery = Recovery(self.admission, self.world, self.settings, self.tracer, lambda: self.draining)
         await self.world.start()
         self._world_task = asyncio.create_task(self.world.run())
 
@@ -269,7 +268,6 @@ class SchedulerApp(ServiceApp):
                 if home is not None:
                     trace.get_current_span().set_attribute("placement.block_home", home)
                 recoveries = preemptions = 0  # resumed runs started, by why (counted and bounded apart)
-                lost_any = False  # a ring of this request lost a worker: its recovery is counted
                 try:
                     while True:
                         try:
@@ -277,34 +275,37 @@ class SchedulerApp(ServiceApp):
                             break
                         except asyncio.CancelledError:
                             await self._drop_fusion(plan)
-                            if not runner.lost_workers:
+                            if runner.lost is None:
                                 raise
-                            # The world loop cancelled the run because a ring member died: not
-                            # a cancel of this request, which goes on (recovered) or fails coded.
+                            # The world loop cancelled the run because a ring member or its fusion
+                            # partition died: not a cancel of this request, which goes on
+                            # (recovered) or fails coded.
                             asyncio.current_task().uncancel()
-                            lost_any = True
-                            self.admission.release(plan.request_id)  # the dead ring holds no room
-                            plan = await self._recover(runner, quant, recoveries)
+                            plan = await self.recovery.rerun(runner, quant, recoveries)
                             recoveries += 1
                         except PoolFull as full:  # released on its workers: back to the queue
                             await self._drop_fusion(plan)
                             plan = await self.preemption.requeue(runner, quant, preemptions, full)
                             preemptions += 1
-                        except ApiError:
+                        except ApiError as err:
                             await self._drop_fusion(plan)
-                            raise
+                            # the leader's merge failed before the sweep noticed its fusion died
+                            if not await self.world.fusion_lost(runner, err):
+                                raise
+                            plan = await self.recovery.rerun(runner, quant, recoveries)
+                            recoveries += 1
                         if plan is None:  # cancelled while it waited for workers again
                             reply = runner.reply("cancelled", None)
                             break
                     if plan is not None and plan.size == 1 and hit.blocks and cacheable:
                         self.block_homes.record(plan.workers[0], [b.chain_hash for b in hit.blocks])
                 except BaseException:
-                    if lost_any:
-                        self.metrics.record_recovery(RecoveryOutcome.FAILED)
+                    if runner.recovery_cause is not None:
+                        self.metrics.record_recovery(RecoveryOutcome.FAILED, runner.recovery_cause)
                     raise
-                if lost_any:
+                if runner.recovery_cause is not None:
                     self.metrics.record_recovery(RecoveryOutcome.CANCELLED if reply.finish_reason == "cancelled"
-                                                 else RecoveryOutcome.COMPLETED)
+                                                 else RecoveryOutcome.COMPLETED, runner.recovery_cause)
             finally:
                 self.runners.pop(request_id, None)
                 self.requesters.pop(request_id, None)
@@ -320,44 +321,6 @@ class SchedulerApp(ServiceApp):
             self.metrics.record_time_per_output_token(
                 (reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))
         return reply
-
-    async def _recover(self, runner: RequestRunner, quant: KVQuant, recoveries: int) -> RingPlan | None:
-        """A new plan for a request whose ring lost `runner.lost_workers`, on the live workers,
-        to prefill its prompt and the tokens it has and decode the rest (recovery.py); None when
-        the client cancelled it meanwhile. Raises `unavailable` when it may not run again (no
-        recovery left, the scheduler draining) or no worker can take it. The wait for workers is
-        admission's: bounded by the request's timeout and the wait queue."""
-        s = runner.s
-        lost, produced = runner.lost_workers, len(runner.output_ids)
-        if s.cancelled:
-            return None
-        if not may_recover(recoveries, self.settings.max_recoveries, s.cancelled, self.draining):
-            why = "scheduler shutting down" if self.draining else f"{recoveries} recoveries made, the limit"
-            raise ApiError(ErrorCode.UNAVAILABLE, f"workers lost: {lost} ({why})", s.request_id)
-        # The dead plan no longer counts as a ring (the world may re-form without its dead member).
-        runner.lost_workers, s.plan = [], None
-        run_id = attempt_id(s.request_id, recoveries + 1)
-        prompt = resumed_prompt(s.prompt_ids, runner.output_ids)
-        with self.tracer.start_as_current_span("scheduler.recover", attributes={
-                "request_id": s.request_id, "recovery.attempt": recoveries + 1, "recovery.lost_workers": lost,
-                "recovery.tokens_so_far": produced, "prompt_tokens": len(prompt)}) as span:
-            log.warning("request_recovering", lost_workers=lost, tokens_so_far=produced, attempt=recoveries + 1,
-                        max_recoveries=self.settings.max_recoveries, prompt_tokens=len(prompt))
-            await self.world.reformed(lambda: s.cancelled)
-            try:
-                plan = await self.admission.wait_for_placement(
-                    run_id, len(prompt), len(prompt) - runner.prefix_cached_tokens,
-                    remaining_request(s.request, produced), quant, lambda: s.cancelled,
-                    ages_from=monotonic_of(s.arrival))  # it keeps the age it had earned
-            except ApiError as err:
-                span.set_attribute("recovery.failed", err.message)
-                raise ApiError(err.code, f"workers lost: {lost}; recovery failed: {err.message}",
-                               s.request_id) from None
-            if plan is not None:
-                span.set_attribute("ring.size", plan.size)
-                log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
-                         prompt_tokens=len(prompt), attempt=recoveries + 1)
-            return plan
 
     async def _drop_fusion(self, plan) -> None:
         """Surviving ring members may wait on a merge that will never complete: end it now."""

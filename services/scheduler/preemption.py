@@ -19,7 +19,7 @@ admission's queue again with the resumed prompt (recovery.py: the prompt and eve
 produced, asking only for the tokens still due), aging from its first arrival so fresh arrivals do
 not starve it. It runs again under a new id on the workers (`<id>.p<n>`, which `ringserve status`
 shows while it waits). The client sees each token once and one run's reply (the runner continues
-the request as for a recovery); greedy tokens are identical, seeded sampling is not (recovery.py).
+the request as for a recovery); greedy and seeded sampled tokens are identical (recovery.py).
 
 Bounded: at most `max_preemptions` per request (counted apart from worker-loss recoveries), then
 `overloaded` as before. Why recompute rather than park the KV in Redis: docs/RELIABILITY.md.
@@ -37,7 +37,7 @@ from shared.metrics import RingserveMetrics
 from shared.settings import Settings
 from services.scheduler.admission import Admission
 from services.scheduler.api import ApiError
-from services.scheduler.recovery import remaining_request, resumed_prompt
+from services.scheduler.recovery import continuation, remaining_request, resumed_prompt
 
 log = structlog.get_logger("scheduler")
 # A preempted request's next run as the workers know it: a fresh id keeps its earlier run's
@@ -107,9 +107,11 @@ class Preemption:
         prompt = resumed_prompt(s.prompt_ids, runner.output_ids)
         with self.tracer.start_as_current_span("scheduler.preempt", attributes={
                 "request_id": s.request_id, "preemption.count": count, "preemption.worker": full.worker,
-                "preemption.tokens_so_far": produced, "prompt_tokens": len(prompt)}) as span:
+                "preemption.tokens_so_far": produced, "resume.sampling": continuation(s.request),
+                "prompt_tokens": len(prompt)}) as span:
             log.warning("request_preempted", worker=full.worker, tokens_so_far=produced, count=count,
-                        max_preemptions=self.settings.max_preemptions, prompt_tokens=len(prompt))
+                        max_preemptions=self.settings.max_preemptions, prompt_tokens=len(prompt),
+                        sampling=continuation(s.request))
             plan = await self.admission.wait_for_placement(
                 preempted_run_id(s.request_id, count), len(prompt), len(prompt) - runner.prefix_cached_tokens,
                 remaining_request(s.request, produced), quant, lambda: s.cancelled,

@@ -1,23 +1,28 @@
-"""Recovery by recomputation: when a request's ring loses a worker, the request runs again on the
-surviving workers with the prompt it had plus the tokens it already produced, asking only for the
-tokens still due. The client has seen those tokens already, so the resumed run streams only new
-ones, and the reply counts the whole request as one undisturbed run would.
+"""Recovery by recomputation: when a request's ring loses a worker, or the fusion partition that
+merges its decode, the request runs again on the live workers with the prompt it had plus the
+tokens it already produced, asking only for the tokens still due. The client has seen those tokens
+already, so the resumed run streams only new ones, and the reply counts the whole request as one
+undisturbed run would.
 
 Why recompute (and not restore the lost member's KV from its shard copies in Redis): it needs
 nothing but the prompt and the tokens so far, and the prefix cache already skips the prompt
 blocks that were stored. Restoring shards is later work (issue 11 item 2, docs/RELIABILITY.md).
+A lost fusion partition loses no KV at all: the ring's members are alive, but their run cannot
+merge a decode step any more, and re-running it (on a live partition, or on one worker, which
+needs none) is simpler than moving a run between partitions mid-step.
 
-Identical continuations: greedy decoding recomputes the same tokens (the model is deterministic).
-A seeded sampled request does not: its worker seeds one generator per request and draws from it
-step by step, so the resumed run replays that stream from its start; continuing the stream would
-need the workers to skip the draws already made (not built).
+Identical continuations: greedy decoding recomputes the same tokens (the model is deterministic),
+and so does seeded sampling: a worker seeds each token's draw from the request's seed and the
+token's position (shared/sampling.py), so the resumed run's first token, at position prompt + n,
+gets the draws of the undisturbed run's (n+1)-th.
 
-Pure functions here; the scheduler's main wires them to admission, the runner and the bus.
+Pure functions here; recovery_run.py re-places a request, the scheduler's main wires them.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from shared.messages import GenerateRequest
 
@@ -32,6 +37,26 @@ class RecoveryOutcome(str, enum.Enum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"  # no recovery left, no worker left, or the resumed run failed
+
+
+class RecoveryCause(str, enum.Enum):
+    """Why a request ran again (the ringserve_request_recoveries `cause` label, recovery.cause)."""
+
+    WORKER = "worker"  # a member of its ring stopped sending heartbeats
+    FUSION = "fusion"  # the fusion partition merging its ring's decode stopped sending heartbeats
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What a dead run lost: the workers of its ring, or its fusion partition (`lost`, one)."""
+
+    cause: RecoveryCause
+    lost: tuple[str, ...]
+
+    def describe(self) -> str:
+        """The client-facing start of a failure's message."""
+        what = "workers" if self.cause == RecoveryCause.WORKER else "fusion partition"
+        return f"{what} lost: {list(self.lost)}"
 
 
 def attempt_id(request_id: str, attempt: int) -> str:
@@ -51,6 +76,14 @@ def remaining_request(req: GenerateRequest, produced: int) -> GenerateRequest:
     if produced >= req.max_new_tokens:
         raise ValueError(f"{produced} tokens of {req.max_new_tokens} produced: nothing left to recover")
     return req.model_copy(update={"max_new_tokens": req.max_new_tokens - produced})
+
+
+def continuation(req: GenerateRequest) -> str:
+    """How a resumed run's tokens relate to an undisturbed run's, for its span and log: "greedy"
+    and "seeded" continue identically, "unseeded" draws afresh (as any run of it would)."""
+    if req.temperature == 0.0:
+        return "greedy"
+    return "unseeded" if req.seed is None else "seeded"
 
 
 def may_recover(recoveries_done: int, max_recoveries: int, cancelled: bool, draining: bool) -> bool:

@@ -92,8 +92,27 @@ class Registry:
         else:
             self.fusion[partition] = time.monotonic() if now is None else now
 
+    def sweep_fusion(self, now: float | None = None) -> list[str]:
+        """Drop the fusion partitions that went silent and return them (their rings' runs are
+        dead: world_keeper stops them for recovery). A draining partition left the map already
+        (on_fusion): it still serves the requests placed on it, so it is never swept as lost."""
+        now = time.monotonic() if now is None else now
+        gone = sorted(p for p, seen in self.fusion.items() if now - seen > self.timeout_s)
+        for p in gone:
+            del self.fusion[p]
+        return gone
+
+    def fusion_live(self, partition: str) -> bool:
+        """Whether `partition` is heard from and takes new requests."""
+        return partition in self.fusion
+
+    def fusion_seen_since(self, partition: str, since: float) -> bool:
+        """Whether `partition` sent a heartbeat at or after `since` (monotonic): it is alive."""
+        return self.fusion.get(partition, float("-inf")) >= since
+
     def sweep(self, now: float | None = None) -> list[str]:
-        """Drop workers and fusion partitions that went silent; return the workers dropped."""
+        """Drop workers and fusion partitions that went silent; return the workers dropped
+        (sweep_fusion first returns the partitions)."""
         now = time.monotonic() if now is None else now
         gone = [w for w, e in self.workers.items() if now - e.last_seen > self.timeout_s]
         for w in gone:
@@ -101,8 +120,7 @@ class Registry:
         # A world with a dead member runs no collective and no ring: it is not ready (placement
         # keeps to single workers) until the next generation forms without it.
         self.ready -= set(gone)
-        for p in [p for p, seen in self.fusion.items() if now - seen > self.timeout_s]:
-            del self.fusion[p]
+        self.sweep_fusion(now)
         for key in [k for k, (_, seen) in self.services.items() if now - seen > self.timeout_s]:
             del self.services[key]
         return gone

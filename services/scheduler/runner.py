@@ -1,7 +1,7 @@
 """One request from admission to reply: place it, prefill on its ring, then follow the tokens the
 ring leader's decode loop publishes: stream them, check stop strings, end the request (release).
 
-A request whose ring lost a worker may run again (recovery.py): the same runner then runs a new
+A request whose ring lost a worker or its fusion partition may run again (recovery.py): the same runner then runs a new
 plan, prefilling the prompt and the tokens it already has and decoding only the ones still due,
 so the client's stream and the reply go on as if nothing happened. A request whose worker's KV
 pool filled is run again the same way (preemption.py): `run` raises PoolFull for it.
@@ -45,7 +45,7 @@ from shared.messages import (
 from services.scheduler.api import ApiError
 from services.scheduler.preemption import worker_error
 from services.scheduler.prefix import member_blocks
-from services.scheduler.recovery import resumed_prompt
+from services.scheduler.recovery import Loss, RecoveryCause, resumed_prompt
 from services.scheduler.stops import StopChecker
 
 
@@ -106,8 +106,12 @@ class RequestRunner:
         self.kv_blocks = kv_blocks or []
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
-        self.task: asyncio.Task | None = None  # set by the scheduler; cancelled when a ring member dies
-        self.lost_workers: list[str] = []  # set when a ring member died: its run is dead, recovery may follow
+        self.task: asyncio.Task | None = None  # set by the scheduler; cancelled when its ring dies
+        # Set when a ring member or the fusion partition died under a running run (world_keeper.py):
+        # the run is dead, a recovery may follow (recovery_run.py clears it).
+        self.lost: Loss | None = None
+        self.recovery_cause: RecoveryCause | None = None  # why it last ran again (the metric's label)
+        self.running = False  # inside run(): a loss cancels the task only then, not its error handling
         self.span: trace.Span = trace.INVALID_SPAN  # the request's root span, set by the scheduler
         self.prefilling = False  # the prefill commands are out and not all answered
         self.token_timeout_s = token_timeout_s  # the leader silent this long: it is gone
@@ -136,10 +140,12 @@ class RequestRunner:
         s.placed_at = s.placed_at or time.perf_counter()  # queue_ms: the first placement's wait
         self._tokens = self.port.watch(plan.request_id)
         ended = False
+        self.running = True
         try:
             finish = await self._generate(plan)
             ended = True
         finally:
+            self.running = False
             self.port.unwatch(plan.request_id)
             # Ended normally, the leader ends the request on its ring (after the ticks it already
             # sent, so no member is left waiting in a step); after a failure, each member is told.

@@ -1,10 +1,14 @@
 """The scheduler's view of who is alive and the torch.distributed world over them.
 
 Heartbeats of every service feed the registry (workers, fusion partitions, the other
-instances `ringserve status` lists); a loop sweeps the workers whose heartbeats stopped (their
-requests' runs are cancelled with `lost_workers` set: the request recovers or fails, main.py)
-and re-forms the world when membership changed and no multi-worker ring is running (a ring that
-lost a member is dead and does not count).
+instances `ringserve status` lists); a loop sweeps the workers and fusion partitions whose
+heartbeats stopped (the runs of the rings that held them are cancelled with `lost` set: the
+request recovers or fails, recovery_run.py and main.py) and re-forms the world when membership
+changed and no multi-worker ring is running (a ring that lost a member is dead and does not count).
+
+A ring's leader may report its failed fusion merge (`unavailable`: no responder, a timeout) before
+the sweep notices the partition is gone: `fusion_lost` then tells a dead partition from a failure
+of the ring itself by the partition's heartbeats, so either way the request is recovered.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from nats.aio.msg import Msg
 
 from shared import subjects
 from shared.bus import Bus
-from shared.messages import FusionHeartbeat, ServiceHeartbeat, WorkerHeartbeat, WorldReady
+from shared.messages import ErrorCode, FusionHeartbeat, ServiceHeartbeat, WorkerHeartbeat, WorldReady
 from shared.service import serve
 from shared.settings import Settings
+from services.scheduler.api import ApiError
+from services.scheduler.recovery import Loss, RecoveryCause
 from services.scheduler.registry import Registry
 from services.scheduler.runner import RequestRunner
 
@@ -72,7 +78,7 @@ class WorldKeeper:
     def rings_active(self) -> bool:
         # A ring that lost a member is dead: its request (failing or about to be recovered) must
         # not hold back the new world its recovery may need.
-        return any(r.s.plan is not None and r.s.plan.size > 1 and not r.lost_workers for r in self.runners.values())
+        return any(r.s.plan is not None and r.s.plan.size > 1 and r.lost is None for r in self.runners.values())
 
     async def run(self) -> None:
         """Re-form the torch.distributed world between multi-worker requests when membership changes."""
@@ -83,6 +89,10 @@ class WorldKeeper:
             except asyncio.TimeoutError:
                 pass
             self._workers_changed.clear()
+            partitions = self.registry.sweep_fusion()
+            if partitions:
+                log.warning("fusion_lost", partitions=partitions)
+                self._stop_runs_on_fusion(set(partitions))
             gone = self.registry.sweep()
             if gone:
                 log.warning("workers_lost", workers=gone)
@@ -119,12 +129,49 @@ class WorldKeeper:
         else:
             log.info("world_devices_uniform", device=plan.device, backend=plan.backend)
 
+    async def fusion_lost(self, runner: RequestRunner, err: ApiError) -> bool:
+        """Whether `runner`'s run, failed with `err`, died because its fusion partition did; if
+        so its `lost` says it. Only an `unavailable` merge of a bus-fused ring can be that: then
+        wait until the partition either sends a heartbeat after the failure (alive: the ring
+        failed by itself) or is no longer live (swept as silent, or draining; within the
+        heartbeat timeout)."""
+        plan = runner.s.plan
+        if (plan is None or plan.size < 2 or plan.fusion != "bus" or err.code != ErrorCode.UNAVAILABLE
+                or runner.s.cancelled):
+            return False
+        failed_at = time.monotonic()
+        deadline = failed_at + self.settings.heartbeat_timeout_s + self.settings.heartbeat_interval_s
+        while time.monotonic() < deadline and not runner.s.cancelled:
+            if not self.registry.fusion_live(plan.fusion_partition):
+                runner.lost = Loss(RecoveryCause.FUSION, (plan.fusion_partition,))
+                return True
+            if self.registry.fusion_seen_since(plan.fusion_partition, failed_at):
+                return False
+            await asyncio.sleep(WORLD_POLL_S)
+        return False
+
     def _stop_runs_on(self, workers: set[str]) -> None:
         """Cancel the runs whose rings held a lost worker, saying which (the request recovers or fails)."""
-        for runner in self.runners.values():
+        for runner in list(self.runners.values()):
             plan = runner.s.plan
             if plan is not None and workers & set(plan.workers):
-                runner.lost_workers = sorted(workers & set(plan.workers))
-                task = getattr(runner, "task", None)
-                if task is not None:
-                    task.cancel()
+                self._stop(runner, Loss(RecoveryCause.WORKER, tuple(sorted(workers & set(plan.workers)))))
+
+    def _stop_runs_on_fusion(self, partitions: set[str]) -> None:
+        """Cancel the runs of rings whose decode merges on a lost fusion partition (rings of one
+        and collective fusion merge on none)."""
+        for runner in list(self.runners.values()):
+            plan = runner.s.plan
+            if plan is not None and plan.size > 1 and plan.fusion == "bus" and plan.fusion_partition in partitions:
+                self._stop(runner, Loss(RecoveryCause.FUSION, (plan.fusion_partition,)))
+
+    @staticmethod
+    def _stop(runner: RequestRunner, loss: Loss) -> None:
+        """Only a run under way is cancelled: a run that already failed is in its error handling,
+        which decides by itself (fusion_lost, or the error stands)."""
+        if not runner.running or runner.lost is not None:
+            return
+        runner.lost = loss
+        task = getattr(runner, "task", None)
+        if task is not None:
+            task.cancel()

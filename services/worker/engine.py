@@ -155,7 +155,8 @@ class WorkerEngine:
         if member == plan.leader():
             last_row = row_of(todo, plan.prompt_tokens - 1)  # the last position is never cached
             logits = self.model.logits(h[last_row : last_row + 1])
-            (result.token_id,), (result.logprob,) = sample_batch(logits, [cmd.sampling], [active.generator])
+            (result.token_id,), (result.logprob,) = sample_batch(logits, [cmd.sampling], [active.generator],
+                                                                 [plan.prompt_tokens])
         return result
 
     # ---- chunked (a request held by one worker: other requests' decode steps run between chunks)
@@ -204,7 +205,8 @@ class WorkerEngine:
         result = PrefillResult(request_id=cmd.plan.request_id, member=cmd.member, ok=True, kv_tokens=kv.tokens,
                                cached_tokens=state.cached)
         logits = self.model.logits(state.last_hidden)
-        (result.token_id,), (result.logprob,) = sample_batch(logits, [cmd.sampling], [active.generator])
+        (result.token_id,), (result.logprob,) = sample_batch(logits, [cmd.sampling], [active.generator],
+                                                             [cmd.plan.prompt_tokens])
         return result
 
     def _hold(self, cmd: PrefillCommand, kv: RequestKV, pattern: KeyPattern | None,
@@ -330,8 +332,9 @@ class WorkerEngine:
             results[b].token_id, results[b].logprob = token, logprob
         rest = [b for b in leaders if b not in greedy]
         if rest:  # the step's one host synchronisation (after the graph's, for sampled rows)
+            # a step's token lands one past the token it feeds back (seeded draws derive from it)
             tokens, logprobs = sample_batch(logits[[logits_row[b] for b in rest]], [reqs[b].sampling for b in rest],
-                                            [reqs[b].generator for b in rest])
+                                            [reqs[b].generator for b in rest], [steps[b].position + 1 for b in rest])
             for b, token, logprob in zip(rest, tokens, logprobs):
                 results[b].token_id, results[b].logprob = token, logprob
         # Counted once the step is done: readers on other threads take `tokens` rows as written.

@@ -2,7 +2,9 @@
 holds fewer tokens than the concurrent requests' decodes come to need. Admission reserves no decode
 room (admission_decode_reserve_tokens=0), so all of them are placed at once; as they decode the
 pool fills, the request whose step finds no page is preempted and recomputed when room returns.
-Every request completes with the tokens it gets alone, and the scheduler logged a preemption."""
+Every request completes with the tokens it gets alone, greedy or seeded sampled (the resumed run
+draws each token's randomness from the seed and the token's position, shared/sampling.py), and
+the scheduler logged a preemption."""
 
 import asyncio
 import json
@@ -25,8 +27,15 @@ def _prompt(salt: int) -> list[int]:
     return [(i * 7 + salt * 13) % 100 + 3 for i in range(PROMPT_TOKENS)]
 
 
+SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 50}  # plus a seed per request
+
+
 def _body(salt: int) -> dict:
     return {"input_ids": _prompt(salt), "max_new_tokens": NEW_TOKENS, "ignore_eos": True, "request_id": f"p{salt}"}
+
+
+def _seeded_body(salt: int) -> dict:
+    return {**_body(salt), **SAMPLED, "seed": 1000 + salt, "request_id": f"s{salt}"}
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +84,26 @@ async def test_requests_whose_decodes_overflow_the_pool_all_complete_with_their_
     preempted = _preemptions(stack)
     assert preempted, stack.logs()
     print(f"{len(preempted)} preemptions:", [(e.get("request_id"), e.get("count"), e.get("tokens_so_far")) for e in preempted])
+
+
+async def test_seeded_sampled_requests_that_are_preempted_continue_their_random_stream(small_pool_stack):
+    stack = small_pool_stack
+    alone = []
+    for salt in range(REQUESTS):
+        reply = await stack.generate(_seeded_body(salt))
+        assert "error" not in reply, f"{reply}\n{stack.logs()}"
+        alone.append(reply["output_ids"])
+    assert len(set(map(tuple, alone))) == REQUESTS
+    # the same seed again: the same tokens (nothing about the worker's state carries over)
+    assert (await stack.generate({**_seeded_body(0), "request_id": "s0-again"}))["output_ids"] == alone[0]
+
+    together = await asyncio.gather(*(stack.generate({**_seeded_body(salt), "request_id": f"t{salt}"})
+                                      for salt in range(REQUESTS)))
+    for salt, reply in enumerate(together):
+        assert "error" not in reply, f"{reply}\n{stack.logs()}"
+        # preempted or not: exactly the tokens of the undisturbed run
+        assert reply["output_ids"] == alone[salt], salt
+    preempted = [e for e in _preemptions(stack) if str(e.get("request_id", "")).startswith("t")]
+    assert preempted and all(e.get("tokens_so_far", 0) > 0 for e in preempted), stack.logs()
+    assert all(e.get("sampling") == "seeded" for e in preempted), preempted
+    print(f"{len(preempted)} seeded preemptions:", [(e.get("request_id"), e.get("tokens_so_far")) for e in preempted])

@@ -1,8 +1,10 @@
-"""Recovery by recomputation (issue 11 item 2) without NATS: the resumed request's prompt, length
-and id, when a request may run again, the runner continuing a request on a new plan (the client
-sees each token once and the reply is that of one undisturbed run), the scheduler's retry
-(placed on a survivor under a new id, bounded, cancellable while it waits), and the registry no
-longer calling a world with a dead member ready."""
+"""Recovery by recomputation (issue 11 items 1 and 2) without NATS: the resumed request's prompt,
+length and id, when a request may run again, the runner continuing a request on a new plan (the
+client sees each token once and the reply is that of one undisturbed run), the scheduler's retry
+(placed on a survivor under a new id, bounded, cancellable while it waits), the registry no longer
+calling a world with a dead member ready, and a lost fusion partition: its rings' runs stopped
+(by the sweep, or told from a failed merge by the partition's heartbeats) and re-run on a live
+partition or on one worker."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from services.scheduler.admission import Admission
 from services.scheduler.api import ApiError
 from services.scheduler.main import SchedulerApp
 from services.scheduler.world_keeper import WorldKeeper
-from services.scheduler.recovery import RecoveryOutcome, attempt_id, may_recover, remaining_request, resumed_prompt
+from services.scheduler.recovery import (Loss, RecoveryCause, RecoveryOutcome, attempt_id, continuation, may_recover,
+                                         remaining_request, resumed_prompt)
+from services.scheduler.recovery_run import Recovery
 from services.scheduler.runner import RequestRunner, RequestState
 from services.scheduler.stops import StopChecker
 from shared.messages import ErrorCode, GenerateRequest, KVQuant, PrefillCommand, PrefillResult, TokenEvent, TokenItem
@@ -159,16 +163,17 @@ def test_a_world_that_lost_a_member_is_not_ready_until_it_re_forms():
 
 
 # ------------------------------------------------------------------------------------ the scheduler's retry
-def scheduler(*beats, max_recoveries: int = 1):
+def scheduler(*beats, max_recoveries: int = 1, **settings):
     """The parts of the scheduler a recovery uses (no NATS, no model)."""
     app = object.__new__(SchedulerApp)
-    app.settings = Settings(max_recoveries=max_recoveries)
+    app.settings = Settings(max_recoveries=max_recoveries, **settings)
     app.registry = registry(*beats, now=time.monotonic())
     app.draining = False
     app.runners = {}
     app.tracer = trace.get_tracer("test")
     app.admission = Admission(app.settings, app.registry, app.tracer)
     app.world = WorldKeeper(app.registry, None, app.settings, app.runners)  # no bus: nothing is published
+    app.recovery = Recovery(app.admission, app.world, app.settings, app.tracer, lambda: app.draining)
     return app
 
 
@@ -177,26 +182,26 @@ def lost_runner(produced: list[int]) -> RequestRunner:
     runner = RequestRunner(state, ScriptedPort([]), StopChecker(None, []), {EOS}, None)
     runner.output_ids = list(produced)
     state.plan = ring_plan(2, "r1")
-    runner.lost_workers = ["w1"]
+    runner.lost = Loss(RecoveryCause.WORKER, ("w1",))
     return runner
 
 
 async def test_a_recovery_places_the_resumed_request_on_a_survivor_under_a_new_id():
     app = scheduler(beat("w0"))
     runner = lost_runner([7, 8, 9])
-    plan = await app._recover(runner, KVQuant.NONE, 0)
+    plan = await app.recovery.rerun(runner, KVQuant.NONE, 0)
     assert plan.request_id == "r1.r1" and plan.workers == ["w0"] and plan.prompt_tokens == len(PROMPT) + 3
     # the dead plan no longer counts as a ring (the world may re-form) and its loss is handled
-    assert runner.s.plan is None and runner.lost_workers == []
+    assert runner.s.plan is None and runner.lost is None and runner.recovery_cause == RecoveryCause.WORKER
 
 
 async def test_no_recovery_left_or_no_worker_left_is_unavailable():
     runner = lost_runner([7])
     with pytest.raises(ApiError) as err:
-        await scheduler(beat("w0"), max_recoveries=1)._recover(runner, KVQuant.NONE, 1)
+        await scheduler(beat("w0"), max_recoveries=1).recovery.rerun(runner, KVQuant.NONE, 1)
     assert err.value.code == ErrorCode.UNAVAILABLE and "workers lost: ['w1']" in err.value.message
     with pytest.raises(ApiError) as err:
-        await scheduler()._recover(lost_runner([7]), KVQuant.NONE, 0)
+        await scheduler().recovery.rerun(lost_runner([7]), KVQuant.NONE, 0)
     assert err.value.code == ErrorCode.UNAVAILABLE and "recovery failed" in err.value.message
 
 
@@ -204,14 +209,14 @@ async def test_a_cancel_while_the_recovery_waits_for_room_ends_it():
     full = beat("w0").model_copy(update={"kv_tokens": 1000, "kv_capacity_tokens": 1000})
     app = scheduler(full)
     runner = lost_runner([7])
-    waiting = asyncio.create_task(app._recover(runner, KVQuant.NONE, 0))
+    waiting = asyncio.create_task(app.recovery.rerun(runner, KVQuant.NONE, 0))
     while not app.admission.waiting:
         await asyncio.sleep(0.01)
     runner.s.cancelled = True
     assert await asyncio.wait_for(waiting, 5) is None
     assert app.admission.waiting == 0
     app.admission.close()
-    assert await scheduler(beat("w0"))._recover(runner, KVQuant.NONE, 0) is None  # cancelled before: no wait
+    assert await scheduler(beat("w0")).recovery.rerun(runner, KVQuant.NONE, 0) is None  # cancelled before: no wait
 
 
 # ------------------------------------------------------------------------------------ the metric
@@ -219,12 +224,14 @@ def test_recoveries_are_counted_by_outcome():
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     metrics = RingserveMetrics(provider.get_meter("test"))
-    metrics.record_recovery(RecoveryOutcome.COMPLETED)
-    metrics.record_recovery(RecoveryOutcome.COMPLETED)
-    metrics.record_recovery(RecoveryOutcome.FAILED)
+    metrics.record_recovery(RecoveryOutcome.COMPLETED, RecoveryCause.WORKER)
+    metrics.record_recovery(RecoveryOutcome.COMPLETED, RecoveryCause.WORKER)
+    metrics.record_recovery(RecoveryOutcome.FAILED, RecoveryCause.WORKER)
+    metrics.record_recovery(RecoveryOutcome.COMPLETED, RecoveryCause.FUSION)
     points = [p for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
               for m in sm.metrics if m.name == "ringserve_request_recoveries" for p in m.data.data_points]
-    assert {p.attributes["outcome"]: p.value for p in points} == {"completed": 2, "failed": 1}
+    assert {(p.attributes["cause"], p.attributes["outcome"]): p.value for p in points} == {
+        ("worker", "completed"): 2, ("worker", "failed"): 1, ("fusion", "completed"): 1}
     provider.shutdown()
 
 
@@ -232,10 +239,114 @@ async def test_a_recovery_waits_for_the_world_of_the_survivors_to_place_a_ring()
     app = scheduler(beat("w0"), beat("w2"))
     form = app.registry.next_world()  # forming: not ready yet
     runner = lost_runner([7])
-    recovering = asyncio.create_task(app._recover(runner, KVQuant.NONE, 0))
+    recovering = asyncio.create_task(app.recovery.rerun(runner, KVQuant.NONE, 0))
     await asyncio.sleep(0.2)
     assert not recovering.done()
     for w in form.members:
         app.registry.on_ready(w, form.generation, True)
     plan = await asyncio.wait_for(recovering, 5)
     assert app.registry.world_ready and plan.request_id == "r1.r1"
+
+
+def test_the_span_says_whether_a_resumed_run_continues_identically():
+    assert continuation(GenerateRequest(input_ids=[1])) == "greedy"
+    assert continuation(GenerateRequest(input_ids=[1], temperature=0.7, seed=3)) == "seeded"
+    assert continuation(GenerateRequest(input_ids=[1], temperature=0.7)) == "unseeded"
+
+
+# ------------------------------------------------------------------------------------ a lost fusion partition
+def test_the_sweep_returns_silent_fusion_partitions_but_never_a_draining_one():
+    reg = registry()
+    reg.on_fusion("p0", draining=False, now=100.0)
+    reg.on_fusion("p1", draining=False, now=104.0)
+    reg.on_fusion("p2", draining=False, now=100.0)
+    reg.on_fusion("p2", draining=True, now=101.0)  # draining: still serves its requests, takes no new ones
+    assert reg.sweep_fusion(now=105.5) == ["p0"]
+    assert not reg.fusion_live("p0") and reg.fusion_live("p1") and not reg.fusion_live("p2")
+    assert reg.fusion_seen_since("p1", 104.0) and not reg.fusion_seen_since("p1", 104.5)
+    assert reg.sweep_fusion(now=105.5) == [] and reg.fusion_partition("r1") == "p1"
+
+
+def running_ring(app, request_id: str, size: int = 2, partition: str = "p0", fusion: str = "bus") -> RequestRunner:
+    """A runner whose run is under way on a ring merged by `partition`, with a task to cancel."""
+    state = RequestState(request_id=request_id, prompt_ids=PROMPT,
+                         request=GenerateRequest(input_ids=PROMPT, max_new_tokens=MAX_NEW))
+    runner = RequestRunner(state, ScriptedPort([]), StopChecker(None, []), {EOS}, None)
+    state.plan = ring_plan(size, request_id).model_copy(update={"fusion_partition": partition, "fusion": fusion})
+    runner.running = True
+    runner.task = asyncio.create_task(asyncio.sleep(60))
+    app.runners[request_id] = runner
+    return runner
+
+
+async def test_the_runs_merged_on_a_lost_partition_are_stopped_as_fusion_losses():
+    app = scheduler(beat("w0"), beat("w1"))
+    lost = running_ring(app, "a")
+    others = [running_ring(app, "b", partition="p1"), running_ring(app, "c", size=1),
+              running_ring(app, "d", fusion="collective")]
+    failed = running_ring(app, "e")
+    failed.running = False  # already failed: its own error handling decides (fusion_lost)
+    app.world._stop_runs_on_fusion({"p0"})
+    await asyncio.sleep(0)
+    assert lost.lost == Loss(RecoveryCause.FUSION, ("p0",)) and lost.task.cancelled()
+    assert lost.lost.describe() == "fusion partition lost: ['p0']"
+    for runner in [*others, failed]:
+        assert runner.lost is None and not runner.task.done(), runner.s.request_id
+        runner.task.cancel()
+    assert app.world.rings_active()  # "b" and "d" still run; the dead ring "a" does not count
+
+
+async def test_a_failed_merge_is_a_fusion_loss_only_when_the_partition_falls_silent():
+    app = scheduler(beat("w0"), beat("w1"), heartbeat_timeout_s=0.5, heartbeat_interval_s=0.25)
+    app.registry.timeout_s = app.settings.heartbeat_timeout_s
+    runner = running_ring(app, "a")
+    runner.task.cancel()
+    unavailable = ApiError(ErrorCode.UNAVAILABLE, "worker failed: no responders", "a")
+    app.registry.on_fusion("p0", draining=False)
+
+    async def beats(n: int):
+        for _ in range(n):
+            await asyncio.sleep(0.05)
+            app.registry.on_fusion("p0", draining=False)
+
+    # alive: its next heartbeat comes after the failure, the error stands
+    alive = asyncio.create_task(beats(3))
+    assert not await app.world.fusion_lost(runner, unavailable) and runner.lost is None
+    await alive
+    # another code, or a ring of one, is never a fusion loss (no wait)
+    assert not await app.world.fusion_lost(runner, ApiError(ErrorCode.INTERNAL, "x", "a"))
+
+    async def sweeps():  # as the world loop does
+        while True:
+            await asyncio.sleep(0.05)
+            app.registry.sweep_fusion()
+
+    # silent: the sweep drops it within the heartbeat timeout
+    sweeping = asyncio.create_task(sweeps())
+    assert await asyncio.wait_for(app.world.fusion_lost(runner, unavailable), 5)
+    assert runner.lost == Loss(RecoveryCause.FUSION, ("p0",))
+    sweeping.cancel()
+
+
+async def test_a_fusion_loss_re_runs_on_a_live_partition_or_else_on_one_worker():
+    app = scheduler(beat("w0"), beat("w1"), chunk_tokens=4)
+    form = app.registry.next_world()
+    for w in form.members:
+        app.registry.on_ready(w, form.generation, True)
+    app.registry.on_fusion("p1", draining=False)  # p0 died and was swept; p1 is live
+    runner = lost_runner([7])
+    runner.lost = Loss(RecoveryCause.FUSION, ("p0",))
+    plan = await app.recovery.rerun(runner, KVQuant.NONE, 0)
+    assert plan.size == 2 and plan.fusion_partition == "p1" and plan.request_id == "r1.r1"
+    assert runner.recovery_cause == RecoveryCause.FUSION
+    app.admission.release(plan.request_id)
+
+    app.registry.fusion.clear()  # no partition left: a ring of one needs none
+    runner = lost_runner([7, 8])
+    runner.lost = Loss(RecoveryCause.FUSION, ("p1",))
+    plan = await app.recovery.rerun(runner, KVQuant.NONE, 0)
+    assert plan.size == 1 and plan.prompt_tokens == len(PROMPT) + 2
+    with pytest.raises(ApiError) as err:  # bounded by the same max_recoveries
+        runner.lost = Loss(RecoveryCause.FUSION, ("p1",))
+        await app.recovery.rerun(runner, KVQuant.NONE, 1)
+    assert err.value.code == ErrorCode.UNAVAILABLE and "fusion partition lost: ['p1']" in err.value.message

@@ -10,8 +10,13 @@ Masking is by global positions: query i sits at q_start + i, key j at k_start + 
 `causal` a query sees the keys at positions <= its own; with a `pattern` (shared/attention/pattern.py)
 also only the keys the pattern keeps: a window W (the keys after its own position - W, as
 transformers masks a sliding window), plus sinks or strided keys. A block the pattern empties is
-skipped, one it cuts is masked per (query, key) on the plain path, and one it keeps whole (every
-causal pair seen) takes the fast paths below unchanged. So the diagonal block of a causal
+skipped, one it keeps whole (every causal pair seen) takes the fast paths below unchanged, and one
+it cuts is masked per (query, key) on the plain path. A cut block of more than one row tile
+(tile_rows: the window, at least MIN_TILE_ROWS) is computed tile by tile: each tile of queries
+reads only the keys its window reaches (a contiguous slice, masked) and, as a second partial
+merged exactly, the sink or strided keys before that slice (all seen by every query of the tile,
+so unmasked and on the fused kernels on CUDA). The work then scales with tq x (tile + W) + the
+extra keys instead of tq x tk. So the diagonal block of a causal
 sequence (q_start == k_start), a block entirely in the past (full) and one entirely in the
 future (nothing seen) are all one call.
 
@@ -32,11 +37,19 @@ from __future__ import annotations
 import torch
 
 from shared.attention.merge import merge_partials
-from shared.attention.pattern import BlockCover, KeyPattern
+from shared.attention.pattern import BlockCover, KeyPattern, tile_keys
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 # The plain path materialises float32 scores [H, query rows, tk]; this many elements at most.
 PLAIN_SCORE_ELEMENTS = 1 << 24
+# A tile of a cut block reads tile + W - 1 window keys per query: tiles of W rows keep that within
+# 2 W. Below this many rows each tile's kernel calls and masks cost more than the keys they skip.
+MIN_TILE_ROWS = 128
+
+
+def tile_rows(pattern: KeyPattern) -> int:
+    """Query rows per tile of a block a windowed pattern cuts."""
+    return max(pattern.window, MIN_TILE_ROWS)
 
 
 def empty_partial(tq: int, heads: int, dim: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,11 +84,83 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [tq, H, d] over k, v [tk, KVH, d] -> (out [tq, H, d], lse [tq, H]), float32."""
     _check_shapes(q, k, v)
+    # Tiles are causal (a pattern's keys are): without `causal`, only blocks of keys all in the past.
+    if pattern is not None and not pattern.is_full and (causal or k_start + k.shape[0] <= q_start + 1) \
+            and _worth_tiling(q.shape[0], k.shape[0], pattern) \
+            and _block_cover(q, k, q_start, k_start, pattern) is BlockCover.CUT:
+        return attention_tiled(q, k, v, scale, q_start=q_start, k_start=k_start, pattern=pattern)
+    return _attention_block(q, k, v, scale, causal, q_start, k_start, pattern)
+
+
+def attention_tiled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, q_start: int, k_start: int,
+    pattern: KeyPattern,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q [tq, H, d] over k, v [tk, KVH, d] under a windowed pattern, tile by
+    tile of tile_rows(pattern) query rows -> (out [tq, H, d], lse [tq, H]) float32, exactly the
+    block's masked attention: each tile's keys are split into disjoint sets (its window span and
+    the sink / strided keys before it, tile_keys) whose partials merge_partials joins."""
+    _check_shapes(q, k, v)
+    tq, heads, dim = q.shape
+    tk = k.shape[0]
+    out, lse = empty_partial(tq, heads, dim, q.device)
+    rows = tile_rows(pattern)
+    for lo in range(0, tq, rows):
+        hi = min(lo + rows, tq)
+        (span_lo, span_hi), extra = tile_keys(pattern, q_start + lo, q_start + hi, k_start, k_start + tk)
+        outs, lses = [], []
+        if span_hi > span_lo:  # the window's keys: sliced views, masked per (query, key)
+            span = slice(span_lo - k_start, span_hi - k_start)
+            o, l = _attention_block(q[lo:hi], k[span], v[span], scale, True, q_start + lo, span_lo, pattern)
+            outs.append(o)
+            lses.append(l)
+        if extra:  # the sinks (a view) or the strided keys (gathered): every query sees them all
+            k_x, v_x = _gather_rows(k, v, extra, k_start)
+            o, l = _attention_block(q[lo:hi], k_x, v_x, scale, False, 0, 0, None)
+            outs.append(o)
+            lses.append(l)
+        if len(outs) == 1:
+            out[lo:hi], lse[lo:hi] = outs[0], lses[0]
+        elif outs:
+            out[lo:hi], lse[lo:hi] = merge_partials(outs, lses)
+    return out, lse
+
+
+def _worth_tiling(tq: int, tk: int, pattern: KeyPattern) -> bool:
+    """More than one tile of queries, and a tile's window span shorter than the key block."""
+    rows = tile_rows(pattern)
+    return tq > rows and tk > rows + pattern.window - 1
+
+
+def _block_cover(q: torch.Tensor, k: torch.Tensor, q_start: int, k_start: int, pattern: KeyPattern) -> BlockCover:
+    tq, tk = q.shape[0], k.shape[0]
+    if tq == 0 or tk == 0:
+        return BlockCover.EMPTY
+    return pattern.cover(q_start, q_start + tq, k_start, k_start + tk)
+
+
+def _gather_rows(
+    k: torch.Tensor, v: torch.Tensor, ranges: list[tuple[int, int, int]], k_start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of k, v [tk, KVH, d] at the positions of (start, end, step) ranges -> [n, KVH, d]:
+    a view for one contiguous range (the sinks), else one index_select each (strided keys)."""
+    if len(ranges) == 1 and ranges[0][2] == 1:
+        rows = slice(ranges[0][0] - k_start, ranges[0][1] - k_start)
+        return k[rows], v[rows]
+    index = torch.cat([torch.arange(lo - k_start, hi - k_start, step, device=k.device) for lo, hi, step in ranges])
+    return k.index_select(0, index), v.index_select(0, index)
+
+
+def _attention_block(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, q_start: int, k_start: int,
+    pattern: KeyPattern | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block without tiling: skipped if the pattern empties it, masked on the plain path if it
+    cuts it, else the fused kernels (CUDA bf16/fp16) or the plain path."""
     if pattern is not None and not pattern.is_full:
-        tq, tk = q.shape[0], k.shape[0]
-        cover = BlockCover.EMPTY if tq == 0 or tk == 0 else pattern.cover(q_start, q_start + tq, k_start, k_start + tk)
+        cover = _block_cover(q, k, q_start, k_start, pattern)
         if cover is BlockCover.EMPTY:
-            return empty_partial(tq, q.shape[1], q.shape[2], q.device)
+            return empty_partial(q.shape[0], q.shape[1], q.shape[2], q.device)
         if cover is BlockCover.CUT:  # masked per (query, key)
             return attention_plain(q, k, v, scale, causal=causal, q_start=q_start, k_start=k_start, pattern=pattern)
     if q.is_cuda and q.dtype in FUSED_DTYPES:

@@ -100,6 +100,25 @@ def extra_key_positions(pattern: KeyPattern, before: int) -> list[tuple[int, int
     return ranges
 
 
+def tile_keys(pattern: KeyPattern, q_lo: int, q_hi: int, k_lo: int, k_hi: int
+              ) -> tuple[tuple[int, int], list[tuple[int, int, int]]]:
+    """The keys of a block [k_lo, k_hi) that a tile of queries [q_lo, q_hi) can see, for a windowed
+    pattern -> (window span, extra ranges):
+      * the window span [q_lo - W + 1, q_hi) inside the block (empty: lo == hi), where the window
+        and causality cut pairs, so it is masked per (query, key);
+      * before that span, the sink and strided positions as disjoint ascending (start, end, step)
+        ranges inside the block. Each is <= q_lo - W, so it left every window of the tile, and it is
+        causal for all its queries: every query of the tile sees every one of them, unmasked."""
+    span_lo = min(max(k_lo, q_lo - pattern.window + 1), k_hi)
+    span = (span_lo, max(span_lo, min(k_hi, q_hi)))
+    extra = []
+    for start, end, step in extra_key_positions(pattern, span_lo):
+        first = max(start, k_lo) if step == 1 else _first_multiple(max(start, k_lo), step)
+        if first < end:
+            extra.append((first, end, step))
+    return span, extra
+
+
 def extra_key_rows(pattern: KeyPattern, runs: list[tuple[int, int]], query_position: int) -> list[int]:
     """Rows of a sequence held as position `runs` (rows in run order, ascending positions) that a
     query at `query_position` sees outside its window: the sink and strided keys. The window's own

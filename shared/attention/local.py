@@ -86,7 +86,7 @@ def attention_with_lse(
     _check_shapes(q, k, v)
     # Tiles are causal (a pattern's keys are): without `causal`, only blocks of keys all in the past.
     if pattern is not None and not pattern.is_full and (causal or k_start + k.shape[0] <= q_start + 1) \
-            and _worth_tiling(q.shape[0], k.shape[0], pattern) \
+            and _worth_tiling(q.shape[0], pattern) \
             and _block_cover(q, k, q_start, k_start, pattern) is BlockCover.CUT:
         return attention_tiled(q, k, v, scale, q_start=q_start, k_start=k_start, pattern=pattern)
     return _attention_block(q, k, v, scale, causal, q_start, k_start, pattern)
@@ -126,10 +126,10 @@ def attention_tiled(
     return out, lse
 
 
-def _worth_tiling(tq: int, tk: int, pattern: KeyPattern) -> bool:
-    """More than one tile of queries, and a tile's window span shorter than the key block."""
-    rows = tile_rows(pattern)
-    return tq > rows and tk > rows + pattern.window - 1
+def _worth_tiling(tq: int, pattern: KeyPattern) -> bool:
+    """More than one tile of queries. Even a short key block pays: the later tiles of a block of
+    keys just before the queries (a ring's neighbouring unit) see none of it and are skipped."""
+    return tq > tile_rows(pattern)
 
 
 def _block_cover(q: torch.Tensor, k: torch.Tensor, q_start: int, k_start: int, pattern: KeyPattern) -> BlockCover:

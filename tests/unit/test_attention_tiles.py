@@ -135,13 +135,14 @@ def test_tiles_read_keys_in_proportion_to_the_window_not_the_block():
         assert read <= n * bound and read < n * n / 4
 
 
-def test_a_block_of_one_tile_keeps_the_dense_path_and_merges_with_others():
-    """A block no longer than a tile is masked densely; its partial merges with a tiled one."""
+def test_short_key_blocks_and_blocks_of_one_tile_merge_to_the_dense_masked_softmax():
+    """Queries of one tile take the dense masked path, longer ones are tiled even over a short key
+    block (its later tiles see none of it); the partials of disjoint key blocks merge exactly."""
     pattern = PATTERNS["hybrid"]
     n = MIN_TILE_ROWS + 200
     q, k, v = qkv(n, n, 2, seed=7)
-    want = dense_reference(q, k, v, 0, 0, pattern)
-    cut = 60  # keys [0, 60) densely (a short block), keys [60, n) in tiles
-    first = attention_with_lse(q, k[:cut], v[:cut], SCALE, causal=True, q_start=0, k_start=0, pattern=pattern)
-    rest = attention_with_lse(q, k[cut:], v[cut:], SCALE, causal=True, q_start=0, k_start=cut, pattern=pattern)
-    close(merge_partials([first[0], rest[0]], [first[1], rest[1]]), want)
+    want_out, want_lse = dense_reference(q, k, v, 0, 0, pattern)
+    for q_lo, q_hi in ((0, MIN_TILE_ROWS), (MIN_TILE_ROWS, n), (0, n)):
+        parts = [attention_with_lse(q[q_lo:q_hi], k[lo:hi], v[lo:hi], SCALE, causal=True, q_start=q_lo, k_start=lo,
+                                    pattern=pattern) for lo, hi in ((0, 60), (60, 100), (100, n))]
+        close(merge_partials([o for o, _ in parts], [l for _, l in parts]), (want_out[q_lo:q_hi], want_lse[q_lo:q_hi]))

@@ -26,7 +26,9 @@ the ring's rows (exchange_is_sparse), else the ring loop runs unchanged (still s
 compute of emptied blocks): both are exact, and the ring overlaps every step's transfer with
 compute where the direct exchange only overlaps the local block. Both sides derive every size
 from (kv_segments, query bounds, pattern), known to all members, so no size is ever exchanged.
-Without a pattern (full attention) the ring always runs.
+Without a pattern (full attention) the ring always runs. Whichever schedule runs, a block the
+window only cuts is computed tile by tile over the keys each query tile's window reaches
+(attention_tiled in local.py), not densely and masked.
 
 ring_ranks are world ranks, in ring order. Only point-to-point operations between ring members
 are used: other ranks may be busy with other requests. With NCCL the group's communicator

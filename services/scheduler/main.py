@@ -247,6 +247,7 @@ class SchedulerApp(ServiceApp):
             self.runners[request_id] = runner
             self.requesters[request_id] = requester_of(msg.headers)
             progress_sub = None
+            runs: list[str] = []  # every id it runs under on the workers (a resumed run: its own)
             try:
                 cached_hashes = [b.chain_hash for b in hit.blocks if b.end <= hit.cached_tokens]
                 home = self.block_homes.home_of(cached_hashes)
@@ -259,11 +260,9 @@ class SchedulerApp(ServiceApp):
                     "ring.size": plan.size, "chunk_tokens": plan.chunk_tokens, "prompt_tokens": len(prompt_ids)}):
                     log.info("request_placed", workers=plan.workers, chunk_tokens=plan.chunk_tokens,
                              prompt_tokens=len(prompt_ids))
+                runs.append(plan.request_id)
                 if req.stream:
-                    async def on_progress(p: PrefillProgress, _msg: Msg) -> None:
-                        await runner.on_progress(p.layers_done, p.layers)
-                    progress_sub = await serve(self.rt.bus, subjects.progress(request_id), PrefillProgress,
-                                               on_progress)
+                    progress_sub = await self._follow_progress(progress_sub, plan.request_id, runner)
                 runner.task = asyncio.current_task()
                 if home is not None:
                     trace.get_current_span().set_attribute("placement.block_home", home)
@@ -297,6 +296,9 @@ class SchedulerApp(ServiceApp):
                         if plan is None:  # cancelled while it waited for workers again
                             reply = runner.reply("cancelled", None)
                             break
+                        runs.append(plan.request_id)
+                        if req.stream:
+                            progress_sub = await self._follow_progress(progress_sub, plan.request_id, runner)
                     if plan is not None and plan.size == 1 and hit.blocks and cacheable:
                         self.block_homes.record(plan.workers[0], [b.chain_hash for b in hit.blocks])
                 except BaseException:
@@ -314,6 +316,9 @@ class SchedulerApp(ServiceApp):
                     self.admission.release(runner.s.plan.request_id)
                 if progress_sub is not None:
                     await self.rt.bus.unsubscribe(progress_sub)
+                if hit.blocks:  # blocks a resumed run's workers stored are pinned to its own id
+                    for run_id in runs[1:]:
+                        await self.prefix.index.unpin(run_id)
         if reply.output_ids:  # a request cancelled during its prefill has no first token
             self.metrics.record_ttft(reply.timings.ttft_ms)
             self.metrics.record_request_attention_sparsity(reply.usage.attention_sparsity)
@@ -321,6 +326,16 @@ class SchedulerApp(ServiceApp):
             self.metrics.record_time_per_output_token(
                 (reply.timings.total_ms - reply.timings.ttft_ms) / (len(reply.output_ids) - 1))
         return reply
+
+    async def _follow_progress(self, sub, run_id: str, runner: RequestRunner):
+        """The prefill progress of the request's current run (a resumed run has its own id)."""
+        if sub is not None:
+            await self.rt.bus.unsubscribe(sub)
+
+        async def on_progress(p: PrefillProgress, _msg: Msg) -> None:
+            await runner.on_progress(p.layers_done, p.layers)
+
+        return await serve(self.rt.bus, subjects.progress(run_id), PrefillProgress, on_progress)
 
     async def _drop_fusion(self, plan) -> None:
         """Surviving ring members may wait on a merge that will never complete: end it now."""

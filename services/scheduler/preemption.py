@@ -17,7 +17,7 @@ with requests admitted around the same time the two rules mostly pick the same r
 What happens to it: its run is released on every member (its pages are free), and it waits in
 admission's queue again with the resumed prompt (recovery.py: the prompt and every token it
 produced, asking only for the tokens still due), aging from its first arrival so fresh arrivals do
-not starve it. It runs again under a new id on the workers (`<id>.p<n>`, which `ringserve status`
+not starve it. It runs again under a new id on the workers (`<id>~p<n>`, which `ringserve status`
 shows while it waits). The client sees each token once and one run's reply (the runner continues
 the request as for a recovery); greedy and seeded sampled tokens are identical (recovery.py).
 
@@ -42,7 +42,7 @@ from services.scheduler.recovery import continuation, remaining_request, resumed
 log = structlog.get_logger("scheduler")
 # A preempted request's next run as the workers know it: a fresh id keeps its earlier run's
 # leftovers (late tokens, a release still on its way) apart. Recoveries use ".r" (recovery.py).
-PREEMPTED_SEPARATOR = ".p"
+PREEMPTED_SEPARATOR = "~p"  # "~" is not in a client id (RequestId): a run id never equals one
 
 
 class PoolFull(ApiError):

@@ -28,7 +28,7 @@ from shared.messages import GenerateRequest
 
 # A resumed run's id as the workers know it: the request's id and the attempt. A fresh id keeps
 # a survivor's leftovers of the dead run (a prefill still stopping, late tokens) apart from it.
-ATTEMPT_SEPARATOR = ".r"
+ATTEMPT_SEPARATOR = "~r"  # "~" is not in a client id (RequestId): a run id never equals one
 
 
 class RecoveryOutcome(str, enum.Enum):

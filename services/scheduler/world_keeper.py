@@ -36,7 +36,7 @@ WORLD_RETRY_MARGIN_S = 2.0
 WORLD_POLL_S = 0.05
 # Services whose instances `ringserve status` lists from their plain heartbeats (workers and
 # fusion send richer ones, read on their own subjects)
-OTHER_SERVICES = ("scheduler", "kvstore")
+OTHER_SERVICES = ("scheduler", "kvstore", "gateway")
 
 
 class WorldKeeper:

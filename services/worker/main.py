@@ -233,7 +233,9 @@ class WorkerApp(ServiceApp):
             return
         if active.kv.acquire():  # its pages stay this request's until the blocks are stored
             self._keep(asyncio.create_task(self.prefills.store(cmd, active.kv, loaded)))
-        if self.shards is not None:
+        # A request that frees pages behind its window has no whole shard to copy (the freed
+        # rows' entries read the scratch page); a lost worker's requests are recomputed anyway.
+        if self.shards is not None and active.window is None:
             self.shards.track(rid, cmd.member, active.kv)
         # its decode spans hang under the request's root span
         self.decoding.trace_context[rid] = (propagate.extract(cmd.decode.trace) if cmd.decode is not None

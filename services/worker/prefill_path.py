@@ -62,7 +62,9 @@ class PrefillPath:
                       if settings.kv_cost_model else None)
 
     async def run(self, cmd: PrefillCommand) -> tuple[PrefillResult, bool]:
-        """-> (the result to reply with, whether some of the prompt's K/V was loaded, not computed)."""
+        """-> (the result to reply with, whether the prompt's cached blocks are stored already:
+        loaded, mapped from this worker's tiers, or left in Redis by the cost model; only blocks a
+        load missed are stored again)."""
         rid = cmd.plan.request_id
         with self.tracer.start_as_current_span("worker.prefill", attributes={
             "request_id": rid, "ring.size": cmd.plan.size, "ring.member": cmd.member, "tokens": len(cmd.input_ids),
@@ -70,7 +72,8 @@ class PrefillPath:
             log.info("prefill_started", request_id=rid, member=cmd.member, ring_size=cmd.plan.size,
                      tokens=len(cmd.input_ids), cached_tokens=cmd.cached_tokens)
             t0 = time.perf_counter()
-            cached, resident = None, None
+            cached, resident, skipped = None, None, False
+            spent = [0.0]  # seconds of this prefill's own compute-thread jobs
             ring_steps: list[tuple[int, RingStep]] = []
             try:
                 if cmd.plan.size > 1 and cmd.plan.world_generation != self.world.generation:
@@ -87,13 +90,14 @@ class PrefillPath:
                     log.info("kv_prefix_resident_hit", request_id=rid, blocks=len(resident), host_blocks=taken.host)
                     self.prefix.record_resident_hit(taken.pool, taken.host)
                 else:
-                    cached = await self.load(cmd)
-                t_compute = time.perf_counter()
-                result = await self._compute(cmd, cached, resident, ring_steps, span)
-                if self.costs is not None and result.ok:
-                    held = len(resident or []) * self.engine.pool.page_tokens if resident else (
+                    cached, skipped = await self.load(cmd)
+                result = await self._compute(cmd, cached, resident, ring_steps, span, spent)
+                # The prefill rate of the cost model: one worker's own compute time (a ring's
+                # includes its peers', a chunked prefill's wall time other requests' steps).
+                if self.costs is not None and result.ok and one_worker_positions(cmd):
+                    held = len(resident) * self.engine.pool.page_tokens if resident else (
                         cached.tokens if cached is not None else 0)
-                    self.costs.prefill.add(run_tokens(member_runs(cmd)) - held, time.perf_counter() - t_compute)
+                    self.costs.prefill.add(run_tokens(member_runs(cmd)) - held, spent[0])
             except PrefillAborted as exc:
                 self._report_ring_steps(span, ring_steps)
                 self.engine.release(rid)
@@ -122,10 +126,10 @@ class PrefillPath:
                     mine, [[(x.start, x.end) for x in segs] for segs in cmd.plan.segments]))
             log.info("prefill_done", request_id=rid, member=cmd.member, tokens=len(cmd.input_ids),
                      cached=result.cached_tokens, ms=round((time.perf_counter() - t0) * 1000, 2), ok=result.ok)
-        return result, cached is not None or bool(resident)
+        return result, cached is not None or bool(resident) or skipped
 
     async def _compute(self, cmd: PrefillCommand, cached: CachedRows | None, resident: list[int] | None,
-                       ring_steps: list[tuple[int, RingStep]], span: trace.Span) -> PrefillResult:
+                       ring_steps: list[tuple[int, RingStep]], span: trace.Span, spent: list[float]) -> PrefillResult:
         # Asked before every layer; on a ring the members agree there, so every member stops at
         # the same layer (or none does) and nobody is left in a transfer.
         should_abort = functools.partial(self.aborts.is_set, cmd.plan.request_id)
@@ -135,15 +139,26 @@ class PrefillPath:
         if resident or (one_worker_positions(cmd) and cmd.plan.prompt_tokens - loaded > step_tokens):
             # chunk by chunk: the decode steps queued meanwhile run between two chunks
             span.set_attribute("prefill.step_tokens", step_tokens)
-            chunks = await self.compute(self.engine.prefill_begin, cmd, cached, resident)
+            chunks = await self._timed(spent, self.engine.prefill_begin, cmd, cached, resident)
             while not chunks.finished:
-                await self.compute(self.engine.prefill_chunk, chunks, step_tokens, progress, should_abort)
-            return await self.compute(self.engine.prefill_end, chunks)
+                await self._timed(spent, self.engine.prefill_chunk, chunks, step_tokens, progress, should_abort)
+            return await self._timed(spent, self.engine.prefill_end, chunks)
         try:
-            return await self.compute(self.engine.prefill, cmd, progress, cached,
-                                      lambda layer, step: ring_steps.append((layer, step)), should_abort)
+            return await self._timed(spent, self.engine.prefill, cmd, progress, cached,
+                                     lambda layer, step: ring_steps.append((layer, step)), should_abort)
         finally:
             self._report_ring_steps(span, ring_steps)
+
+    async def _timed(self, spent: list[float], fn: Callable, *args):
+        """fn(*args) on the compute thread, its time there added to spent[0] (not the queueing)."""
+        def job():
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        return await self.compute(job)
 
     def _progress(self, cmd: PrefillCommand) -> Callable[[int], None]:
         """The compute thread's progress callback: the leader publishes, at most so often."""
@@ -177,17 +192,18 @@ class PrefillPath:
             })
         steps.clear()  # reported once, however the prefill ended
 
-    async def load(self, cmd: PrefillCommand) -> CachedRows | None:
-        """K/V of this member's cached prompt positions from the KV store, or None: compute them all."""
+    async def load(self, cmd: PrefillCommand) -> tuple[CachedRows | None, bool]:
+        """-> (K/V of this member's cached prompt positions from the KV store, or None: compute
+        them all; whether the cost model chose to compute them)."""
         if cmd.cached_tokens == 0:
-            return None
+            return None, False
         quant = cmd.plan.kv_quant.value
         with self.tracer.start_as_current_span("worker.kv_load", attributes={
             "request_id": cmd.plan.request_id, "cached_tokens": cmd.cached_tokens, "kv.quant": quant,
         }) as span:
             if self.costs is not None and not self._worth_loading(cmd, quant, span):
                 span.set_attribute("kv.loaded_tokens", 0)
-                return None
+                return None, True
             t0 = time.perf_counter()
             try:
                 cached = await self.prefix.load(cmd)
@@ -198,7 +214,7 @@ class PrefillPath:
             if cached is not None and self.costs is not None:
                 self.costs.load_rate(quant).add(cached.tokens, time.perf_counter() - t0)
             span.set_attribute("kv.loaded_tokens", cached.tokens if cached is not None else 0)
-            return cached
+            return cached, False
 
     def _worth_loading(self, cmd: PrefillCommand, quant: str, span: trace.Span) -> bool:
         """The cost model's choice for this member's cached positions, in the span, the log and

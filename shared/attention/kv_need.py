@@ -28,7 +28,8 @@ def freeing_pattern(pattern: KeyPattern | None, layer_windows: Sequence[int | No
     """The window (and sinks) a request's pages may be freed behind, or None: it keeps them all.
 
     pattern: the request's own (None or full: the model's attention); layer_windows: the model's
-    window of each layer (None: a full layer); stores_blocks: its prompt blocks go to the prefix cache."""
+    window of each layer (None: a full layer); stores_blocks: its prompt blocks go to the prefix cache.
+    (A request that frees keeps no decode shard copy in Redis either: the worker does not track it.)"""
     if stores_blocks:
         return None
     if pattern is not None and not pattern.is_full:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.kv.keys import HASH_HEX_CHARS
-from shared.messages import SCHEMA_VERSION, RequestId
+from shared.messages.base import SCHEMA_VERSION, RunId
 
 # 1M-token prompts in blocks of 16 tokens; anything longer is a malformed message.
 MAX_BLOCKS_PER_MESSAGE = 65_536
@@ -56,7 +56,7 @@ class KVCommitRequest(_KVMessage):
     blocks: list[KVCommitBlock] = Field(max_length=MAX_BLOCKS_PER_MESSAGE)
     nbytes: int = Field(ge=0)  # of all listed blocks, all layers
     # pins the blocks for this request (the one that computed them) until it is unpinned
-    request_id: RequestId | None = None
+    request_id: RunId | None = None
 
 
 class KVCommitReply(_KVReply):
@@ -78,7 +78,7 @@ class KVTouchRequest(_KVMessage):
 
 
 class KVPinRequest(_KVMessage):
-    request_id: RequestId
+    request_id: RunId
     action: Literal["pin", "unpin"] = "pin"
     model_id: ModelId | None = None
     quant: QuantName = "none"
@@ -93,7 +93,7 @@ class KVShardRequest(_KVMessage):
     """A ring member's decode shard (shared/kv/shards.py) counts against the KV budget: each
     increment reserves its bytes before it is written; deleting the shard releases them all."""
 
-    request_id: RequestId
+    request_id: RunId
     member: int = Field(ge=0)
     action: Literal["reserve", "release"] = "reserve"
     nbytes: int = Field(default=0, ge=0)

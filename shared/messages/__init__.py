@@ -6,6 +6,7 @@ from __future__ import annotations
 from shared.messages.base import (  # noqa: F401
     MAX_TOP_K,
     RequestId,
+    RunId,
     SCHEMA_VERSION,
 )
 from shared.messages.public import (  # noqa: F401
@@ -62,6 +63,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "MAX_TOP_K",
     "RequestId",
+    "RunId",
     "ErrorCode",
     "KVQuant",
     "AttentionMode",

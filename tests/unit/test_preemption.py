@@ -43,7 +43,7 @@ def test_only_a_full_pool_preempts():
 
 
 def test_preempted_runs_have_their_own_ids():
-    assert preempted_run_id("abc", 1) == "abc.p1" and preempted_run_id("abc", 2) == "abc.p2"
+    assert preempted_run_id("abc", 1) == "abc~p1" and preempted_run_id("abc", 2) == "abc~p2"
 
 
 def test_may_preempt_is_bounded_and_never_after_a_cancel_or_during_a_drain():
@@ -66,10 +66,10 @@ def test_a_returning_request_keeps_the_age_it_had_earned():
     queue = WaitQueue(aging_tokens_per_s=10.0)
     queue.add("fresh", prefill_tokens=50, now=100.0)
     # preempted: more to prefill (its prompt and tokens so far), but it arrived 20 s ago
-    queue.add("back.p1", prefill_tokens=200, now=100.0, ages_from=80.0)
-    assert [w.request_id for w in queue.order(100.0)] == ["back.p1", "fresh"]
-    queue.add("new.p1", prefill_tokens=200, now=100.0)  # the same without its age: behind
-    assert [w.request_id for w in queue.order(100.0)] == ["back.p1", "fresh", "new.p1"]
+    queue.add("back~p1", prefill_tokens=200, now=100.0, ages_from=80.0)
+    assert [w.request_id for w in queue.order(100.0)] == ["back~p1", "fresh"]
+    queue.add("new~p1", prefill_tokens=200, now=100.0)  # the same without its age: behind
+    assert [w.request_id for w in queue.order(100.0)] == ["back~p1", "fresh", "new~p1"]
 
 
 # ------------------------------------------------------------------------------------ the runner
@@ -112,7 +112,7 @@ async def test_a_request_whose_pool_filled_continues_with_each_token_once():
     plan = ring_plan(1, preempted_run_id("r1", 1), tokens=len(PROMPT) + 3)
     reply = await asyncio.wait_for(runner.run(plan), 5)
     cmd = port.commands[-1]
-    assert cmd.plan.request_id == "r1.p1" and cmd.input_ids == resumed_prompt(PROMPT, TOKENS[:3])
+    assert cmd.plan.request_id == "r1~p1" and cmd.input_ids == resumed_prompt(PROMPT, TOKENS[:3])
     assert cmd.decode.max_new_tokens == MAX_NEW - 3
     assert reply.output_ids == TOKENS and reply.finish_reason == "length" and reply.request_id == "r1"
     assert reply.usage.prompt_tokens == len(PROMPT) and reply.usage.completion_tokens == MAX_NEW
@@ -173,12 +173,12 @@ async def test_a_preempted_request_is_placed_again_with_its_tokens_so_far():
     h = Harness(beat("w0"))
     runner = preempted_runner([7, 8, 9], h.admission)
     plan = await h.preemption.requeue(runner, KVQuant.NONE, 0, full())
-    assert plan.request_id == "r1.p1" and plan.workers == ["w0"] and plan.prompt_tokens == len(PROMPT) + 3
-    assert "r1" not in h.admission._placed and "r1.p1" in h.admission._placed  # the failed run holds no room
+    assert plan.request_id == "r1~p1" and plan.workers == ["w0"] and plan.prompt_tokens == len(PROMPT) + 3
+    assert "r1" not in h.admission._placed and "r1~p1" in h.admission._placed  # the failed run holds no room
     assert runner.s.plan is None  # the runner's next run sets it
     assert h.preemptions_counted() == 1
     plan = await h.preemption.requeue(runner, KVQuant.NONE, 1, full())
-    assert plan.request_id == "r1.p2" and h.preemptions_counted() == 2
+    assert plan.request_id == "r1~p2" and h.preemptions_counted() == 2
     h.close()
 
 
@@ -205,8 +205,8 @@ async def test_a_preempted_request_waits_queued_from_its_arrival_and_a_cancel_en
     while not h.admission.waiting:
         await asyncio.sleep(0.01)
     (queued,) = h.admission.queued()  # `ringserve status` shows it under its next run's id
-    assert queued.request_id == "r1.p1" and queued.prefill_tokens == len(PROMPT) + 1
-    waiter = h.admission.queue._waiters["r1.p1"]
+    assert queued.request_id == "r1~p1" and queued.prefill_tokens == len(PROMPT) + 1
+    waiter = h.admission.queue._waiters["r1~p1"]
     assert time.monotonic() - waiter.aging_start == pytest.approx(30.0, abs=1.0)
     runner.s.cancelled = True
     assert await asyncio.wait_for(waiting, 5) is None

@@ -110,9 +110,12 @@ async def test_a_tier_slower_than_computing_is_skipped_with_the_same_first_token
     results = await hits(engine, path, ids, 1 + PROBE_EVERY)
     assert all(r.ok and r.token_id == full.token_id for r, _, _ in results)
     # the first hit loads (nothing measured yet) and is slow; then computing wins, until the probe
-    assert [loaded for _, loaded, _ in results] == [True] + [False] * (PROBE_EVERY - 1) + [True]
-    assert prefix.loads == 2
-    assert max(s for _, loaded, s in results if not loaded) < min(s for _, loaded, s in results if loaded)
+    used = [r.cached_tokens == CACHED for r, _, _ in results]
+    assert used == [True] + [False] * (PROBE_EVERY - 1) + [True] and prefix.loads == 2
+    assert all(r.cached_tokens in (0, CACHED) for r, _, _ in results)
+    assert max(s for u, (_, _, s) in zip(used, results) if not u) < min(s for u, (_, _, s) in zip(used, results) if u)
+    # skipped blocks are still in the store: the prefill does not ask for them to be stored again
+    assert all(in_store for _, in_store, _ in results)
 
 
 async def test_with_the_cost_model_off_every_hit_loads_however_slow():

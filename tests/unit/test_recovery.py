@@ -54,7 +54,7 @@ def test_the_resumed_request_asks_only_for_the_tokens_still_due():
 
 def test_attempt_ids_keep_the_first_run_under_the_request_id():
     assert attempt_id("abc", 0) == "abc"
-    assert attempt_id("abc", 1) == "abc.r1" and attempt_id("abc", 2) == "abc.r2"
+    assert attempt_id("abc", 1) == "abc~r1" and attempt_id("abc", 2) == "abc~r2"
 
 
 def test_may_recover_is_bounded_and_never_after_a_cancel_or_during_a_drain():
@@ -134,9 +134,9 @@ async def test_a_resumed_run_prefills_the_tokens_so_far_and_streams_only_new_one
     reply = await asyncio.wait_for(runner.run(plan), 5)
 
     cmd = port.commands[-1]
-    assert cmd.plan.request_id == "r1.r1" and cmd.input_ids == PROMPT + [7, 8, 9]
+    assert cmd.plan.request_id == "r1~r1" and cmd.input_ids == PROMPT + [7, 8, 9]
     assert cmd.decode.max_new_tokens == MAX_NEW - 3 and cmd.sampling.temperature == 0.0
-    assert port.watched == ["r1", "r1.r1"] and port.released[-1] == ("w0", "r1.r1")
+    assert port.watched == ["r1", "r1~r1"] and port.released[-1] == ("w0", "r1~r1")
     # one undisturbed run's reply: every token, the original prompt's length
     assert reply.output_ids == tokens and reply.finish_reason == "length"
     assert reply.usage.prompt_tokens == len(PROMPT) and reply.usage.completion_tokens == MAX_NEW
@@ -190,7 +190,7 @@ async def test_a_recovery_places_the_resumed_request_on_a_survivor_under_a_new_i
     app = scheduler(beat("w0"))
     runner = lost_runner([7, 8, 9])
     plan = await app.recovery.rerun(runner, KVQuant.NONE, 0)
-    assert plan.request_id == "r1.r1" and plan.workers == ["w0"] and plan.prompt_tokens == len(PROMPT) + 3
+    assert plan.request_id == "r1~r1" and plan.workers == ["w0"] and plan.prompt_tokens == len(PROMPT) + 3
     # the dead plan no longer counts as a ring (the world may re-form) and its loss is handled
     assert runner.s.plan is None and runner.lost is None and runner.recovery_cause == RecoveryCause.WORKER
 
@@ -245,7 +245,7 @@ async def test_a_recovery_waits_for_the_world_of_the_survivors_to_place_a_ring()
     for w in form.members:
         app.registry.on_ready(w, form.generation, True)
     plan = await asyncio.wait_for(recovering, 5)
-    assert app.registry.world_ready and plan.request_id == "r1.r1"
+    assert app.registry.world_ready and plan.request_id == "r1~r1"
 
 
 def test_the_span_says_whether_a_resumed_run_continues_identically():
@@ -337,7 +337,7 @@ async def test_a_fusion_loss_re_runs_on_a_live_partition_or_else_on_one_worker()
     runner = lost_runner([7])
     runner.lost = Loss(RecoveryCause.FUSION, ("p0",))
     plan = await app.recovery.rerun(runner, KVQuant.NONE, 0)
-    assert plan.size == 2 and plan.fusion_partition == "p1" and plan.request_id == "r1.r1"
+    assert plan.size == 2 and plan.fusion_partition == "p1" and plan.request_id == "r1~r1"
     assert runner.recovery_cause == RecoveryCause.FUSION
     app.admission.release(plan.request_id)
 
@@ -350,3 +350,16 @@ async def test_a_fusion_loss_re_runs_on_a_live_partition_or_else_on_one_worker()
         runner.lost = Loss(RecoveryCause.FUSION, ("p1",))
         await app.recovery.rerun(runner, KVQuant.NONE, 1)
     assert err.value.code == ErrorCode.UNAVAILABLE and "fusion partition lost: ['p1']" in err.value.message
+
+
+def test_a_run_id_is_never_a_client_id_and_the_kv_store_accepts_it():
+    from pydantic import ValidationError
+
+    from services.scheduler.preemption import preempted_run_id
+    from shared.kv.messages import KVPinRequest
+
+    for run_id in (attempt_id("foo", 1), preempted_run_id("foo", 2)):
+        with pytest.raises(ValidationError):  # a client cannot send a request under a run's id
+            GenerateRequest(prompt="x", request_id=run_id)
+        assert KVPinRequest(request_id=run_id).request_id == run_id  # its workers' commits pin under it
+    assert attempt_id("foo.r1", 1) != "foo.r1" and attempt_id("foo", 1) != "foo.r1"

@@ -37,7 +37,7 @@ from shared.metrics import RingserveMetrics
 from shared.settings import Settings
 from services.scheduler.admission import Admission
 from services.scheduler.api import ApiError
-from services.scheduler.recovery import continuation, remaining_request, resumed_prompt
+from services.scheduler.recovery import continuation, may_run_again, remaining_request, resumed_prompt
 
 log = structlog.get_logger("scheduler")
 # A preempted request's next run as the workers know it: a fresh id keeps its earlier run's
@@ -65,10 +65,7 @@ def preempted_run_id(request_id: str, preemption: int) -> str:
     return f"{request_id}{PREEMPTED_SEPARATOR}{preemption}"
 
 
-def may_preempt(preemptions_done: int, max_preemptions: int, cancelled: bool, draining: bool) -> bool:
-    """Whether a request whose pool filled runs again: not after a cancel, not while the scheduler
-    drains (it must end, not start over), and at most `max_preemptions` times."""
-    return not cancelled and not draining and preemptions_done < max_preemptions
+may_preempt = may_run_again  # bounded by max_preemptions
 
 
 def monotonic_of(perf_counter_time: float) -> float:

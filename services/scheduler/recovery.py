@@ -86,7 +86,11 @@ def continuation(req: GenerateRequest) -> str:
     return "unseeded" if req.seed is None else "seeded"
 
 
-def may_recover(recoveries_done: int, max_recoveries: int, cancelled: bool, draining: bool) -> bool:
-    """Whether a request that lost a worker runs again: not when the client cancelled it, not
-    while the scheduler drains (it must end, not start over), and at most `max_recoveries` times."""
-    return not cancelled and not draining and recoveries_done < max_recoveries
+def may_run_again(runs_done: int, max_runs: int, cancelled: bool, draining: bool) -> bool:
+    """Whether a request runs again (after a lost worker or fusion, or a preemption): not when the
+    client cancelled it, not while the scheduler drains (it must end, not start over), and at most
+    `max_runs` times for that cause."""
+    return not cancelled and not draining and runs_done < max_runs
+
+
+may_recover = may_run_again  # bounded by max_recoveries

@@ -172,6 +172,6 @@ class WorldKeeper:
         if not runner.running or runner.lost is not None:
             return
         runner.lost = loss
-        task = getattr(runner, "task", None)
+        task = runner.task
         if task is not None:
             task.cancel()

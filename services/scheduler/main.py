@@ -78,6 +78,7 @@ class SchedulerApp(ServiceApp):
         self.registry = Registry(timeout_s=settings.heartbeat_timeout_s)
         self.tokenizer = load_tokenizer(settings)
         self.runners: dict[str, RequestRunner] = {}
+        self.claimed_ids: set[str] = set()  # ids of the requests being handled, from their first check
         self.requesters: dict[str, str | None] = {}  # request -> its tenant (identity.py), for cancel
         self.block_homes = BlockHomes(self.settings.placement_block_homes)  # cache-aware placement
         self.inflight: set[asyncio.Task] = set()  # every public request being handled, admission included
@@ -173,10 +174,16 @@ class SchedulerApp(ServiceApp):
                 structlog.contextvars.bind_contextvars(request_id=request_id)
                 log.info("request_received", stream=req.stream, max_new_tokens=req.max_new_tokens,
                          input="input_ids" if req.input_ids is not None else "prompt")
-                if request_id in self.runners:
+                # Claimed before the first await: two requests under one id would share its token
+                # queue and placement, and the one that lost would never be answered.
+                if request_id in self.claimed_ids:
                     raise ApiError(ErrorCode.INVALID_REQUEST, f"request_id {request_id!r} is already running", request_id)
-                reply = await asyncio.wait_for(self._run(req, request_id, msg, content_type),
-                                               self.settings.request_timeout_s)
+                self.claimed_ids.add(request_id)
+                try:
+                    reply = await asyncio.wait_for(self._run(req, request_id, msg, content_type),
+                                                   self.settings.request_timeout_s)
+                finally:
+                    self.claimed_ids.discard(request_id)
                 with self.tracer.start_as_current_span("scheduler.reply", attributes={
                         "finish_reason": reply.finish_reason, "completion_tokens": len(reply.output_ids)}):
                     await self._respond(msg, done_event(reply) if req.stream else reply, content_type)

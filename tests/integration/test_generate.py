@@ -149,6 +149,18 @@ async def test_ignore_eos_runs_past_the_models_end_of_sequence(demo_stack):
         await nc.close()
 
 
+async def test_two_requests_sent_at_once_under_one_id_are_both_answered(demo_stack):
+    # the second is refused before either is placed: sharing the id's token queue lost it (no reply)
+    nc = await nats.connect(demo_stack.servers.nats_url)
+    try:
+        body = {"input_ids": [5, 6, 7], "max_new_tokens": 2, "request_id": "same-id"}
+        replies = await asyncio.gather(_request(nc, body, timeout=30), _request(nc, body, timeout=30))
+        codes = sorted(r["error"]["code"] if "error" in r else "done" for r in replies)
+        assert codes == ["done", "invalid_request"], replies
+    finally:
+        await nc.close()
+
+
 def _decode(msg):
     """Replies use the request's encoding and say which in Content-Type."""
     if msg.headers["Content-Type"] == "application/json":
